@@ -1,0 +1,1 @@
+"""Thin entry points, one per job: parse a config, start Ray where needed, call pipelines/."""

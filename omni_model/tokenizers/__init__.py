@@ -1,0 +1,1 @@
+"""Media and text tokenizers: they turn raw text, images and speech into codes and back."""

@@ -1,0 +1,394 @@
+"""A bidirectional transformer in the Dream / Qwen2 layout.
+
+RMSNorm, rotary position embeddings (rotate-half form), grouped-query attention with
+q/k/v biases, SwiGLU MLP, untied (or tied) embeddings, and *no* causal mask: every
+position attends to every other one in its document, which is what a masked diffusion
+model needs. Parameter names equal Hugging Face's Qwen2/Dream names, so a Dream-7B
+folder (`config.json` + `model*.safetensors`) loads strictly and `save_pretrained`
+writes a folder the same loaders read.
+
+Written for one device; data/model parallelism (DDP, DeepSpeed) is applied by
+`pipelines/train.py`, never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and numerics of the backbone; the fields of a Hugging Face `config.json`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    #: Dream-style checkpoints predict token i from the hidden state at i-1 (they were
+    #: initialised from an autoregressive model). When set, `forward` shifts the logits
+    #: right by one so that `logits[:, i]` always scores position i.
+    shift_logits: bool = False
+    mask_token_id: int | None = None
+    pad_token_id: int | None = None
+    #: Keys of the source config.json we do not interpret, written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TransformerConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"architectures": ["DreamModel"], "model_type": "Dream", "hidden_act": "silu",
+               "torch_dtype": "float32", "use_cache": False}
+        out.update(self.extra)
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name != "extra"})
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TransformerConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> "TransformerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as Qwen2 does; bf16 variance loses too much precision.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables `[batch, 1, length, head_dim]` for the rotate-half RoPE form."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                             dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (cfg.num_attention_heads,
+                                                  cfg.num_key_value_heads, cfg.head_dim)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False,
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The `model.*` part of the checkpoint: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def positions_from_documents(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where `doc_ids` changes along each row."""
+    b, n = doc_ids.shape
+    idx = torch.arange(n, device=doc_ids.device).expand(b, n)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None,
+                      doc_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Boolean `[batch, 1, L, L]` (True = may attend) from key padding and documents.
+
+    A query attends to a key when the key is not padding and both lie in the same
+    document; rows that would attend to nothing (padding queries) attend to themselves
+    so softmax stays finite.
+    """
+    if attention_mask is None and doc_ids is None:
+        return None
+    ref = doc_ids if doc_ids is not None else attention_mask
+    b, n = ref.shape
+    allowed = torch.ones(b, n, n, dtype=torch.bool, device=ref.device)
+    if doc_ids is not None:
+        allowed &= doc_ids[:, :, None] == doc_ids[:, None, :]
+    if attention_mask is not None:
+        allowed &= attention_mask.bool()[:, None, :]
+    allowed |= torch.eye(n, dtype=torch.bool, device=ref.device)
+    return allowed[:, None]
+
+
+class Transformer(nn.Module):
+    """Bidirectional transformer: `forward(input_ids) -> logits [batch, length, vocab]`."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every position.
+
+        Args:
+            input_ids: `[batch, length]` int64.
+            attention_mask: `[batch, length]`, 1 for real tokens, 0 for padding keys.
+            doc_ids: `[batch, length]` document index of each position in a packed row;
+                positions attend only within their document, and RoPE positions restart
+                at each document unless `position_ids` is given.
+            position_ids: `[batch, length]`; by default 0.. per document, or
+                0.. over the non-padding tokens.
+        """
+        if position_ids is None:
+            if doc_ids is not None:
+                position_ids = positions_from_documents(doc_ids)
+            elif attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+                position_ids = position_ids.expand_as(input_ids)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
+                                  x.dtype)
+        mask = attention_mask_4d(attention_mask, doc_ids)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
+        logits = self.lm_head(self.model.norm(x))
+        if self.config.shift_logits:
+            # Dream: the logit for position i comes from position i-1; position 0 keeps
+            # its own (it is always a prompt token, never predicted).
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> "Transformer":
+        """Recompute each block in the backward pass (less memory, ~30% more compute)."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self, seed: int | None = None) -> "Transformer":
+        """Normal(0, initializer_range) linears/embeddings, zero biases, unit norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+        return self
+
+    def resize_vocab(self, new_size: int, seed: int = 0) -> "Transformer":
+        """Grow (or shrink) the embedding and output rows to `new_size`.
+
+        Existing rows are kept. New rows are drawn from a Gaussian with the mean and
+        covariance-free per-dimension spread of the existing rows (the "mean resizing"
+        of Hewitt 2021): a new token starts as a plausible average token, so the
+        pretrained model's outputs barely move until it is trained on the new codes.
+        """
+        old = self.config.vocab_size
+        if new_size == old:
+            return self
+        gen = torch.Generator().manual_seed(seed)
+
+        def grow(weight: torch.Tensor) -> torch.Tensor:
+            out = weight.new_empty(new_size, weight.shape[1])
+            keep = min(old, new_size)
+            out[:keep] = weight[:keep]
+            if new_size > old:
+                w = weight.float()
+                mean, std = w.mean(0), w.std(0) if old > 1 else torch.zeros_like(w[0])
+                noise = torch.randn(new_size - old, w.shape[1], generator=gen)
+                out[old:] = (mean + 0.1 * std * noise.to(w.device)).to(weight.dtype)
+            return out
+
+        with torch.no_grad():
+            embed = nn.Embedding(new_size, self.config.hidden_size,
+                                 device=self.model.embed_tokens.weight.device,
+                                 dtype=self.model.embed_tokens.weight.dtype)
+            embed.weight.copy_(grow(self.model.embed_tokens.weight))
+            self.model.embed_tokens = embed
+            head = nn.Linear(self.config.hidden_size, new_size, bias=False,
+                             device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+            if self.config.tie_word_embeddings:
+                head.weight = embed.weight
+            else:
+                head.weight.copy_(grow(self.lm_head.weight))
+            self.lm_head = head
+        self.config = self.config.replace(vocab_size=new_size)
+        return self
+
+    # ------------------------------------------------------------------ persistence
+    @classmethod
+    def from_config(cls, config: TransformerConfig, seed: int | None = 0) -> "Transformer":
+        return cls(config).init_weights(seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu",
+                        **overrides: Any) -> "Transformer":
+        """Load a Dream/Qwen2-layout folder strictly (every tensor named and shaped).
+
+        Accepts a single `model.safetensors` or a sharded set with
+        `model.safetensors.index.json`. The module is built on the meta device and
+        the tensors are assigned, so a 7B checkpoint needs one copy of its weights in
+        memory, not two. `overrides` replace config fields (e.g. `shift_logits=True`).
+        """
+        path = Path(path)
+        config = TransformerConfig.from_json(path / CONFIG_FILE)
+        if overrides:
+            config = config.replace(**overrides)
+        state = _load_safetensors_folder(path, device)
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items()
+                    if not (config.tie_word_embeddings and k == "lm_head.weight")}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+        if missing or unexpected or wrong:
+            raise ValueError(f"checkpoint {path} does not match its config: missing={missing[:5]} "
+                             f"unexpected={unexpected[:5]} wrong_shape={wrong[:5]}")
+        model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        logger.info("loaded %s (%.1fM parameters)", path, model.num_parameters / 1e6)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` in the layout `from_pretrained` reads."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return path
+
+
+def _load_safetensors_folder(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    index = path / WEIGHTS_INDEX_FILE
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / WEIGHTS_FILE).exists():
+        files = [WEIGHTS_FILE]
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        shard = (path / name).resolve()
+        if path.resolve() not in shard.parents:
+            raise ValueError(f"weight shard {name!r} escapes the checkpoint folder {path}")
+        state.update(load_file(str(shard), device=str(device)))
+    return state
+

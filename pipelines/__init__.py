@@ -1,0 +1,1 @@
+"""Ray Data and Ray Train stages of the Omni-Diffusion pipeline (reusable; no argument parsing)."""
