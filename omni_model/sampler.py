@@ -181,15 +181,18 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor]
 
 def _predict(logits: torch.Tensor, config: SamplerConfig,
              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted ids and their confidence (probability under the filtered distribution)."""
-    if config.temperature > 0:
-        logits = logits / config.temperature
-    logits = filter_logits(logits, config.top_k, config.top_p)
+    """Predicted ids and their confidence.
+
+    Confidence is the probability of the predicted id under the model's own
+    (modality-restricted) distribution, before temperature and top-k/p: those shape
+    which id is drawn, not how sure the model is of it (as in LLaDA's sampler).
+    """
     probs = logits.softmax(-1)
     if config.temperature > 0:
-        # Gumbel-max draws one id per position from probs, reproducibly under `gen`.
-        u = torch.rand(probs.shape, generator=gen, device=probs.device).clamp_(1e-20, 1.0)
-        x0 = (logits - torch.log(-torch.log(u))).argmax(-1)
+        filtered = filter_logits(logits / config.temperature, config.top_k, config.top_p)
+        # Gumbel-max draws one id per position from softmax(filtered), reproducibly.
+        u = torch.rand(filtered.shape, generator=gen, device=filtered.device).clamp_(1e-20, 1.0)
+        x0 = (filtered - torch.log(-torch.log(u))).argmax(-1)
     else:
         x0 = logits.argmax(-1)
     return x0, probs.gather(-1, x0[..., None]).squeeze(-1)

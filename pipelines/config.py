@@ -33,15 +33,43 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         raise TypeError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(f"{where}.{k}" if where else k for k in set(data) - set(fields))
     if unknown:
-        raise KeyError(f"{where or cls.__name__}: unknown keys {unknown}; known: {sorted(fields)}")
+        raise KeyError(f"unknown config keys {unknown}; {where or cls.__name__} has "
+                       f"{sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         tp = _dataclass_in(hints[name])
         path = f"{where}.{name}" if where else name
-        kwargs[name] = from_dict(tp, value, path) if tp is not None and value is not None else value
+        if tp is not None and value is not None:
+            kwargs[name] = from_dict(tp, value, path)
+        else:
+            kwargs[name] = _coerce(hints[name], value, path)
     return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Scalars and sequences to the annotated type.
+
+    YAML 1.1 reads `2e-5` as a string and `[a, b]` as a list; a float field must hold a
+    float and a frozen config a tuple.
+    """
+    if value is None:
+        return None
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next((a for a in args if a is not type(None)), tp)
+    origin = typing.get_origin(tp) or tp
+    try:
+        if origin is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, str):
+            return int(value)
+        if origin is tuple and isinstance(value, list):
+            return tuple(value)
+    except ValueError:
+        raise ValueError(f"config key {path}: cannot read {value!r} as {origin.__name__}") from None
+    return value
 
 
 def _dataclass_in(tp: Any) -> type | None:

@@ -1,0 +1,45 @@
+"""Shared test fixtures. Reference checkpoints live in ../shared/fixtures beside the
+checkout (see its README); a missing folder is an error, never a skip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from omni_model.tokenizers.text import ByteTokenizer
+from omni_model.toy import toy_model, toy_vocab
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        raise FileNotFoundError(f"reference fixtures not found at {FIXTURES}: "
+                                "clone the project next to the shared/ folder")
+    return FIXTURES
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tokenizer() -> ByteTokenizer:
+    return ByteTokenizer()
+
+
+@pytest.fixture
+def vocab(tokenizer):
+    return toy_vocab(tokenizer)
+
+
+@pytest.fixture
+def tiny_model(vocab):
+    """A randomly initialised two-block model over the toy vocab."""
+    return toy_model(vocab, hidden=64, layers=2, heads=4, kv_heads=2, seed=1).eval()

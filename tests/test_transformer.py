@@ -1,0 +1,144 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from omni_model.batching import pack
+from omni_model.transformer import Transformer, TransformerConfig
+
+
+@pytest.fixture(scope="module")
+def dream(fixtures_dir):
+    return Transformer.from_pretrained(fixtures_dir / "dream_tiny_a").eval()
+
+
+def test_dream_fixture_logits_match_reference(dream, fixtures_dir):
+    ref = load_file(str(fixtures_dir / "dream_tiny_a" / "reference.safetensors"))
+    with torch.no_grad():
+        logits = dream(ref["input_ids"])
+    assert logits.shape == ref["logits"].shape
+    assert (logits - ref["logits"]).abs().max().item() <= 1e-4
+
+
+def test_save_pretrained_round_trips_the_dream_layout(dream, fixtures_dir, tmp_path):
+    dream.save_pretrained(tmp_path)
+    original = load_file(str(fixtures_dir / "dream_tiny_a" / "model.safetensors"))
+    written = load_file(str(tmp_path / "model.safetensors"))
+    assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in original.items()}
+    assert all(torch.equal(written[k], original[k]) for k in original)
+    config = json.loads((tmp_path / "config.json").read_text())
+    source = json.loads((fixtures_dir / "dream_tiny_a" / "config.json").read_text())
+    assert {k: config[k] for k in source} == source  # every original key written back
+    reloaded = Transformer.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 320, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), dream(ids))
+
+
+def test_loading_is_strict(fixtures_dir, tmp_path):
+    shutil.copy(fixtures_dir / "dream_tiny_a" / "config.json", tmp_path / "config.json")
+    state = load_file(str(fixtures_dir / "dream_tiny_a" / "model.safetensors"))
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    state["model.extra.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="up_proj"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_sharded_checkpoint_loads(dream, fixtures_dir, tmp_path):
+    state = load_file(str(fixtures_dir / "dream_tiny_a" / "model.safetensors"))
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, str(tmp_path / name))
+    index = {"weight_map": {k: name for name, names in shards.items() for k in names}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copy(fixtures_dir / "dream_tiny_a" / "config.json", tmp_path / "config.json")
+    model = Transformer.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids), dream(ids))
+
+
+def test_attention_is_bidirectional(dream):
+    ids = torch.randint(0, 320, (1, 12))
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 320
+    with torch.no_grad():
+        a, b = dream(ids), dream(changed)
+    assert (a[0, 0] - b[0, 0]).abs().max() > 1e-4  # the first position sees the last
+
+
+def test_logit_shift_predicts_from_previous_position(fixtures_dir, dream):
+    shifted = Transformer.from_pretrained(fixtures_dir / "dream_tiny_a", shift_logits=True).eval()
+    ids = torch.randint(0, 320, (2, 10))
+    with torch.no_grad():
+        raw, out = dream(ids), shifted(ids)
+    assert torch.equal(out[:, 1:], raw[:, :-1])
+    assert torch.equal(out[:, 0], raw[:, 0])
+
+
+def test_document_mask_isolates_packed_samples(dream):
+    a, b = torch.randint(0, 320, (7,)), torch.randint(0, 320, (5,))
+    batch = pack([(a, torch.zeros(7, dtype=torch.bool)), (b, torch.zeros(5, dtype=torch.bool))],
+                 max_len=16, pad_id=0)
+    assert batch.input_ids.shape == (1, 16)
+    with torch.no_grad():
+        packed = dream(batch.input_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids)
+        alone_a, alone_b = dream(a[None]), dream(b[None])
+    assert (packed[0, :7] - alone_a[0]).abs().max() < 1e-5
+    assert (packed[0, 7:12] - alone_b[0]).abs().max() < 1e-5
+
+
+def test_left_padding_is_invisible(dream):
+    ids = torch.randint(0, 320, (6,))
+    padded = torch.cat([torch.zeros(3, dtype=torch.long), ids])[None]
+    attn = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        out = dream(padded, attention_mask=attn)[0, 3:]
+        ref = dream(ids[None])[0]
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_resize_vocab_keeps_rows_and_adds_average_ones(fixtures_dir):
+    model = Transformer.from_pretrained(fixtures_dir / "dream_tiny_a").eval()
+    old_embed = model.model.embed_tokens.weight.clone()
+    old_head = model.lm_head.weight.clone()
+    ids = torch.randint(0, 320, (1, 8))
+    with torch.no_grad():
+        before = model(ids)
+    model.resize_vocab(320 + 40)
+    assert model.config.vocab_size == 360
+    assert model.model.embed_tokens.weight.shape == (360, 64)
+    assert torch.equal(model.model.embed_tokens.weight[:320], old_embed)
+    assert torch.equal(model.lm_head.weight[:320], old_head)
+    new = model.model.embed_tokens.weight[320:]
+    assert torch.isfinite(new).all()
+    # new rows sit near the mean of the old ones, closer than a typical old row does
+    mean = old_embed.mean(0)
+    assert (new - mean).norm(dim=1).mean() < (old_embed - mean).norm(dim=1).mean()
+    with torch.no_grad():
+        after = model(ids)
+    assert torch.allclose(after[..., :320], before, atol=1e-5)  # old tokens' logits unchanged
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 10))
+
+    def grads(checkpointing: bool):
+        tiny_model.train().set_gradient_checkpointing(checkpointing)
+        tiny_model.zero_grad()
+        tiny_model(ids).logsumexp(-1).mean().backward()
+        return [p.grad.clone() for p in tiny_model.parameters()]
+
+    for g1, g2 in zip(grads(False), grads(True)):
+        assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_config_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        TransformerConfig(vocab_size=10, hidden_size=30, intermediate_size=8,
+                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
