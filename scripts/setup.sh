@@ -22,7 +22,11 @@ PYTHON=${PYTHON:-python3}
 # torch>=2.0, which on a CPU machine would otherwise pull a multi-GB CUDA build.
 # DeepSpeed ships an sdist; with DS_BUILD_OPS=0 its wheel is pure Python (no CUDA, no
 # compiler) and its CPU ops are JIT-built on first use.
-PIP_CONSTRAINT="$PWD/constraints.txt" .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+# (The grep drops this machine's warnings about absent local index folders; pipefail
+# keeps pip's exit status.)
+set -o pipefail
+PIP_CONSTRAINT="$PWD/constraints.txt" .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' \
+  2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.split("+")[0] == "2.13.0", f"torch changed to {torch.__version__}"
