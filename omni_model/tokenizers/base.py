@@ -1,0 +1,77 @@
+"""What every media tokenizer shares: a stable fingerprint and strict safetensors I/O.
+
+A tokenizer turns media into local codes `0..codebook_size-1` and back:
+
+* `encode(batch) -> codes`, `decode(codes) -> batch`, batched, on CPU or GPU;
+* `codebook_size`;
+* `fingerprint`: `name-<sha256 of config and weights>`, recorded beside every shard set,
+  so shards made by different tokenizers are never mixed;
+* `from_pretrained(folder)` / `save_pretrained(folder)`: `config.json` + `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def fingerprint(name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> str:
+    """`name-<16 hex>`: changes when any config value or any weight bit changes."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{name}-{h.hexdigest()[:16]}"
+
+
+def load_strict(module: nn.Module, folder: str | Path, device: str | torch.device = "cpu",
+                skip: tuple[str, ...] = ()) -> None:
+    """Load `folder/model.safetensors` into `module`: every name and shape must match.
+
+    `skip` names state entries the module computes itself (e.g. derived buffers) that a
+    checkpoint may or may not carry.
+    """
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {folder}")
+    state = load_file(str(path), device=str(device))
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    missing = sorted(k for k in set(expected) - set(state) if k not in skip)
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not match the model: missing={missing[:5]} "
+                         f"unexpected={unexpected[:5]} wrong_shape={wrong[:5]}")
+    module.load_state_dict(state, strict=False)
+
+
+def save_folder(module: nn.Module, folder: str | Path, config: Mapping[str, Any]) -> Path:
+    """Write `config.json` and `model.safetensors` (contiguous CPU tensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}")
+    return json.loads(path.read_text())
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} contains NaN or infinite values")

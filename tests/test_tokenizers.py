@@ -1,0 +1,240 @@
+"""Fixture parity, batching, fingerprints, bad input and trainability of the tokenizers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from omni_model.tokenizers.codec import SpeechCodec
+from omni_model.tokenizers.image import MagVitConfig, MagVitTokenizer, TrunkConfig
+from omni_model.tokenizers.mel import log_mel
+from omni_model.tokenizers.speech import GLM4VoiceTokenizer
+from omni_model.tokenizers.text import BPETokenizer
+from omni_model.tokenizers.train_image import ImageTrainConfig, train_image_tokenizer
+from omni_model.tokenizers.train_speech import SpeechTrainConfig, small_codec, train_speech_codec
+
+
+@pytest.fixture(scope="module")
+def magvit(fixtures_dir):
+    return MagVitTokenizer.from_pretrained(fixtures_dir / "magvit_tiny_a")
+
+
+@pytest.fixture(scope="module")
+def magvit_ref(fixtures_dir):
+    return load_file(str(fixtures_dir / "magvit_tiny_a" / "reference.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def glm(fixtures_dir):
+    return GLM4VoiceTokenizer.from_pretrained(fixtures_dir / "glm4voice_tiny_a")
+
+
+@pytest.fixture(scope="module")
+def glm_ref(fixtures_dir):
+    return load_file(str(fixtures_dir / "glm4voice_tiny_a" / "reference.safetensors"))
+
+
+# ---------------------------------------------------------------- image
+def test_magvit_fixture_codes_and_reconstruction(magvit, magvit_ref):
+    codes = magvit.encode(magvit_ref["pixel_values"])
+    assert codes.dtype == torch.int64 and codes.shape == (2, 64)
+    assert torch.equal(codes, magvit_ref["codes"])
+    rec = magvit.decode(magvit_ref["codes"])
+    assert rec.shape == (2, 3, 32, 32)
+    assert (rec - magvit_ref["reconstruction"]).abs().max().item() <= 1e-4
+
+
+def test_magvit_save_load_round_trip_and_fingerprint(magvit, magvit_ref, tmp_path):
+    magvit.save_pretrained(tmp_path)
+    again = MagVitTokenizer.from_pretrained(tmp_path)
+    assert torch.equal(again.encode(magvit_ref["pixel_values"]), magvit_ref["codes"])
+    assert again.fingerprint == magvit.fingerprint
+    with torch.no_grad():
+        again.decoder.conv_out.bias[0] += 1e-3
+    assert again.fingerprint != magvit.fingerprint
+
+
+def test_magvit_batch_equals_one_at_a_time(magvit, magvit_ref):
+    x = magvit_ref["pixel_values"]
+    singles = torch.cat([magvit.encode(x[i:i + 1]) for i in range(2)])
+    assert torch.equal(singles, magvit.encode(x))
+
+
+def test_magvit_default_config_is_the_real_256px_tokenizer():
+    cfg = MagVitConfig.from_dict({})  # the released config.json names no trunks
+    assert cfg.codebook_size == 8192 and cfg.downsample == 16
+    with torch.device("meta"):
+        model = MagVitTokenizer(cfg)
+    assert model.grid_for(256, 256) == (16, 16)
+    # attn_resolutions=[5] is never reached (256 -> 16): attention only in the middle
+    assert not any(len(level.attn) for level in model.encoder.down)
+    assert len(model.decoder.up[0].block) == 4 and len(model.encoder.down[0].block) == 4
+
+
+def test_magvit_preprocesses_awkward_pil_images(magvit):
+    images = [Image.new("RGBA", (50, 30), (255, 0, 0, 128)), Image.new("L", (31, 64), 200),
+              Image.new("CMYK", (40, 40))]
+    codes = magvit.encode(images)
+    assert codes.shape == (3, 64)
+    assert len(magvit.decode_images(codes)) == 3
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.zeros(1, 4, 32, 32), "shape"),
+    (torch.zeros(3, 32, 32), "shape"),
+    (torch.full((1, 3, 32, 32), float("nan")), "NaN"),
+    (torch.zeros(1, 3, 18, 32), "multiple"),
+])
+def test_magvit_rejects_bad_tensors(magvit, bad, message):
+    with pytest.raises(ValueError, match=message):
+        magvit.encode(bad)
+
+
+def test_magvit_rejects_tiny_images_and_bad_codes(magvit):
+    with pytest.raises(ValueError, match="too small"):
+        magvit.encode([Image.new("RGB", (1, 1))])
+    with pytest.raises(ValueError, match="must lie in"):
+        magvit.decode(torch.full((1, 64), 8192))
+    with pytest.raises(ValueError, match="square"):
+        magvit.decode(torch.zeros(1, 10, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- speech
+def test_glm4voice_fixture_codes_from_features(glm, glm_ref):
+    codes = glm.encode_features(glm_ref["input_features"], glm_ref["attention_mask"])
+    assert codes.dtype == torch.int64
+    assert torch.equal(codes, glm_ref["codes"])
+
+
+def test_glm4voice_features_and_codes_from_waveform(glm, glm_ref):
+    feats = log_mel(glm_ref["waveform"])
+    assert (feats - glm_ref["input_features"]).abs().max().item() < 1e-4
+    codes = glm.encode(glm_ref["waveform"][0], sample_rate=16000)
+    assert len(codes) == 1 and torch.equal(codes[0], glm_ref["codes"][0])
+    assert glm.codes_per_second == 12.5
+
+
+def test_glm4voice_batch_of_mixed_lengths_equals_one_at_a_time(glm, glm_ref):
+    w = glm_ref["waveform"][0]
+    pieces = [w[:20000], w, w[:7000]]
+    batched = glm.encode(pieces)
+    assert [len(c) for c in batched] == [math.ceil(len(p) / 1280) for p in pieces]
+    for piece, codes in zip(pieces, batched):
+        assert torch.equal(glm.encode(piece)[0], codes)
+
+
+def test_glm4voice_long_audio_in_30_second_windows(glm, glm_ref):
+    w = glm_ref["waveform"][0]
+    long = w.repeat(33)[: 16000 * 65]  # 65 s
+    codes = glm.encode(long)[0]
+    assert len(codes) == 375 + 375 + math.ceil(5 * 12.5)
+    windows = [long[:480000], long[480000:960000], long[960000:]]
+    assert torch.equal(codes, torch.cat([glm.encode(x)[0] for x in windows]))
+
+
+def test_glm4voice_resamples_and_downmixes(glm, glm_ref):
+    w = glm_ref["waveform"][0].numpy()
+    stereo_48k = np.stack([np.interp(np.arange(0, len(w), 1 / 3), np.arange(len(w)), w)] * 2, 1)
+    codes = glm.encode([stereo_48k], sample_rate=48000)[0]
+    reference = glm_ref["codes"][0]
+    assert len(codes) == len(reference)
+    assert (codes == reference).float().mean() > 0.7  # resampling changes features slightly
+
+
+def test_glm4voice_fingerprint_and_round_trip(glm, glm_ref, tmp_path):
+    glm.save_pretrained(tmp_path)
+    again = GLM4VoiceTokenizer.from_pretrained(tmp_path)
+    assert again.fingerprint == glm.fingerprint
+    assert torch.equal(again.encode(glm_ref["waveform"][0])[0], glm_ref["codes"][0])
+    with torch.no_grad():
+        again.encoder.codebook.weight[0, 0] += 1e-4
+    assert again.fingerprint != glm.fingerprint
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros(0, dtype=np.float32), "empty"),
+    (np.full(16000, np.nan, dtype=np.float32), "NaN"),
+    (np.zeros((2, 2, 100), dtype=np.float32), "shape"),
+])
+def test_glm4voice_rejects_bad_audio(glm, bad, message):
+    with pytest.raises(ValueError, match=message):
+        glm.encode([bad])
+
+
+def test_glm4voice_without_decoder_says_so(glm, glm_ref):
+    with pytest.raises(RuntimeError, match="no decoder"):
+        glm.decode([glm_ref["codes"][0]])
+
+
+# ---------------------------------------------------------------- text
+def test_bpe_trains_round_trips_and_saves(tmp_path):
+    corpus = ["a red circle on the left", "two blue squares at the top", "is it green?"] * 30
+    tok = BPETokenizer.train(corpus, vocab_size=300)
+    text = "a red square on the top, é!"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(tok.encode("a red circle on the left")) < len("a red circle on the left") / 2
+    tok.save_pretrained(tmp_path)
+    again = BPETokenizer.from_pretrained(tmp_path)
+    assert again.encode(text) == ids and again.fingerprint == tok.fingerprint
+    other = BPETokenizer.train(corpus + ["yellow triangles"] * 30, vocab_size=300)
+    assert other.fingerprint != tok.fingerprint
+
+
+def test_bpe_special_strings_in_user_text_stay_text(tmp_path):
+    from tokenizers import AddedToken
+
+    tok = BPETokenizer.train(["hello world"] * 20, vocab_size=280)
+    tok._tok.add_special_tokens([AddedToken("<|im_start|>", special=True),
+                                 AddedToken("<|mask|>", special=True)])
+    tok.save_pretrained(tmp_path)
+    tok = BPETokenizer.from_pretrained(tmp_path)
+    specials = tok.backbone_specials()
+    assert set(specials) == {"im_start", "mask"}
+    ids = tok.encode("hi <|im_start|>system")
+    assert specials["im_start"] not in ids
+    assert tok.decode(ids) == "hi <|im_start|>system"
+
+
+# ---------------------------------------------------------------- training
+def _shapes(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = -torch.ones(n, 3, 16, 16)
+    for i in range(n):
+        r, c = torch.randint(0, 10, (2,), generator=g).tolist()
+        x[i, :, r:r + 6, c:c + 6] = torch.rand(3, 1, 1, generator=g) * 2 - 1
+    return x
+
+
+def test_a_few_steps_train_the_image_tokenizer():
+    trunk = TrunkConfig(ch=32, ch_mult=(1, 2), num_res_blocks=(1, 1), attn_resolutions=(),
+                        resolution=16, z_channels=6)
+    model = MagVitTokenizer(MagVitConfig(encoder=trunk, decoder=trunk, codebook_dim=6, resolution=16))
+    history = train_image_tokenizer(model, _shapes(32, 0), ImageTrainConfig(steps=40, batch_size=8,
+                                                                           log_every=1, lr=2e-3))
+    first = sum(h["l1"] for h in history[:5]) / 5
+    last = sum(h["l1"] for h in history[-5:]) / 5
+    assert last < 0.7 * first
+
+
+def test_a_few_steps_train_the_speech_codec(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(16000 * 2) / 16000
+    waves = [0.3 * torch.sin(2 * math.pi * (200 + 300 * torch.rand(1, generator=g)) * t)
+             * (t < 0.5 + torch.rand(1, generator=g)) for _ in range(8)]
+    codec = small_codec(codebook_size=32, d_model=64, layers=2)
+    history = train_speech_codec(codec, waves, SpeechTrainConfig(steps=40, batch_size=4,
+                                                                 log_every=1, restart_every=10))
+    assert sum(h["mel_l1"] for h in history[-5:]) < 0.7 * sum(h["mel_l1"] for h in history[:5])
+    codes = codec.encode(waves[:2])
+    assert [len(c) for c in codes] == [25, 25]
+    wave = codec.decode(codes[:1])[0]
+    assert wave.shape == (25 * 1280,) and torch.isfinite(wave).all()
+    codec.save_pretrained(tmp_path)
+    again = SpeechCodec.from_pretrained(tmp_path)
+    assert again.fingerprint == codec.fingerprint
+    assert torch.equal(again.encode(waves[:1])[0], codes[0])
+    assert torch.allclose(again.decode_mel(codes[:1])[0], codec.decode_mel(codes[:1])[0])
