@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
-# System packages the project needs (none yet beyond Python; TTS adds espeak-ng).
-SYSTEM_PACKAGES=()
+# System packages the project needs: espeak-ng (TTS voices and phonemes).
+SYSTEM_PACKAGES=(espeak-ng)
 missing=()
 for pkg in "${SYSTEM_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -1,0 +1,237 @@
+"""Training the three small tokenizers of the embedded default from a folder of media.
+
+Folder conventions (any depth): images (`.png`, `.jpg`, ...); audio (`.wav`, `.flac`)
+with an optional transcript `<same name>.txt` beside each file (used to score
+intelligibility); text: every line of every other `.txt` file, plus the transcripts.
+A held-out share of each is kept for the quality report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from omni_model.tokenizers.image import MagVitConfig, MagVitTokenizer, TrunkConfig
+from omni_model.tokenizers.mel import SAMPLE_RATE, resample, to_mono
+from omni_model.tokenizers.text import BPETokenizer
+from omni_model.tokenizers.train_image import (ImageTrainConfig, evaluate_image_tokenizer,
+                                               train_image_tokenizer)
+from omni_model.tokenizers.train_speech import (SpeechTrainConfig, evaluate_speech_codec,
+                                                small_codec, train_speech_codec)
+from pipelines.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, find_files, load_audio, load_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = "runs/world/media"  #: folder of images, audio (+ .txt transcripts) and text
+    holdout: float = 0.1  #: share of each kind kept out of training for the quality report
+    max_images: int | None = None  #: cap on images read (None: all)
+    max_audio: int | None = None  #: cap on audio files read (None: all)
+    max_audio_seconds: float = 30.0  #: longer files are skipped
+
+
+@dataclass(frozen=True)
+class TextTokenizerConfig:
+    vocab_size: int = 1024
+    min_frequency: int = 2
+
+
+@dataclass(frozen=True)
+class ImageTokenizerConfig:
+    resolution: int = 32  #: square input size
+    ch: int = 32  #: trunk width (a multiple of 32: GroupNorm has 32 groups)
+    ch_mult: tuple[int, ...] = (1, 2, 2)  #: one entry per level; grid = resolution / 2^(levels-1)
+    num_res_blocks: tuple[int, ...] = (1, 1, 1)
+    attn_resolutions: tuple[int, ...] = ()
+    codebook_dim: int = 10  #: 2^codebook_dim codes
+    train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
+
+    def model_config(self) -> MagVitConfig:
+        trunk = TrunkConfig(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
+                            attn_resolutions=self.attn_resolutions, resolution=self.resolution,
+                            z_channels=self.codebook_dim)
+        return MagVitConfig(encoder=trunk, decoder=trunk, codebook_dim=self.codebook_dim,
+                            resolution=self.resolution)
+
+
+@dataclass(frozen=True)
+class SpeechTokenizerConfig:
+    codebook_size: int = 512
+    d_model: int = 128
+    layers: int = 4  #: encoder layers (pooled to 12.5 Hz after layer 2, quantized after the last)
+    train: SpeechTrainConfig = field(default_factory=SpeechTrainConfig)
+    asr: bool = True  #: score decoded speech with the offline recogniser
+    examples: int = 3  #: decoded WAV examples written to the output folder
+
+
+@dataclass(frozen=True)
+class TokenizersConfig:
+    out_dir: str = "runs/tokenizers"
+    seed: int = 0
+    threads: int = 2
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
+    image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    speech: SpeechTokenizerConfig = field(default_factory=SpeechTokenizerConfig)
+
+
+def _split(items: list, holdout: float, rng: random.Random) -> tuple[list, list]:
+    items = list(items)
+    rng.shuffle(items)
+    n_out = max(1, round(len(items) * holdout)) if len(items) > 1 else 0
+    return items[n_out:], items[:n_out]
+
+
+def _read_images(paths: list[Path]) -> list[Image.Image]:
+    images = []
+    for p in paths:
+        try:
+            images.append(load_image(p))
+        except MediaError as err:
+            logger.warning("skipping %s: %s", p, err)
+    return images
+
+
+def _read_audio(paths: list[Path], max_seconds: float) -> tuple[list[torch.Tensor], list[str | None]]:
+    waves, texts = [], []
+    for p in paths:
+        try:
+            data, rate = load_audio(p, max_seconds)
+        except MediaError as err:
+            logger.warning("skipping %s: %s", p, err)
+            continue
+        waves.append(resample(to_mono(data), rate, SAMPLE_RATE))
+        transcript = p.with_suffix(".txt")
+        texts.append(transcript.read_text().strip() if transcript.exists() else None)
+    return waves, texts
+
+
+def train_tokenizers(cfg: TokenizersConfig) -> dict:
+    """Train the text, image and speech tokenizers; save them under `cfg.out_dir`.
+
+    Returns the quality report (also written to `quality.json`).
+    """
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    root = Path(cfg.data.dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {}
+
+    image_paths = find_files(root, IMAGE_SUFFIXES)[: cfg.data.max_images]
+    audio_paths = find_files(root, AUDIO_SUFFIXES)[: cfg.data.max_audio]
+    text_lines = [line.strip() for p in find_files(root, (".txt",))
+                  for line in p.read_text(errors="replace").splitlines() if line.strip()]
+    logger.info("found %d images, %d audio files, %d text lines in %s", len(image_paths),
+                len(audio_paths), len(text_lines), root)
+
+    # ---- text
+    if text_lines:
+        train_text, held_text = _split(text_lines, cfg.data.holdout, rng)
+        start = time.perf_counter()
+        bpe = BPETokenizer.train(train_text, cfg.text.vocab_size, cfg.text.min_frequency)
+        bpe.save_pretrained(out / "text")
+        held = held_text or train_text
+        report["text"] = {
+            "vocab_size": bpe.vocab_size, "lines": len(text_lines),
+            "tokens_per_line": float(np.mean([len(bpe.encode(t)) for t in held])),
+            "bytes_per_token": float(np.mean([len(t.encode()) / max(1, len(bpe.encode(t))) for t in held])),
+            "train_seconds": time.perf_counter() - start, "fingerprint": bpe.fingerprint}
+
+    # ---- image
+    if image_paths:
+        train_paths, held_paths = _split(image_paths, cfg.data.holdout, rng)
+        model = MagVitTokenizer(cfg.image.model_config())
+        train_x = model.preprocess(_read_images(train_paths))
+        held_x = model.preprocess(_read_images(held_paths)) if held_paths else train_x[:16]
+        start = time.perf_counter()
+        history = train_image_tokenizer(model, train_x, cfg.image.train)
+        model.save_pretrained(out / "image")
+        report["image"] = {**evaluate_image_tokenizer(model, held_x),
+                           "train_images": len(train_x), "held_out_images": len(held_x),
+                           "train_seconds": time.perf_counter() - start,
+                           "final_train_loss": history[-1]["loss"] if history else None,
+                           "fingerprint": model.fingerprint}
+        _save_reconstructions(model, held_x[:8], out / "image_reconstructions.png")
+
+    # ---- speech
+    if audio_paths:
+        train_paths, held_paths = _split(audio_paths, cfg.data.holdout, rng)
+        train_w, _ = _read_audio(train_paths, cfg.data.max_audio_seconds)
+        held_w, held_t = _read_audio(held_paths or train_paths[:8], cfg.data.max_audio_seconds)
+        codec = small_codec(cfg.speech.codebook_size, cfg.speech.d_model, cfg.speech.layers, cfg.seed)
+        start = time.perf_counter()
+        train_speech_codec(codec, train_w, cfg.speech.train)
+        codec.save_pretrained(out / "speech")
+        train_s = time.perf_counter() - start
+        transcribe, refs = None, None
+        if cfg.speech.asr and all(t is not None for t in held_t):
+            from pipelines.asr import WhisperRecognizer
+
+            transcribe, refs = WhisperRecognizer(threads=cfg.threads).transcribe, held_t
+        report["speech"] = {**evaluate_speech_codec(codec, held_w, refs, transcribe),
+                            "train_utterances": len(train_w), "held_out_utterances": len(held_w),
+                            "train_seconds": train_s, "fingerprint": codec.fingerprint}
+        _save_examples(codec, held_w[: cfg.speech.examples], out)
+
+    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _save_reconstructions(model: MagVitTokenizer, images: torch.Tensor, path: Path) -> None:
+    """Originals (top row) above their code round trips (bottom row)."""
+    if len(images) == 0:
+        return
+    rec = model.decode_images(model.encode(images), model.grid_for(*images.shape[-2:]))
+    orig = [Image.fromarray(((x.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
+            for x in images]
+    size = images.shape[-1]
+    sheet = Image.new("RGB", (size * len(orig), size * 2), "white")
+    for i, (a, b) in enumerate(zip(orig, rec)):
+        sheet.paste(a, (i * size, 0))
+        sheet.paste(b, (i * size, size))
+    sheet.resize((sheet.width * 4, sheet.height * 4), Image.Resampling.NEAREST).save(path)
+
+
+def _save_examples(codec, waves: list[torch.Tensor], out: Path) -> None:
+    import soundfile as sf
+
+    for i, (w, d) in enumerate(zip(waves, codec.decode(codec.encode(waves)))):
+        sf.write(out / f"speech_example_{i}_original.wav", w.numpy(), SAMPLE_RATE)
+        sf.write(out / f"speech_example_{i}_decoded.wav", d.numpy(), codec.sample_rate)
+
+
+def format_report(report: dict) -> str:
+    """The quality report as a Markdown table."""
+    rows = ["| tokenizer | measure | value |", "| --- | --- | --- |"]
+    labels = {
+        "text": [("tokens_per_line", "BPE tokens per caption/line", "{:.1f}"),
+                 ("vocab_size", "vocabulary", "{}")],
+        "image": [("psnr_db", "held-out PSNR (dB)", "{:.2f}"),
+                  ("codes_per_image", "codes per image", "{}"),
+                  ("distinct_codes", "distinct codes used (held-out)", "{}"),
+                  ("train_seconds", "training time (s)", "{:.0f}")],
+        "speech": [("codes_per_second", "codes per second", "{:.2f}"),
+                   ("mel_l1", "mel L1, decoded vs original (log-mel units)", "{:.3f}"),
+                   ("wer_decoded", "WER of decoded speech (Whisper tiny.en)", "{:.1%}"),
+                   ("wer_original", "WER of the original audio (same recogniser)", "{:.1%}"),
+                   ("distinct_codes", "distinct codes used (held-out)", "{}"),
+                   ("train_seconds", "training time (s)", "{:.0f}")],
+    }
+    for kind, items in labels.items():
+        for key, label, fmt in items:
+            if kind in report and report[kind].get(key) is not None:
+                rows.append(f"| {kind} | {label} | {fmt.format(report[kind][key])} |")
+    return "\n".join(rows)
