@@ -53,6 +53,9 @@ class TrunkConfig:
             object.__setattr__(self, name, tuple(value))
         if len(self.num_res_blocks) != len(self.ch_mult):
             raise ValueError("num_res_blocks needs one entry per ch_mult level")
+        if min(self.num_res_blocks) < 1 or self.ch % 32:
+            raise ValueError("every level needs a ResNet block, and ch must be a multiple of 32 "
+                             "(GroupNorm uses 32 groups)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrunkConfig":
@@ -161,6 +164,13 @@ class _Level(nn.Module):
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attns)
 
+    @classmethod
+    def build(cls, cin: int, cout: int, n_blocks: int, attention: bool, dropout: float) -> "_Level":
+        """`n_blocks` ResNet blocks cin -> cout (the first changes width), each followed
+        by an attention block when the level's resolution is listed."""
+        blocks = [ResnetBlock(cin if i == 0 else cout, cout, dropout) for i in range(n_blocks)]
+        return cls(blocks, [AttnBlock(cout) for _ in range(n_blocks)] if attention else [])
+
     def run(self, h: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
             h = block(h)
@@ -187,14 +197,9 @@ class Encoder(nn.Module):
         res, levels = cfg.resolution, []
         cin = cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
-            cout = cfg.ch * mult
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks[i]):
-                blocks.append(ResnetBlock(cin, cout, cfg.dropout))
-                cin = cout
-                if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(cin))
-            level = _Level(blocks, attns)
+            level = _Level.build(cin, cfg.ch * mult, cfg.num_res_blocks[i],
+                                 res in cfg.attn_resolutions, cfg.dropout)
+            cin = cfg.ch * mult
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = Downsample(cin)
                 res //= 2
@@ -226,14 +231,9 @@ class Decoder(nn.Module):
         self.mid = _Mid(cin, cfg.dropout)
         levels: list[nn.Module] = [None] * n  # type: ignore[list-item]
         for i in reversed(range(n)):
-            cout = cfg.ch * cfg.ch_mult[i]
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks[i]):
-                blocks.append(ResnetBlock(cin, cout, cfg.dropout))
-                cin = cout
-                if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(cin))
-            level = _Level(blocks, attns)
+            level = _Level.build(cin, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks[i],
+                                 res in cfg.attn_resolutions, cfg.dropout)
+            cin = cfg.ch * cfg.ch_mult[i]
             if i != 0:
                 level.upsample = Upsample(cin)
                 res *= 2
