@@ -7,8 +7,14 @@ let the sampler regenerate every response from its prompt.
 
 from __future__ import annotations
 
-import logging
+import os
 import sys
+
+# Run as a script, Python puts jobs/ first on sys.path, where jobs/tokenize.py would shadow
+# the standard library's tokenize: put the project root there instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import logging
 import time
 from dataclasses import dataclass, field
 

@@ -15,6 +15,7 @@ import torch
 from omni_model.tokenizers.mel import SAMPLE_RATE, resample, to_mono
 
 logger = logging.getLogger(__name__)
+logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # it logs every clip at INFO
 
 
 class WhisperRecognizer:

@@ -65,8 +65,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return float(value)
         if origin is int and isinstance(value, str):
             return int(value)
-        if origin is tuple and isinstance(value, list):
-            return tuple(value)
+        if origin in (tuple, list) and isinstance(value, (list, tuple)):
+            item = _dataclass_in(args[0]) if args else None
+            items = [from_dict(item, v, f"{path}[{i}]") if item is not None and isinstance(v, dict)
+                     else v for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
     except ValueError:
         raise ValueError(f"config key {path}: cannot read {value!r} as {origin.__name__}") from None
     return value

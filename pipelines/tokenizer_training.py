@@ -159,7 +159,7 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
         start = time.perf_counter()
         history = train_image_tokenizer(model, train_x, cfg.image.train)
         model.save_pretrained(out / "image")
-        report["image"] = {**evaluate_image_tokenizer(model, held_x),
+        report["image"] = {**evaluate_image_tokenizer(model, held_x), **_checker_agreement(model, held_x),
                            "train_images": len(train_x), "held_out_images": len(held_x),
                            "train_seconds": time.perf_counter() - start,
                            "final_train_loss": history[-1]["loss"] if history else None,
@@ -190,13 +190,34 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
     return report
 
 
+def _checker_agreement(model: MagVitTokenizer, images: torch.Tensor) -> dict:
+    """For synthetic-world images: the share whose decoded image the world's attribute
+    checker reads as the same scene (colour, shape, position, size, count)."""
+    from pipelines.world import Agreement, check_image
+
+    originals = _to_pil(images)
+    decoded = model.decode_images(model.encode(images), model.grid_for(*images.shape[-2:]))
+    agreement = Agreement()
+    for original, rebuilt in zip(originals, decoded):
+        truth = check_image(original)
+        if truth.count:  # not a world image: nothing to compare
+            agreement.add(truth, check_image(rebuilt))
+    if not agreement.n:
+        return {}
+    return {f"checker_{k}": v for k, v in agreement.rates().items()} | {"checker_images": agreement.n}
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray(((x.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy())
+            for x in images]
+
+
 def _save_reconstructions(model: MagVitTokenizer, images: torch.Tensor, path: Path) -> None:
     """Originals (top row) above their code round trips (bottom row)."""
     if len(images) == 0:
         return
     rec = model.decode_images(model.encode(images), model.grid_for(*images.shape[-2:]))
-    orig = [Image.fromarray(((x.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
-            for x in images]
+    orig = _to_pil(images)
     size = images.shape[-1]
     sheet = Image.new("RGB", (size * len(orig), size * 2), "white")
     for i, (a, b) in enumerate(zip(orig, rec)):
@@ -222,6 +243,11 @@ def format_report(report: dict) -> str:
         "image": [("psnr_db", "held-out PSNR (dB)", "{:.2f}"),
                   ("codes_per_image", "codes per image", "{}"),
                   ("distinct_codes", "distinct codes used (held-out)", "{}"),
+                  ("checker_overall", "decoded scenes the world checker reads as the original", "{:.1%}"),
+                  ("checker_colour", "... same colours", "{:.1%}"),
+                  ("checker_shape", "... same shapes", "{:.1%}"),
+                  ("checker_position", "... same positions", "{:.1%}"),
+                  ("checker_count", "... same count", "{:.1%}"),
                   ("train_seconds", "training time (s)", "{:.0f}")],
         "speech": [("codes_per_second", "codes per second", "{:.2f}"),
                    ("mel_l1", "mel L1, decoded vs original (log-mel units)", "{:.3f}"),

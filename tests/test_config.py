@@ -40,3 +40,21 @@ def test_resolved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(Outer, path) == cfg
     assert yaml.safe_load(path.read_text())["inner"]["lr"] == 0.5
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str = "a"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class WithItems:
+    items: tuple[Item, ...] = ()
+
+
+def test_sequences_of_dataclasses(tmp_path):
+    cfg = load_config(WithItems, None, ["items=[{name: b, weight: 2e-1}, {name: c}]"])
+    assert cfg.items == (Item("b", 0.2), Item("c", 1.0))
+    path = save_config(cfg, tmp_path / "r.yaml")
+    assert load_config(WithItems, path) == cfg

@@ -1,0 +1,56 @@
+"""Starting (or joining) Ray the same way in every job.
+
+Under `ray job submit` the driver finds its cluster through RAY_ADDRESS; run directly,
+a job starts a local Ray in-process with the configured logical resources and stops it
+at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+#: Settings that must be in place before `import ray` (see README: running Ray here).
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  #: a cluster to join; None: RAY_ADDRESS, else a new local Ray
+    num_cpus: int = 4  #: logical CPUs of a local Ray (more than cores is fine: stages are light)
+    num_gpus: int | None = None  #: GPUs of a local Ray (None: detect)
+
+
+def start_ray(cfg: RayConfig = RayConfig()) -> bool:
+    """Connect to or start Ray; returns True when this process started it (and owns it)."""
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        logger.info("joined the Ray cluster at %s", address)
+        return False
+    ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+    logger.info("started a local Ray with %s", ray.cluster_resources())
+    return True
+
+
+def stop_ray(owned: bool) -> None:
+    import ray
+
+    if owned and ray.is_initialized():
+        ray.shutdown()

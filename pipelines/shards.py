@@ -1,0 +1,167 @@
+"""Parquet token shards: the schema, the writer, the reader and the quarantine table.
+
+One row a sample: a stable `sample_id`, `task`, `source` (manifest name) and `line`, and
+the messages with each media part replaced by its codes (`list<int32>`, plus the grid
+for images and the frame rate for speech); text stays text, so shards do not depend on
+the backbone's text tokenizer. Every file's footer records the image and speech
+tokenizer identities (name + fingerprint); `read_shards` refuses to mix shard sets made
+with different tokenizers.
+
+Rows that cannot be used go to the quarantine table instead (`source`, `line`,
+`sample_id`, `reason`, the raw line): every input row ends in exactly one of the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from omni_model.templates import Image, Message, Part, Speech, Text
+
+FORMAT_VERSION = 1
+TOKENIZERS_KEY = b"omni.tokenizers"
+SUCCESS_FILE = "_SUCCESS.json"
+
+PART = pa.struct([
+    ("type", pa.string()),  # text | image | speech
+    ("text", pa.string()),
+    ("codes", pa.list_(pa.int32())),
+    ("grid", pa.list_(pa.int32())),  # [height, width] of an image's code grid
+    ("frame_rate", pa.float32()),  # codes per second of speech
+])
+MESSAGE = pa.struct([("role", pa.string()), ("parts", pa.list_(PART))])
+SHARD_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("task", pa.string()), ("source", pa.string()),
+    ("line", pa.int64()), ("messages", pa.list_(MESSAGE)), ("meta", pa.string()),
+])
+QUARANTINE_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("source", pa.string()), ("line", pa.int64()),
+    ("reason", pa.string()), ("raw", pa.string()),
+])
+
+
+class ShardError(ValueError):
+    """Shards that cannot be read together (incompatible tokenizers, bad files)."""
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text, "codes": None, "grid": None, "frame_rate": None}
+
+
+def image_part(codes: Sequence[int], grid: Sequence[int]) -> dict:
+    return {"type": "image", "text": None, "codes": list(map(int, codes)), "grid": list(grid),
+            "frame_rate": None}
+
+
+def speech_part(codes: Sequence[int], frame_rate: float) -> dict:
+    return {"type": "speech", "text": None, "codes": list(map(int, codes)), "grid": None,
+            "frame_rate": float(frame_rate)}
+
+
+def to_messages(row: dict) -> list[Message]:
+    """A shard row -> template messages (local codes; the vocab maps them to ids)."""
+    out = []
+    for m in row["messages"]:
+        parts: list[Part] = []
+        for p in m["parts"]:
+            if p["type"] == "text":
+                parts.append(Text(p["text"]))
+            elif p["type"] == "image":
+                parts.append(Image(tuple(p["codes"]), tuple(p["grid"]) if p["grid"] else None))
+            elif p["type"] == "speech":
+                parts.append(Speech(tuple(p["codes"]), p["frame_rate"]))
+            else:
+                raise ShardError(f"unknown part type {p['type']!r} in {row.get('sample_id')}")
+        out.append(Message(m["role"], tuple(parts)))
+    return out
+
+
+def tokenizer_identity(image: Any | None, speech: Any | None) -> dict:
+    """The identities recorded in every shard footer."""
+    def ident(tok: Any | None) -> dict | None:
+        if tok is None:
+            return None
+        return {"name": getattr(tok, "name", type(tok).__name__), "fingerprint": tok.fingerprint,
+                "codebook_size": int(tok.codebook_size)}
+    return {"format_version": FORMAT_VERSION, "image": ident(image), "speech": ident(speech)}
+
+
+def _atomic_write(table: pa.Table, path: Path, metadata: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               TOKENIZERS_KEY: json.dumps(metadata).encode()})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+
+
+def write_shard(rows: list[dict], path: str | Path, identity: dict) -> None:
+    """Write shard rows (dicts in SHARD_SCHEMA) to one Parquet file, atomically."""
+    _atomic_write(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), Path(path), identity)
+
+
+def write_quarantine(rows: list[dict], path: str | Path) -> None:
+    _atomic_write(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA), Path(path))
+
+
+def shard_files(root: str | Path) -> list[Path]:
+    """The shard files of a shard set (its `shards/` folder, or the folder itself)."""
+    root = Path(root)
+    folder = root / "shards" if (root / "shards").is_dir() else root
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+
+
+def read_identity(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    if TOKENIZERS_KEY not in meta:
+        raise ShardError(f"{path} carries no tokenizer identity: not a token shard")
+    return json.loads(meta[TOKENIZERS_KEY])
+
+
+def check_compatible(roots: Iterable[str | Path]) -> dict:
+    """The common tokenizer identity of shard sets; raises ShardError when they differ.
+
+    A set without image (or speech) rows may have no identity for that modality; it
+    is compatible with any.
+    """
+    common: dict = {"format_version": FORMAT_VERSION, "image": None, "speech": None}
+    for root in roots:
+        files = shard_files(root)
+        if not files:
+            raise ShardError(f"no shard files under {root}")
+        for path in files:
+            ident = read_identity(path)
+            if ident.get("format_version") != FORMAT_VERSION:
+                raise ShardError(f"{path}: shard format {ident.get('format_version')} is not "
+                                 f"{FORMAT_VERSION}")
+            for kind in ("image", "speech"):
+                mine, theirs = common[kind], ident.get(kind)
+                if theirs is None:
+                    continue
+                if mine is None:
+                    common[kind] = theirs
+                elif mine["fingerprint"] != theirs["fingerprint"]:
+                    raise ShardError(f"{path} was made with {kind} tokenizer {theirs['fingerprint']}"
+                                     f", other shards with {mine['fingerprint']}: re-tokenize")
+    return common
+
+
+def read_shards(roots: str | Path | Sequence[str | Path]) -> pa.Table:
+    """All rows of one or more compatible shard sets, as one Arrow table."""
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    check_compatible(roots)
+    return pa.concat_tables([pq.read_table(p, schema=SHARD_SCHEMA) for r in roots
+                             for p in shard_files(r)])
+
+
+def read_quarantine(root: str | Path) -> pa.Table:
+    files = sorted((Path(root) / "quarantine").glob("*.parquet"))
+    if not files:
+        return QUARANTINE_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(p, schema=QUARANTINE_SCHEMA) for p in files])

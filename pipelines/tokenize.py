@@ -1,0 +1,348 @@
+"""Manifest -> token shards, on Ray Data.
+
+    validate rows -> image tokenizer actors -> speech tokenizer actors -> write_parquet
+
+Each stage is a plain `batch -> batch` callable (tests call them without Ray); the Ray
+wiring is `tokenize_manifest`. Tokenizer actors load their model once (`map_batches`
+with a callable class and an `ActorPoolStrategy`), encode a whole batch at a time and
+ask for a GPU each when the config says so.
+
+Reliability: the manifest is cut into parts of `rows_per_part` lines. Parts are
+processed in waves; a wave's output is written by Ray Data to a staging folder, then
+committed part by part (`shards/part-NNNNN-*.parquet`, `quarantine/part-NNNNN.parquet`,
+a `_parts/part-NNNNN.json` marker) with atomic renames. A re-run skips committed parts
+(idempotent, no duplicates); a run killed midway loses at most its current wave.
+Every input line ends in a shard or in quarantine, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
+from omni_model.tokenizers.image import MagVitTokenizer
+from omni_model.tokenizers.mel import resample, to_mono
+from omni_model.tokenizers.speech import GLM4VoiceTokenizer
+from pipelines.manifest import ManifestError, parse_line, read_lines, resolve_media, sample_id
+from pipelines.media import MediaError, load_audio, load_image
+from pipelines.shards import (SUCCESS_FILE, image_part, speech_part, text_part, tokenizer_identity,
+                              write_quarantine, write_shard)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    manifest: str = "runs/world/manifests/all.jsonl"  #: JSONL manifest
+    data_root: str = "runs/world"  #: media paths are relative to this folder
+    out: str = "runs/shards/world"  #: shard set folder
+    image_tokenizer: str | None = "runs/tokenizers/image"  #: anything MagVitTokenizer.from_pretrained reads
+    speech_tokenizer: str | None = "runs/tokenizers/speech"  #: a GLM-4-Voice tokenizer or SpeechCodec folder
+    rows_per_part: int = 512  #: manifest lines per committed part (and per shard file at most)
+    max_shard_bytes: int = 256 * 2**20  #: a part's shard is split into files below this size
+    parts_per_wave: int = 8  #: parts processed by one Ray Data execution
+    batch_size: int = 32  #: rows per tokenizer batch
+    image_workers: int = 1  #: image tokenizer actors
+    speech_workers: int = 1  #: speech tokenizer actors
+    num_cpus_per_worker: float = 0.5
+    num_gpus_per_worker: float = 0.0  #: > 0 on GPU clusters (the actors then use CUDA)
+    max_image_pixels: int = 40_000_000
+    max_audio_seconds: float = 600.0
+
+
+# ---------------------------------------------------------------------- stages
+def validate_rows(batch: dict[str, np.ndarray], data_root: str) -> dict[str, np.ndarray]:
+    """Parse and check manifest lines; bad ones get a `reason` (quarantine)."""
+    root = Path(data_root)
+    samples, reasons = [], []
+    for raw in batch["raw"]:
+        try:
+            samples.append(json.dumps(asdict(parse_line(str(raw), root))))
+            reasons.append("")
+        except ManifestError as err:
+            samples.append("")
+            reasons.append(str(err))
+    n = len(batch["raw"])
+    return {**batch, "sample": np.array(samples, dtype=object),
+            "reason": np.array(reasons, dtype=object),
+            "image_codes": np.array(["[]"] * n, dtype=object),
+            "audio_codes": np.array(["[]"] * n, dtype=object)}
+
+
+def load_speech_tokenizer(path: str | Path, device: str = "cpu") -> GLM4VoiceTokenizer:
+    """A GLM-4-Voice tokenizer folder, or the `tokenizer/` inside a SpeechCodec folder."""
+    path = Path(path)
+    folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+    return GLM4VoiceTokenizer.from_pretrained(folder, device)
+
+
+class _TokenizerStage:
+    """Shared plumbing: which rows are still good, how failures are recorded."""
+
+    column: str  # "images" or "audios"
+
+    def __init__(self, data_root: str) -> None:
+        self.root = Path(data_root)
+
+    def _todo(self, batch: dict) -> list[tuple[int, dict]]:
+        out = []
+        for i, (reason, sample) in enumerate(zip(batch["reason"], batch["sample"])):
+            if not reason:
+                s = json.loads(sample)
+                if s[self.column]:
+                    out.append((i, s))
+        return out
+
+
+class ImageStage(_TokenizerStage):
+    """Load, normalise and encode every image of the batch's rows in one tokenizer call."""
+
+    column = "images"
+
+    def __init__(self, data_root: str, tokenizer_path: str, device: str = "cpu",
+                 max_pixels: int = 40_000_000) -> None:
+        super().__init__(data_root)
+        self.tokenizer = MagVitTokenizer.from_pretrained(tokenizer_path, device)
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        reasons, codes_out = list(batch["reason"]), list(batch["image_codes"])
+        pixels, owners = [], []
+        for i, s in self._todo(batch):
+            try:
+                imgs = [load_image(resolve_media(self.root, rel), self.max_pixels) for rel in s["images"]]
+            except (MediaError, ManifestError) as err:
+                reasons[i] = f"image: {err}"
+                continue
+            pixels.append(self.tokenizer.preprocess(imgs))
+            owners.append(i)
+        if pixels:
+            flat = torch.cat(pixels)
+            codes = self.tokenizer.encode(flat).cpu().tolist()
+            grid = list(self.tokenizer.grid_for(*flat.shape[-2:]))
+            k = 0
+            for i, p in zip(owners, pixels):
+                codes_out[i] = json.dumps([[c, grid] for c in codes[k:k + len(p)]])
+                k += len(p)
+        return {**batch, "reason": np.array(reasons, dtype=object),
+                "image_codes": np.array(codes_out, dtype=object)}
+
+
+class SpeechStage(_TokenizerStage):
+    """Load (any rate, channels, WAV/FLAC), resample and encode the batch's audio."""
+
+    column = "audios"
+
+    def __init__(self, data_root: str, tokenizer_path: str, device: str = "cpu",
+                 max_seconds: float = 600.0) -> None:
+        super().__init__(data_root)
+        self.tokenizer = load_speech_tokenizer(tokenizer_path, device)
+        self.max_seconds = max_seconds
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        reasons, codes_out = list(batch["reason"]), list(batch["audio_codes"])
+        waves, owners = [], []
+        for i, s in self._todo(batch):
+            try:
+                loaded = [load_audio(resolve_media(self.root, rel), self.max_seconds) for rel in s["audios"]]
+                prepared = [resample(to_mono(a), rate, self.tokenizer.mel.sample_rate)
+                            for a, rate in loaded]
+            except (MediaError, ManifestError, ValueError) as err:
+                reasons[i] = f"audio: {err}"
+                continue
+            waves.append(prepared)
+            owners.append(i)
+        if waves:
+            flat = [w for ws in waves for w in ws]
+            codes = self.tokenizer.encode(flat, self.tokenizer.mel.sample_rate)
+            k = 0
+            for i, ws in zip(owners, waves):
+                codes_out[i] = json.dumps([c.tolist() for c in codes[k:k + len(ws)]])
+                k += len(ws)
+        return {**batch, "reason": np.array(reasons, dtype=object),
+                "audio_codes": np.array(codes_out, dtype=object)}
+
+
+def shard_row(row: dict, source: str, frame_rate: float) -> dict:
+    """A validated, tokenized pipeline row -> a SHARD_SCHEMA row."""
+    sample = json.loads(row["sample"])
+    images = iter(json.loads(row["image_codes"]))
+    audios = iter(json.loads(row["audio_codes"]))
+    messages = []
+    for m in sample["messages"]:
+        parts = []
+        for piece in re.split(r"(<\|image\|>|<\|audio\|>)", m["content"]):
+            if piece == IMAGE_PLACEHOLDER:
+                codes, grid = next(images)
+                parts.append(image_part(codes, grid))
+            elif piece == AUDIO_PLACEHOLDER:
+                parts.append(speech_part(next(audios), frame_rate))
+            elif piece:
+                parts.append(text_part(piece))
+        messages.append({"role": m["role"], "parts": parts})
+    return {"sample_id": row["sample_id"], "task": sample["task"], "source": source,
+            "line": int(row["line"]), "messages": messages,
+            "meta": json.dumps(sample.get("meta") or {})}
+
+
+# ---------------------------------------------------------------------- driver
+def _parts(manifest: Path, rows_per_part: int) -> list[list[dict]]:
+    source = manifest.name
+    rows = [{"line": n, "raw": raw, "sample_id": sample_id(source, n, raw)}
+            for n, raw in read_lines(manifest)]
+    return [rows[i:i + rows_per_part] for i in range(0, len(rows), rows_per_part)]
+
+
+def _build_dataset(rows: list[dict], cfg: TokenizeConfig):
+    import ray
+
+    device = "cuda" if cfg.num_gpus_per_worker > 0 else "cpu"
+    ds = ray.data.from_items(rows).map_batches(validate_rows, fn_kwargs={"data_root": cfg.data_root},
+                                               batch_size=cfg.batch_size, num_cpus=0.25)
+    stages = []
+    if cfg.image_tokenizer:
+        stages.append((ImageStage, (cfg.data_root, cfg.image_tokenizer, device, cfg.max_image_pixels),
+                       cfg.image_workers))
+    if cfg.speech_tokenizer:
+        stages.append((SpeechStage, (cfg.data_root, cfg.speech_tokenizer, device, cfg.max_audio_seconds),
+                       cfg.speech_workers))
+    for stage, args, workers in stages:
+        ds = ds.map_batches(stage, fn_constructor_args=args, batch_size=cfg.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=workers),
+                            num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker)
+    return ds
+
+
+def _missing_tokenizer(row: dict, cfg: TokenizeConfig) -> str:
+    if row["reason"]:
+        return row["reason"]
+    sample = json.loads(row["sample"])
+    if sample["images"] and not cfg.image_tokenizer:
+        return "row has images but no image tokenizer was given"
+    if sample["audios"] and not cfg.speech_tokenizer:
+        return "row has audio but no speech tokenizer was given"
+    return ""
+
+
+def _commit(staging: Path, parts: dict[int, list[dict]], out: Path, cfg: TokenizeConfig,
+            identity: dict, frame_rate: float) -> dict[str, int]:
+    """Move a wave's staged rows into per-part shard and quarantine files."""
+    table = pq.read_table(staging) if any(staging.glob("*.parquet")) else None
+    staged = {r["sample_id"]: r for r in (table.to_pylist() if table is not None else [])}
+    totals = {"rows": 0, "shard_rows": 0, "quarantined": 0}
+    source = Path(cfg.manifest).name
+    for index, rows in sorted(parts.items()):
+        good, bad = [], []
+        for row in rows:
+            done = staged.get(row["sample_id"])
+            reason = ("lost in the pipeline (no output row)" if done is None
+                      else _missing_tokenizer(done, cfg))
+            if reason:
+                bad.append({"sample_id": row["sample_id"], "source": source, "line": row["line"],
+                            "reason": reason, "raw": row["raw"][:20000]})
+            else:
+                good.append(shard_row(done, source, frame_rate))
+        name = f"part-{index:05d}"
+        for old in (out / "shards").glob(f"{name}-*.parquet"):
+            old.unlink()  # leftovers of an interrupted commit of this part
+        for k, chunk in enumerate(_by_bytes(good, cfg.max_shard_bytes)):
+            write_shard(chunk, out / "shards" / f"{name}-{k:03d}.parquet", identity)
+        if bad:
+            write_quarantine(bad, out / "quarantine" / f"{name}.parquet")
+        counts = {"rows": len(rows), "shard_rows": len(good), "quarantined": len(bad)}
+        marker = out / "_parts" / f"{name}.json"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(counts))
+        tmp.replace(marker)
+        for key in totals:
+            totals[key] += counts[key]
+    return totals
+
+
+def _by_bytes(rows: list[dict], max_bytes: int) -> list[list[dict]]:
+    chunks: list[list[dict]] = [[]]
+    size = 0
+    for row in rows:
+        est = 64 + sum(4 * len(p["codes"] or []) + len(p["text"] or "") for m in row["messages"]
+                       for p in m["parts"])
+        if chunks[-1] and size + est > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(row)
+        size += est
+    return [c for c in chunks if c]
+
+
+def tokenize_manifest(cfg: TokenizeConfig) -> dict[str, Any]:
+    """Run the pipeline on a started Ray; returns (and writes) the run summary."""
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    manifest = Path(cfg.manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest {manifest} does not exist")
+    image_tok = MagVitTokenizer.from_pretrained(cfg.image_tokenizer) if cfg.image_tokenizer else None
+    speech_tok = load_speech_tokenizer(cfg.speech_tokenizer) if cfg.speech_tokenizer else None
+    identity = tokenizer_identity(image_tok, speech_tok)
+    frame_rate = speech_tok.codes_per_second if speech_tok is not None else 0.0
+    _check_existing_identity(out, identity)
+    del image_tok, speech_tok
+
+    parts = _parts(manifest, cfg.rows_per_part)
+    pending = [i for i in range(len(parts)) if not (out / "_parts" / f"part-{i:05d}.json").exists()]
+    logger.info("%s: %d lines in %d parts, %d to do", manifest, sum(map(len, parts)), len(parts),
+                len(pending))
+    totals = {"rows": 0, "shard_rows": 0, "quarantined": 0}
+    for w in range(0, len(pending), cfg.parts_per_wave):
+        wave = {i: parts[i] for i in pending[w:w + cfg.parts_per_wave]}
+        staging = out / "_staging" / f"wave-{min(wave):05d}"
+        shutil.rmtree(staging, ignore_errors=True)
+        rows = [{**r, "part": i} for i, rs in wave.items() for r in rs]
+        _build_dataset(rows, cfg).write_parquet(str(staging))
+        counts = _commit(staging, wave, out, cfg, identity, frame_rate)
+        shutil.rmtree(staging, ignore_errors=True)
+        for key in totals:
+            totals[key] += counts[key]
+    shutil.rmtree(out / "_staging", ignore_errors=True)
+    elapsed = time.perf_counter() - start
+    summary = _summarise(out, parts, identity, cfg, totals, elapsed)
+    (out / SUCCESS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _check_existing_identity(out: Path, identity: dict) -> None:
+    success = out / SUCCESS_FILE
+    if success.exists():
+        previous = json.loads(success.read_text()).get("tokenizers")
+        if previous and previous != identity:
+            raise ValueError(f"{out} holds shards made with other tokenizers; use a new --out")
+
+
+def _summarise(out: Path, parts: list, identity: dict, cfg: TokenizeConfig,
+               this_run: dict, elapsed: float) -> dict:
+    all_counts = {"rows": 0, "shard_rows": 0, "quarantined": 0}
+    for i in range(len(parts)):
+        counts = json.loads((out / "_parts" / f"part-{i:05d}.json").read_text())
+        for key in all_counts:
+            all_counts[key] += counts[key]
+    tasks: dict[str, int] = {}
+    files = sorted((out / "shards").glob("*.parquet"))
+    for f in files:
+        for t in pq.read_table(f, columns=["task"]).column("task").to_pylist():
+            tasks[t] = tasks.get(t, 0) + 1
+    return {"manifest": str(cfg.manifest), "tokenizers": identity, "totals": all_counts,
+            "tasks": tasks, "shard_files": [f.name for f in files],
+            "this_run": {**this_run, "seconds": elapsed,
+                         "samples_per_second": this_run["rows"] / elapsed if elapsed else 0.0},
+            "config": asdict(cfg)}
