@@ -190,3 +190,18 @@ class Synthesize:
                 tmp.rename(target)
             seconds.append(sf.info(target).duration)
         return {**batch, "seconds": np.asarray(seconds, dtype=np.float32)}
+
+
+def synthesize_rows(rows: list[dict], root: str, workers: int = 2, batch_size: int = 16) -> list[dict]:
+    """Run `Synthesize` over rows (`text, engine, voice, speed, seed, path`) on Ray Data,
+    one actor pool per engine; returns the rows with their `seconds`."""
+    import ray
+
+    done = []
+    for engine in sorted({r["engine"] for r in rows}):
+        mine = [{k: v for k, v in r.items() if k != "engine"} for r in rows if r["engine"] == engine]
+        ds = ray.data.from_items(mine).map_batches(
+            Synthesize, fn_constructor_args=(engine, root), batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(mine)))), num_cpus=0.5)
+        done += [{**r, "engine": engine} for r in ds.take_all()]
+    return done

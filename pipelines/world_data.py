@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.manifest import Sample, write_manifest
-from pipelines.tts import Synthesize
+from pipelines.tts import synthesize_rows
 from pipelines.world import captions, make_scene, questions, render
 
 logger = logging.getLogger(__name__)
@@ -148,12 +148,7 @@ def build_world(cfg: WorldConfig) -> dict:
         batch_size=cfg.render_batch, num_cpus=0.5).materialize()
 
     rows = speech_rows(indices, cfg)
-    for engine in sorted({r["engine"] for r in rows}):
-        mine = [r for r in rows if r["engine"] == engine]
-        ray.data.from_items(mine).map_batches(
-            Synthesize, fn_constructor_args=(engine, str(out)), batch_size=16,
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.tts_workers, len(mine))),
-            num_cpus=0.5).materialize()
+    synthesize_rows(rows, str(out), cfg.tts_workers)
     _write_transcripts(out, rows)
 
     counts: dict = {}

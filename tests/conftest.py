@@ -43,3 +43,14 @@ def vocab(tokenizer):
 def tiny_model(vocab):
     """A randomly initialised two-block model over the toy vocab."""
     return toy_model(vocab, hidden=64, layers=2, heads=4, kv_heads=2, seed=1).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session, with more logical CPUs than cores so
+    actor pools and trainers fit side by side (RUNTIME.md)."""
+    from pipelines.ray_setup import RayConfig, start_ray, stop_ray
+
+    owned = start_ray(RayConfig(num_cpus=8))
+    yield
+    stop_ray(owned)

@@ -1,0 +1,45 @@
+"""Build the SDVI data (spoken VQA and speech-to-image) by speaking VQA and caption manifests.
+
+    python jobs/build_sdvi.py --config configs/tiny/sdvi.yaml [sdvi.max_rows=500]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, Python puts jobs/ first on sys.path, where jobs/tokenize.py would shadow
+# the standard library's tokenize: put the project root there instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import json  # noqa: E402
+import logging  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from pipelines.config import parse_job_args, save_config  # noqa: E402
+from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
+from pipelines.sdvi import SDVIConfig, build_sdvi  # noqa: E402
+
+
+@dataclass(frozen=True)
+class BuildSDVIJob:
+    sdvi: SDVIConfig = field(default_factory=SDVIConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_job_args(BuildSDVIJob, __doc__.splitlines()[0], "configs/tiny/sdvi.yaml", argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    save_config(cfg, f"{cfg.sdvi.out}/config.yaml")
+    owned = start_ray(cfg.ray)
+    try:
+        counts = build_sdvi(cfg.sdvi)
+    finally:
+        stop_ray(owned)
+    print(json.dumps(counts))
+    print(f"SDVI manifests in {cfg.sdvi.out}/ (svqa.jsonl, s2i.jsonl, all.jsonl)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

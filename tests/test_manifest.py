@@ -1,0 +1,64 @@
+"""Manifest parsing and validation: every bad row gets a clear reason."""
+
+import json
+
+import pytest
+
+from pipelines.manifest import ManifestError, Sample, infer_task, parse_line, read_lines, write_manifest
+
+
+def _row(**kw):
+    row = {"messages": [{"role": "user", "content": "<|image|>\nWhat is it?"},
+                        {"role": "assistant", "content": "a cat"}], "images": ["a.png"]}
+    row.update(kw)
+    return json.dumps(row)
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    return tmp_path
+
+
+def test_a_good_row(root):
+    s = parse_line(_row(), root)
+    assert s.task == "vqa" and s.images == ["a.png"]
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    (_row(messages=[]), "non-empty list"),
+    (_row(messages=[{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]), "unknown role"),
+    (_row(messages=[{"role": "user", "content": "<|image|>"}]), "last message"),
+    (_row(images=[]), "1 <|image|> placeholders but 0 images"),
+    (_row(images=["a.png", "a.png"]), "but 2 images"),
+    (_row(images=["../../etc/passwd"]), "escapes the data root"),
+    (_row(images=["/etc/passwd"]), "absolute"),
+    (_row(images=["missing.png"]), "missing file"),
+    (_row(task="dance"), "unknown task"),
+])
+def test_bad_rows_are_rejected_with_a_reason(root, line, reason):
+    with pytest.raises(ManifestError, match=reason.replace("|", r"\|").replace("(", r"\(")):
+        parse_line(line, root)
+
+
+def test_task_inference():
+    m = lambda u, a: [{"role": "user", "content": u}, {"role": "assistant", "content": a}]  # noqa: E731
+    assert infer_task(m("Draw a cat", "<|image|>")) == "t2i"
+    assert infer_task(m("<|audio|>", "<|image|>")) == "s2i"
+    assert infer_task(m("<|image|><|audio|>", "red<|audio|>")) == "svqa"
+    assert infer_task(m("Say hi", "<|audio|>")) == "tts"
+    assert infer_task(m("<|audio|>", "hi")) == "asr"
+    assert infer_task(m("<|image|>Describe.", "a cat")) == "caption"
+    assert infer_task(m("hi", "hello")) == "text"
+
+
+def test_write_and_read_round_trip(tmp_path, root):
+    samples = [parse_line(_row(), root), Sample([{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "é"}], task="text")]
+    path = tmp_path / "m" / "x.jsonl"
+    assert write_manifest(path, samples) == 2
+    lines = list(read_lines(path))
+    assert [n for n, _ in lines] == [1, 2]
+    assert parse_line(lines[1][1], check_files=False).messages[1]["content"] == "é"
