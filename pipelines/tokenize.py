@@ -77,7 +77,38 @@ def validate_rows(batch: dict[str, np.ndarray], data_root: str) -> dict[str, np.
     return {**batch, "sample": np.array(samples, dtype=object),
             "reason": np.array(reasons, dtype=object),
             "image_codes": np.array(["[]"] * n, dtype=object),
-            "audio_codes": np.array(["[]"] * n, dtype=object)}
+            "audio_codes": np.array(["[]"] * n, dtype=object),
+            **{key: np.zeros(n) for key in TIMING_COLUMNS}}
+
+
+#: Seconds each stage spent reading media vs running the tokenizer, spread over its rows.
+TIMING_COLUMNS = ("image_io_s", "image_encode_s", "speech_io_s", "speech_encode_s")
+
+
+def _spread(batch: dict, key: str, seconds: float) -> np.ndarray:
+    n = len(batch["raw"])
+    return batch[key] + seconds / max(1, n)
+
+
+def _encode_or_isolate(encode, groups: list, sizes: list[int]) -> list:
+    """Encode all rows' media in one call; if that fails, row by row, so one input that
+    breaks the tokenizer costs only its own row (returned as the exception)."""
+    try:
+        flat = encode(groups)
+    except Exception:  # noqa: BLE001 - any tokenizer failure is isolated below
+        logger.exception("batched encode failed; retrying row by row")
+        out = []
+        for g in groups:
+            try:
+                out.append(encode([g]))
+            except Exception as err:  # noqa: BLE001
+                out.append(err)
+        return out
+    out, k = [], 0
+    for n in sizes:
+        out.append(flat[k:k + n])
+        k += n
+    return out
 
 
 def load_speech_tokenizer(path: str | Path, device: str = "cpu") -> GLM4VoiceTokenizer:
@@ -119,6 +150,7 @@ class ImageStage(_TokenizerStage):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reasons, codes_out = list(batch["reason"]), list(batch["image_codes"])
         pixels, owners = [], []
+        start = time.perf_counter()
         for i, s in self._todo(batch):
             try:
                 imgs = [load_image(resolve_media(self.root, rel), self.max_pixels) for rel in s["images"]]
@@ -127,16 +159,20 @@ class ImageStage(_TokenizerStage):
                 continue
             pixels.append(self.tokenizer.preprocess(imgs))
             owners.append(i)
+        loaded = time.perf_counter()
         if pixels:
-            flat = torch.cat(pixels)
-            codes = self.tokenizer.encode(flat).cpu().tolist()
-            grid = list(self.tokenizer.grid_for(*flat.shape[-2:]))
-            k = 0
-            for i, p in zip(owners, pixels):
-                codes_out[i] = json.dumps([[c, grid] for c in codes[k:k + len(p)]])
-                k += len(p)
+            grid = list(self.tokenizer.grid_for(*pixels[0].shape[-2:]))
+            encoded = _encode_or_isolate(lambda xs: self.tokenizer.encode(torch.cat(xs)).cpu().tolist(),
+                                         pixels, [len(p) for p in pixels])
+            for i, codes in zip(owners, encoded):
+                if isinstance(codes, Exception):
+                    reasons[i] = f"image: tokenizer failed: {codes}"
+                else:
+                    codes_out[i] = json.dumps([[c, grid] for c in codes])
         return {**batch, "reason": np.array(reasons, dtype=object),
-                "image_codes": np.array(codes_out, dtype=object)}
+                "image_codes": np.array(codes_out, dtype=object),
+                "image_io_s": _spread(batch, "image_io_s", loaded - start),
+                "image_encode_s": _spread(batch, "image_encode_s", time.perf_counter() - loaded)}
 
 
 class SpeechStage(_TokenizerStage):
@@ -153,6 +189,7 @@ class SpeechStage(_TokenizerStage):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reasons, codes_out = list(batch["reason"]), list(batch["audio_codes"])
         waves, owners = [], []
+        start = time.perf_counter()
         for i, s in self._todo(batch):
             try:
                 loaded = [load_audio(resolve_media(self.root, rel), self.max_seconds) for rel in s["audios"]]
@@ -163,15 +200,21 @@ class SpeechStage(_TokenizerStage):
                 continue
             waves.append(prepared)
             owners.append(i)
+        loaded = time.perf_counter()
         if waves:
-            flat = [w for ws in waves for w in ws]
-            codes = self.tokenizer.encode(flat, self.tokenizer.mel.sample_rate)
-            k = 0
-            for i, ws in zip(owners, waves):
-                codes_out[i] = json.dumps([c.tolist() for c in codes[k:k + len(ws)]])
-                k += len(ws)
+            rate = self.tokenizer.mel.sample_rate
+            encoded = _encode_or_isolate(
+                lambda groups: [c.tolist() for c in self.tokenizer.encode([w for g in groups for w in g], rate)],
+                waves, [len(ws) for ws in waves])
+            for i, codes in zip(owners, encoded):
+                if isinstance(codes, Exception):
+                    reasons[i] = f"audio: tokenizer failed: {codes}"
+                else:
+                    codes_out[i] = json.dumps(codes)
         return {**batch, "reason": np.array(reasons, dtype=object),
-                "audio_codes": np.array(codes_out, dtype=object)}
+                "audio_codes": np.array(codes_out, dtype=object),
+                "speech_io_s": _spread(batch, "speech_io_s", loaded - start),
+                "speech_encode_s": _spread(batch, "speech_encode_s", time.perf_counter() - loaded)}
 
 
 def shard_row(row: dict, source: str, frame_rate: float) -> dict:
@@ -240,7 +283,10 @@ def _commit(staging: Path, parts: dict[int, list[dict]], out: Path, cfg: Tokeniz
     """Move a wave's staged rows into per-part shard and quarantine files."""
     table = pq.read_table(staging) if any(staging.glob("*.parquet")) else None
     staged = {r["sample_id"]: r for r in (table.to_pylist() if table is not None else [])}
-    totals = {"rows": 0, "shard_rows": 0, "quarantined": 0}
+    totals = {"rows": 0, "shard_rows": 0, "quarantined": 0, **{k: 0.0 for k in TIMING_COLUMNS}}
+    for r in staged.values():
+        for key in TIMING_COLUMNS:
+            totals[key] += float(r.get(key) or 0.0)
     source = Path(cfg.manifest).name
     for index, rows in sorted(parts.items()):
         good, bad = [], []
@@ -266,7 +312,7 @@ def _commit(staging: Path, parts: dict[int, list[dict]], out: Path, cfg: Tokeniz
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(counts))
         tmp.replace(marker)
-        for key in totals:
+        for key in counts:
             totals[key] += counts[key]
     return totals
 
@@ -303,7 +349,7 @@ def tokenize_manifest(cfg: TokenizeConfig) -> dict[str, Any]:
     pending = [i for i in range(len(parts)) if not (out / "_parts" / f"part-{i:05d}.json").exists()]
     logger.info("%s: %d lines in %d parts, %d to do", manifest, sum(map(len, parts)), len(parts),
                 len(pending))
-    totals = {"rows": 0, "shard_rows": 0, "quarantined": 0}
+    totals = {"rows": 0, "shard_rows": 0, "quarantined": 0, **{k: 0.0 for k in TIMING_COLUMNS}}
     for w in range(0, len(pending), cfg.parts_per_wave):
         wave = {i: parts[i] for i in pending[w:w + cfg.parts_per_wave]}
         staging = out / "_staging" / f"wave-{min(wave):05d}"
