@@ -44,7 +44,7 @@ def load_audio(source: str | Path | bytes, max_seconds: float | None = None) -> 
     if not np.isfinite(data).all():
         raise MediaError("audio contains NaN or infinite samples")
     if max_seconds is not None and len(data) / rate > max_seconds:
-        raise MediaError(f"audio of {len(data) / rate:.1f}s exceeds {max_seconds}s")
+        raise MediaError(f"audio of {len(data) / rate:.1f}s exceeds {max_seconds:g}s")
     return data, int(rate)
 
 

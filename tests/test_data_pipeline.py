@@ -71,6 +71,8 @@ def _broken_manifest(out):
     sf.write(root / "odd" / "empty.wav", np.zeros(0, np.float32), 16000)
     (root / "odd" / "noise.wav").write_bytes(b"RIFF0000WAVEjunk" * 8)
     (root.parent / "outside.png").write_bytes(raw)
+    sf.write(root / "odd" / "long.wav", np.full(16000 * 61, 0.01, np.float32), 16000)
+    base.resize((200, 200)).save(root / "odd" / "huge.png")
     awkward = [chat("<|image|>Describe.", "a scene", images=[f"odd/{n}"])
                for n in ("grey.png", "rgba.png", "cmyk.jpg", "wide.png", "bild_ä ü.png")]
     awkward += [chat("Transcribe.<|audio|>", "words", audios=[f"odd/{n}"])
@@ -83,6 +85,8 @@ def _broken_manifest(out):
         "audio: unreadable audio": chat("Transcribe.<|audio|>", "x", audios=["odd/noise.wav"]),
         "escapes the data root": chat("<|image|>Describe.", "x", images=["../outside.png"]),
         "1 <|image|> placeholders but 0 images": chat("<|image|>Describe.", "x"),
+        "audio: audio of 61.0s exceeds 60s": chat("Transcribe.<|audio|>", "x", audios=["odd/long.wav"]),
+        "image: image of 200x200 exceeds 20000 pixels": chat("<|image|>Describe.", "x", images=["odd/huge.png"]),
         "unknown role": json.dumps({"messages": [{"role": "wizard", "content": "hi"},
                                                  {"role": "assistant", "content": "x"}]}),
     }
@@ -100,7 +104,8 @@ def tokenized(world, fixtures_dir, tmp_path_factory):
     cfg = TokenizeConfig(manifest=str(manifest), data_root=str(out), out=str(shards),
                          image_tokenizer=str(fixtures_dir / "magvit_tiny_a"),
                          speech_tokenizer=str(fixtures_dir / "glm4voice_tiny_a"),
-                         rows_per_part=8, parts_per_wave=2, batch_size=8)
+                         rows_per_part=8, parts_per_wave=2, batch_size=8,
+                         max_audio_seconds=60, max_image_pixels=20_000)
     summary = tokenize_manifest(cfg)
     return cfg, summary, n_good, broken
 
@@ -155,6 +160,29 @@ def test_rerun_is_idempotent_and_an_interrupted_run_resumes(tokenized):
     assert resumed["this_run"]["rows"] == 8  # only the unfinished part is redone
     assert read_shards(cfg.out).num_rows == before
     assert resumed["totals"] == summary["totals"]
+
+
+def test_shard_codes_decode_to_scenes_the_checker_recognises(world, tmp_path):
+    """Tokenize the world's t2i manifest with a trained world tokenizer, read the shards
+    back with plain pyarrow, decode the image codes and check the scenes."""
+    from omni_model.tokenizers.image import MagVitTokenizer
+    from pipelines.world import Agreement, Scene, check_image
+    from tests.conftest import ROOT
+
+    out, _ = world
+    tokenizer_dir = ROOT / "tests" / "assets" / "world_magvit32"
+    cfg = TokenizeConfig(manifest=str(out / "manifests/train/t2i.jsonl"), data_root=str(out),
+                         out=str(tmp_path / "t2i"), image_tokenizer=str(tokenizer_dir),
+                         speech_tokenizer=None, batch_size=8)
+    assert tokenize_manifest(cfg)["totals"]["shard_rows"] == 12
+    table = pq.read_table(tmp_path / "t2i" / "shards")
+    tokenizer = MagVitTokenizer.from_pretrained(tokenizer_dir)
+    agreement = Agreement()
+    for row in table.to_pylist():
+        part = row["messages"][1]["parts"][0]
+        image = tokenizer.decode_images([part["codes"]], tuple(part["grid"]))[0]
+        agreement.add(Scene.from_dict(json.loads(row["meta"])["scene"]), check_image(image))
+    assert agreement.rates()["overall"] >= 0.75, agreement.rates()
 
 
 def test_sdvi_speaks_questions_and_answers_in_different_voices(world):
