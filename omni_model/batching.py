@@ -62,6 +62,59 @@ def pack(samples: Sequence[Sample], max_len: int, pad_id: int) -> Batch:
         else:
             rows.append([sample])
             fill.append(n)
+    return pack_rows(rows, max_len, pad_id)
+
+
+class StreamPacker:
+    """Packs a stream of samples into fixed-size batches of `rows` rows of `max_len`.
+
+    First-fit over the batch's rows; samples that do not fit wait in a small buffer for
+    the next batch, so rows fill up well without reordering the stream much. Each
+    sample carries a tag (its task index) that comes back per position in `tags`
+    (-1 on unused positions).
+    """
+
+    def __init__(self, max_len: int, rows: int, pad_id: int, lookahead: int = 16) -> None:
+        self.max_len, self.rows, self.pad_id, self.lookahead = max_len, rows, pad_id, lookahead
+        self.buffer: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+
+    def next_batch(self, stream) -> tuple[Batch, torch.Tensor, int]:
+        """The next batch, its per-position tags, and how many samples it consumed
+        from `stream` (an iterator of `(ids, response_mask, tag)`)."""
+        rows: list[list[tuple[torch.Tensor, torch.Tensor, int]]] = [[] for _ in range(self.rows)]
+        used = [0] * self.rows
+        waiting, consumed = [], 0
+        candidates = iter(self.buffer)
+        self.buffer = []
+        while True:
+            sample = next(candidates, None)
+            if sample is None:
+                if len(waiting) >= self.lookahead or min(used) >= self.max_len * 0.95:
+                    break
+                sample = next(stream)
+                consumed += 1
+            n = len(sample[0])
+            if n > self.max_len:
+                raise ValueError(f"sample of {n} tokens exceeds max_len={self.max_len}")
+            r = next((r for r in range(self.rows) if used[r] + n <= self.max_len), None)
+            if r is None:
+                waiting.append(sample)
+            else:
+                rows[r].append(sample)
+                used[r] += n
+        self.buffer = waiting
+        batch = pack_rows([[(i, m) for i, m, _ in row] for row in rows], self.max_len, self.pad_id)
+        tags = torch.full((self.rows, self.max_len), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            pos = 0
+            for ids, _, tag in row:
+                tags[r, pos:pos + len(ids)] = tag
+                pos += len(ids)
+        return batch, tags, consumed
+
+
+def pack_rows(rows: Sequence[Sequence[Sample]], max_len: int, pad_id: int) -> Batch:
+    """Lay out already-assigned rows of samples (see `pack`)."""
     ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
     resp = torch.zeros((len(rows), max_len), dtype=torch.bool)
     attn = torch.zeros((len(rows), max_len), dtype=torch.long)

@@ -1,0 +1,605 @@
+"""The Ray Train loop shared by the three training stages. A stage is a YAML file.
+
+Driver side (`run_stage`): resolve the vocab and the starting weights (a fresh tiny
+model, a Dream-layout backbone whose vocab is extended by image and speech codes, or the
+previous stage's final checkpoint), read the stage's shard sets with Ray Data, mix them
+by weight (a replay share of earlier stages' data), turn rows into token sequences
+through `omni_model.templates` (text is tokenised here), and launch a `TorchTrainer`.
+
+Worker side (`train_loop_per_worker`): stream the dataset shard, add tail pads and pack
+samples into rows of `max_seq_len` with a document mask, draw the masking at every step,
+and optimise with AdamW (warmup then cosine, clipping, accumulation) under DDP (gloo on
+CPU, NCCL on GPU) or DeepSpeed ZeRO (GPU; bf16, activation checkpointing optional).
+Metrics (loss overall and per task, masked-token accuracy, tokens/s, learning rate, time
+waiting for data) go to `ray.train.report`, to `metrics.jsonl` and to TensorBoard event
+files. Checkpoints (model in the layout `Transformer.from_pretrained` reads, vocab,
+tokenizer references, optimizer and scheduler, step, RNG, data position) are reported
+every N steps; a run restarted with the same config resumes from its latest one, and a
+worker that dies is restarted by Ray from it (`FailureConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from omni_model.batching import StreamPacker
+from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training
+from omni_model.templates import encode_sample
+from omni_model.tokenizers.text import BPETokenizer, ByteTokenizer
+from omni_model.transformer import Transformer, TransformerConfig
+from omni_model.vocab import Vocab
+from pipelines.config import from_dict
+from pipelines.manifest import TASKS
+from pipelines.ray_setup import RayConfig
+from pipelines.shards import check_compatible, shard_files, to_messages
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.json"
+TOKENIZERS_FILE = "tokenizers.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+# ---------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class FreshModel:
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 768
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    #: `fresh` (a new model of `fresh`'s shape), `pretrained` (a Dream/Qwen2-layout folder
+    #: with its tokenizer.json: the vocab is extended by image and speech codes) or
+    #: `previous` (a checkpoint of an earlier stage, with its vocab.json).
+    init: str = "fresh"
+    #: the folder for `pretrained` / `previous`; for `previous` also `latest:RUN_DIR`
+    #: (that run's final checkpoint, else its newest one).
+    path: str | None = None
+    fresh: FreshModel = field(default_factory=FreshModel)
+    shift_logits: bool = False  #: Dream backbones predict position i from i-1
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class DataSource:
+    shards: str  #: a shard set folder (jobs/tokenize.py output), relative to data.shards
+    weight: float = 1.0  #: share of the mixture
+    tasks: tuple[str, ...] = ()  #: keep only these tasks (empty: all)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = "runs/shards"  #: the folder relative mixture paths are resolved against
+    mixture: tuple[DataSource, ...] = ()
+    text_tokenizer: str | None = None  #: a tokenizer.json folder; None: UTF-8 bytes
+    max_seq_len: int = 512  #: packed row length
+    rows_per_step: int = 8  #: packed rows per worker per micro-batch
+    max_pads: int = 8  #: tail pads per response: 1..N
+    pad_ratio: float = 0.6  #: tail pads are masked with probability pad_ratio * t
+    samples_per_epoch: int | None = None  #: mixture size (None: the largest source's size / share)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  #: cosine decays to lr * min_lr_ratio
+    warmup_ratio: float = 0.03
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    weighting: str = "elbo"  #: elbo (1/t) or none
+    eps_t: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    max_steps: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    backend: str = "auto"  #: auto (DeepSpeed on GPU, DDP on CPU), ddp, deepspeed
+    zero_stage: int = 2
+    bf16: bool = True  #: DeepSpeed on GPU only
+    threads_per_worker: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/stage1"  #: the run folder: config, metrics, checkpoints, final/
+    max_failures: int = 2  #: worker-group restarts from the latest checkpoint
+    fail_at_step: int | None = None  #: test hook: rank 1 exits once at this step
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    stage: int = 1
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ---------------------------------------------------------------------- driver helpers
+def load_text_tokenizer(path: str | None):
+    return BPETokenizer.from_pretrained(path) if path else ByteTokenizer()
+
+
+def resolve_previous(path: str) -> Path:
+    """`latest:RUN_DIR` -> that run's `final/`, else its newest checkpoint; else `path`."""
+    if not path.startswith("latest:"):
+        return Path(path)
+    run = Path(path.split(":", 1)[1])
+    if (run / "final" / "model.safetensors").exists():
+        return run / "final"
+    latest = latest_checkpoint(run)
+    if latest is None:
+        raise FileNotFoundError(f"{run} has no final model and no checkpoint")
+    return latest
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step under a run folder (None if there is none)."""
+    best, best_step = None, -1
+    for state in Path(run_dir).glob(f"*/checkpoint_*/{TRAIN_STATE}"):
+        step = json.loads(state.read_text())["step"]
+        if step > best_step:
+            best, best_step = state.parent, step
+    return best
+
+
+def resolve_vocab(cfg: StageConfig, identity: dict) -> tuple[Vocab, str | None]:
+    """The stage's vocab and the weights to start from (None: fresh)."""
+    m = cfg.model
+    image = (identity.get("image") or {}).get("codebook_size")
+    speech = (identity.get("speech") or {}).get("codebook_size")
+    if m.init == "previous":
+        if not m.path:
+            raise ValueError("model.init=previous needs model.path (a folder or latest:RUN_DIR)")
+        folder = resolve_previous(m.path)
+        vocab = Vocab.load(folder)
+        for name, n in (("image", image), ("speech", speech)):
+            if n and vocab.ranges[name].size != n:
+                raise ValueError(f"{folder}'s vocab has {vocab.ranges[name].size} {name} codes, "
+                                 f"the shards' tokenizer {n}")
+        return vocab, str(folder)
+    if m.init == "pretrained":
+        if not m.path:
+            raise ValueError("model.init=pretrained needs model.path (a Dream-layout folder)")
+        tok = BPETokenizer.from_pretrained(m.path)
+        vocab = Vocab.extend_backbone(tok.vocab_size, tok.backbone_specials(), image or 8192,
+                                      speech or 16384, code_order=("speech", "image"))
+        return vocab, m.path
+    if m.init != "fresh":
+        raise ValueError(f"unknown model.init {m.init!r}")
+    text = load_text_tokenizer(cfg.data.text_tokenizer)
+    return Vocab.fresh(text.vocab_size, image or 1, speech or 1), None
+
+
+class AssembleSamples:
+    """Ray Data stage: shard rows -> `input_ids`, `response_mask`, `task` (templates)."""
+
+    def __init__(self, text_tokenizer: str | None, vocab: dict, max_len: int) -> None:
+        self.tokenizer = load_text_tokenizer(text_tokenizer)
+        self.vocab = Vocab.from_dict(vocab)
+        self.max_len = max_len
+
+    def __call__(self, table) -> dict[str, list]:
+        ids, masks, tasks = [], [], []
+        for row in table.to_pylist():
+            enc = encode_sample(to_messages(row), self.tokenizer, self.vocab)
+            if len(enc.ids) > self.max_len:
+                continue  # never truncate a response; the summary counts what was dropped
+            ids.append(enc.ids)
+            masks.append([int(m) for m in enc.response_mask])
+            tasks.append(row["task"])
+        return {"input_ids": ids, "response_mask": masks, "task": tasks}
+
+
+def shard_sets(cfg: StageConfig) -> list[Path]:
+    """The mixture's shard folders, resolved against `data.shards`."""
+    return [Path(cfg.data.shards) / s.shards for s in cfg.data.mixture]
+
+
+def build_dataset(cfg: StageConfig, vocab: Vocab):
+    """The stage's mixed, shuffled, assembled Ray dataset."""
+    import ray
+
+    if not cfg.data.mixture:
+        raise ValueError("data.mixture lists no shard sets")
+    folders = shard_sets(cfg)
+    check_compatible(folders)
+    parts, counts = [], []
+    for source, folder in zip(cfg.data.mixture, folders):
+        ds = ray.data.read_parquet([str(p) for p in shard_files(folder)])
+        if source.tasks:
+            keep = set(source.tasks)
+            ds = ds.filter(lambda r, keep=keep: r["task"] in keep)
+        parts.append(ds)
+        counts.append(ds.count())
+    total_weight = sum(s.weight for s in cfg.data.mixture)
+    shares = [s.weight / total_weight for s in cfg.data.mixture]
+    epoch = cfg.data.samples_per_epoch or int(max(c / w for c, w in zip(counts, shares) if w > 0))
+    mixed = []
+    for ds, count, share, source in zip(parts, counts, shares, cfg.data.mixture):
+        want = int(round(epoch * share))
+        if count == 0 or want == 0:
+            logger.warning("mixture source %s contributes nothing", source.shards)
+            continue
+        repeats = math.ceil(want / count)
+        copies = [ds] * repeats
+        full = copies[0].union(*copies[1:]) if repeats > 1 else ds
+        mixed.append(full.random_shuffle(seed=cfg.data.seed).limit(want))
+        logger.info("mixture: %s: %d of %d rows per epoch", source.shards, want, count)
+    ds = mixed[0].union(*mixed[1:]) if len(mixed) > 1 else mixed[0]
+    max_sample = cfg.data.max_seq_len - cfg.data.max_pads
+    return ds.random_shuffle(seed=cfg.data.seed).map_batches(
+        AssembleSamples, fn_constructor_args=(cfg.data.text_tokenizer, vocab.to_dict(), max_sample),
+        batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.25)
+
+
+# ---------------------------------------------------------------------- worker
+def _lr_lambda(cfg: StageConfig):
+    total = cfg.train.max_steps
+    warmup = max(1, int(total * cfg.optim.warmup_ratio))
+    floor = cfg.optim.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def _sample_stream(shard, skip: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Endless (epoch after epoch) stream of assembled samples, skipping `skip` first."""
+    task_index = {t: i for i, t in enumerate(TASKS)}
+    seen = 0
+    while True:
+        for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
+            for ids, mask, task in zip(batch["input_ids"], batch["response_mask"], batch["task"]):
+                seen += 1
+                if seen <= skip:
+                    continue
+                yield (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.bool),
+                       task_index.get(str(task), len(TASKS)))
+
+
+def _padded(stream, pad_id: int, max_pads: int, gen: torch.Generator):
+    for ids, mask, tag in stream:
+        ids, mask = add_tail_pad(ids, mask, pad_id, max_pads, gen)
+        yield ids, mask, tag
+
+
+def _build_model(cfg: StageConfig, vocab: Vocab, init_path: str | None,
+                 resume: Path | None) -> Transformer:
+    if resume is not None:
+        return Transformer.from_pretrained(resume)
+    if init_path is not None:
+        model = Transformer.from_pretrained(init_path, shift_logits=cfg.model.shift_logits)
+        if model.config.vocab_size != vocab.size:
+            model.resize_vocab(vocab.size)  # a backbone gains the image and speech codes
+        model.config = model.config.replace(mask_token_id=vocab.mask_id, pad_token_id=vocab.pad_id)
+        return model
+    f = cfg.model.fresh
+    config = TransformerConfig(vocab_size=vocab.size, hidden_size=f.hidden, intermediate_size=f.ffn,
+                               num_hidden_layers=f.layers, num_attention_heads=f.heads,
+                               num_key_value_heads=f.kv_heads, rope_theta=f.rope_theta,
+                               max_position_embeddings=f.max_position_embeddings,
+                               shift_logits=cfg.model.shift_logits, mask_token_id=vocab.mask_id,
+                               pad_token_id=vocab.pad_id)
+    return Transformer.from_config(config, seed=cfg.data.seed)
+
+
+def _use_deepspeed(cfg: StageConfig) -> bool:
+    if cfg.scaling.backend == "auto":
+        return cfg.scaling.use_gpu
+    if cfg.scaling.backend not in ("ddp", "deepspeed"):
+        raise ValueError(f"unknown scaling.backend {cfg.scaling.backend!r}")
+    return cfg.scaling.backend == "deepspeed"
+
+
+def deepspeed_config(cfg: StageConfig, world: int, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.rows_per_step,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "train_batch_size": cfg.data.rows_per_step * cfg.optim.grad_accum * world,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.scaling.zero_stage, "overlap_comm": True,
+                              "contiguous_gradients": True},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(StageConfig, config["stage"])
+    torch.set_num_threads(cfg.scaling.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    vocab = Vocab.from_dict(config["vocab"])
+    run_dir = Path(cfg.run.dir)
+
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = None
+    state: dict[str, Any] = {"step": 0}
+    if checkpoint is not None:
+        resume_dir = Path(tempfile.mkdtemp(prefix="resume-"))
+        checkpoint.to_directory(str(resume_dir))
+        state = json.loads((resume_dir / TRAIN_STATE).read_text())
+    torch.manual_seed(cfg.data.seed * 1000 + rank)
+    gen = torch.Generator().manual_seed(cfg.data.seed * 1000 + rank + 7 * state["step"])
+
+    model = _build_model(cfg, vocab, config.get("init_path"), resume_dir)
+    model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    use_ds = _use_deepspeed(cfg)
+    if use_ds:
+        import deepspeed
+
+        bf16 = cfg.scaling.bf16 and device.type == "cuda"
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, world, bf16))
+        if resume_dir is not None and (resume_dir / "deepspeed").exists():
+            engine.load_checkpoint(str(resume_dir / "deepspeed"), tag="state")
+        module, net = engine.module, engine
+    else:
+        net = ray.train.torch.prepare_model(model)
+        module = model
+        if resume_dir is not None:
+            opt_state = torch.load(resume_dir / OPTIMIZER_FILE, map_location=device, weights_only=True)
+            optimizer.load_state_dict(opt_state["optimizer"])
+            scheduler.load_state_dict(opt_state["scheduler"])
+    if resume_dir is not None:
+        rank_state = torch.load(resume_dir / f"rank_{rank}.pt", weights_only=True) \
+            if (resume_dir / f"rank_{rank}.pt").exists() else None
+        if rank_state is not None:
+            torch.set_rng_state(rank_state["torch_rng"])
+            gen.set_state(rank_state["generator"])
+        logger.info("rank %d resumes at step %d", rank, state["step"])
+
+    samples_seen = int(state.get("samples_seen", {}).get(str(rank), 0))
+    shard = ray.train.get_dataset_shard("train")
+    stream = _padded(_sample_stream(shard, samples_seen, cfg.data.seed), vocab.pad_id,
+                     cfg.data.max_pads, gen)
+    packer = StreamPacker(cfg.data.max_seq_len, cfg.data.rows_per_step, vocab.pad_id)
+    n_tasks = len(TASKS) + 1
+    writer = _MetricsWriter(run_dir) if rank == 0 else None
+    window = _Window(n_tasks, device)
+    module.train()
+    for step in range(state["step"], cfg.train.max_steps):
+        if cfg.run.fail_at_step is not None and step == cfg.run.fail_at_step and rank == 1:
+            marker = run_dir / ".failed_once"
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text("rank 1 exited on purpose (run.fail_at_step)")
+                os._exit(1)
+        t_start = time.perf_counter()
+        for micro in range(cfg.optim.grad_accum):
+            t0 = time.perf_counter()
+            batch, tags, consumed = packer.next_batch(stream)
+            samples_seen += consumed
+            batch, tags = batch.to(device), tags.to(device)
+            window.wait += time.perf_counter() - t0
+            noisy = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
+                                      cfg.data.pad_ratio, cfg.optim.eps_t, batch.doc_ids)
+            logits = net(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids)
+            per_pos = diffusion_loss(logits, batch.input_ids, noisy.target_mask, noisy.t,
+                                     cfg.optim.weighting, reduction="none")
+            n_masked = noisy.target_mask.sum()
+            loss = per_pos.sum() / n_masked.clamp(min=1)
+            if use_ds:
+                net.backward(loss)
+                net.step()
+            else:
+                (loss / cfg.optim.grad_accum).backward()
+            window.add(per_pos.detach(), logits.detach(), batch.input_ids, noisy.target_mask, tags,
+                       batch.attention_mask)
+        if not use_ds:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        window.time += time.perf_counter() - t_start
+        done = step + 1
+        is_log = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
+        is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps
+        if not (is_log or is_ckpt):
+            continue
+        metrics = window.reduce(world) | {"step": done, "lr": scheduler.get_last_lr()[0],
+                                          "epoch_samples": samples_seen}
+        window = _Window(n_tasks, device)
+        if writer is not None:
+            writer.write(metrics)
+        if is_ckpt:
+            with tempfile.TemporaryDirectory() as tmp:
+                _save_checkpoint(Path(tmp), rank, module, optimizer, scheduler, vocab, config,
+                                 done, samples_seen, gen, engine if use_ds else None, world)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+    if writer is not None:
+        writer.close()
+
+
+class _Window:
+    """Accumulates the metrics of the steps between two reports."""
+
+    def __init__(self, n_tasks: int, device: torch.device) -> None:
+        self.loss = torch.zeros(n_tasks, device=device)  # summed weighted loss per task
+        self.count = torch.zeros(n_tasks, device=device)  # masked tokens per task
+        self.correct = torch.zeros((), device=device)
+        self.tokens = torch.zeros((), device=device)  # real (non-padding) tokens processed
+        self.steps = 0
+        self.wait = 0.0
+        self.time = 0.0
+
+    def add(self, per_pos, logits, targets, masked, tags, attention) -> None:
+        tags = tags.clamp(min=0)
+        self.loss.index_add_(0, tags[masked], per_pos[masked].float())
+        self.count.index_add_(0, tags[masked], torch.ones_like(per_pos[masked], dtype=torch.float))
+        self.correct += (logits.argmax(-1)[masked] == targets[masked]).sum()
+        self.tokens += attention.sum()
+        self.steps += 1
+
+    def reduce(self, world: int) -> dict[str, float]:
+        packed = torch.cat([self.loss, self.count, self.correct[None], self.tokens[None],
+                            torch.tensor([self.time, self.wait], device=self.loss.device)])
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(packed)
+        n = len(self.loss)
+        loss, count = packed[:n], packed[n:2 * n]
+        correct, tokens, seconds, wait = packed[2 * n:].tolist()
+        seconds, wait = seconds / world, wait / world
+        out = {"loss": (loss.sum() / count.sum().clamp(min=1)).item(),
+               "masked_accuracy": correct / max(1.0, count.sum().item()),
+               "tokens_per_s": tokens / max(seconds, 1e-9),
+               "data_wait_fraction": wait / max(seconds, 1e-9)}
+        for i, task in enumerate(TASKS):
+            if count[i] > 0:
+                out[f"loss/{task}"] = (loss[i] / count[i]).item()
+        return out
+
+
+class _MetricsWriter:
+    """Rank 0 appends metrics to `metrics.jsonl` and TensorBoard event files."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, metrics: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            if key != "step":
+                self.tb.add_scalar(key, value, metrics["step"])
+        self.tb.flush()
+        logger.info("step %d loss %.4f acc %.3f %.0f tok/s", metrics["step"], metrics["loss"],
+                    metrics["masked_accuracy"], metrics["tokens_per_s"])
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+
+
+def _save_checkpoint(folder: Path, rank: int, module: Transformer, optimizer, scheduler,
+                     vocab: Vocab, config: dict, step: int, samples_seen: int,
+                     gen: torch.Generator, engine, world: int) -> None:
+    """Every rank writes its own state; rank 0 also the model, vocab and optimizer."""
+    torch.save({"torch_rng": torch.get_rng_state(), "generator": gen.get_state(),
+                "samples_seen": samples_seen}, folder / f"rank_{rank}.pt")
+    seen = [torch.tensor(samples_seen)]
+    if world > 1 and torch.distributed.is_initialized():
+        gathered = [torch.zeros((), dtype=torch.long) for _ in range(world)]
+        torch.distributed.all_gather(gathered, torch.tensor(samples_seen))
+        seen = gathered
+    if engine is not None:
+        engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+    if rank != 0:
+        return
+    module.save_pretrained(folder)
+    vocab.save(folder)
+    (folder / TOKENIZERS_FILE).write_text(json.dumps(config.get("tokenizers", {}), indent=2) + "\n")
+    if engine is None:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   folder / OPTIMIZER_FILE)
+    (folder / TRAIN_STATE).write_text(json.dumps({
+        "step": step, "samples_seen": {str(r): int(s) for r, s in enumerate(seen)},
+        "stage": config["stage"]["stage"]}) + "\n")
+
+
+# ---------------------------------------------------------------------- driver
+def run_stage(cfg: StageConfig) -> dict[str, Any]:
+    """Train one stage on a started Ray; returns the final metrics and the final model path."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(cfg.run.dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    identity = check_compatible(shard_sets(cfg))
+    vocab, init_path = resolve_vocab(cfg, identity)
+    cfg_dict = asdict(cfg)
+    cfg_dict["run"]["dir"] = str(run_dir)
+    tokenizers = {"text": cfg.data.text_tokenizer, "image": identity.get("image"),
+                  "speech": identity.get("speech")}
+    dataset = build_dataset(cfg, vocab)
+    resume = latest_checkpoint(run_dir)
+    if resume is not None:
+        done = json.loads((resume / TRAIN_STATE).read_text())["step"]
+        logger.info("resuming from %s (step %d)", resume, done)
+        if done >= cfg.train.max_steps:
+            _export_final(resume, run_dir / "final")
+            return {"metrics": None, "final": str(run_dir / "final"), "vocab_size": vocab.size,
+                    "resumed_finished_run": True}
+    use_gpu = cfg.scaling.use_gpu
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"stage": cfg_dict, "vocab": vocab.to_dict(), "init_path": init_path,
+                           "tokenizers": tokenizers},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=str(run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+        datasets={"train": dataset},
+        resume_from_checkpoint=ray.train.Checkpoint(str(resume)) if resume else None,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as src:
+        _export_final(Path(src), run_dir / "final")
+    return {"metrics": result.metrics, "final": str(run_dir / "final"), "vocab_size": vocab.size}
+
+
+def _export_final(checkpoint: Path, final: Path) -> None:
+    """`final/`: the files `Transformer.from_pretrained` and the sampler read, nothing else."""
+    shutil.rmtree(final, ignore_errors=True)
+    final.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "vocab.json", TOKENIZERS_FILE, TRAIN_STATE):
+        shutil.copy(checkpoint / name, final / name)
