@@ -94,6 +94,11 @@ class DataConfig:
     max_pads: int = 8  #: tail pads per response: 1..N
     pad_ratio: float = 0.6  #: tail pads are masked with probability pad_ratio * t
     samples_per_epoch: int | None = None  #: mixture size (None: the largest source's size / share)
+    #: passes over the mixture, each freshly shuffled (None: enough for train.max_steps).
+    #: Workers stream one long pass: a new Ray Data epoch would need all workers to
+    #: reach it together, which packed batches (a varying number of samples per step)
+    #: cannot promise.
+    epochs: int | None = None
     seed: int = 0
 
 
@@ -259,12 +264,33 @@ def build_dataset(cfg: StageConfig, vocab: Vocab):
         full = copies[0].union(*copies[1:]) if repeats > 1 else ds
         mixed.append(full.random_shuffle(seed=cfg.data.seed).limit(want))
         logger.info("mixture: %s: %d of %d rows per epoch", source.shards, want, count)
-    ds = mixed[0].union(*mixed[1:]) if len(mixed) > 1 else mixed[0]
+    epoch_ds = mixed[0].union(*mixed[1:]) if len(mixed) > 1 else mixed[0]
     max_sample = cfg.data.max_seq_len - cfg.data.max_pads
-    return ds.random_shuffle(seed=cfg.data.seed).map_batches(
+    passes = cfg.data.epochs or _passes_needed(cfg, vocab, folders, sum(
+        int(round(epoch * share)) for count, share in zip(counts, shares) if count))
+    logger.info("streaming %d shuffled pass(es) over the mixture", passes)
+    copies = [epoch_ds.random_shuffle(seed=cfg.data.seed + i) for i in range(passes)]
+    ds = copies[0].union(*copies[1:]) if passes > 1 else copies[0]
+    return ds.map_batches(
         AssembleSamples, fn_constructor_args=(cfg.data.text_tokenizer, vocab.to_dict(), max_sample),
         batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.25)
+
+
+def _passes_needed(cfg: StageConfig, vocab: Vocab, folders: list[Path], epoch_rows: int) -> int:
+    """Passes over the mixture that cover max_steps for every worker, with 50% margin.
+
+    The mean sample length comes from assembling up to 256 rows of the first shard file.
+    """
+    import pyarrow.parquet as pq
+
+    assemble = AssembleSamples(cfg.data.text_tokenizer, vocab.to_dict(), cfg.data.max_seq_len)
+    table = pq.read_table(shard_files(folders[0])[0]).slice(0, 256)
+    lengths = [len(ids) for ids in assemble(table)["input_ids"]] or [cfg.data.max_seq_len]
+    mean_len = sum(lengths) / len(lengths) + (cfg.data.max_pads + 1) / 2
+    tokens = cfg.train.max_steps * cfg.optim.grad_accum * cfg.data.rows_per_step * cfg.data.max_seq_len
+    needed = tokens / mean_len * cfg.scaling.num_workers * 1.5 + 64 * cfg.scaling.num_workers
+    return max(1, math.ceil(needed / max(1, epoch_rows)))
 
 
 # ---------------------------------------------------------------------- worker
@@ -282,17 +308,17 @@ def _lr_lambda(cfg: StageConfig):
 
 
 def _sample_stream(shard, skip: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """Endless (epoch after epoch) stream of assembled samples, skipping `skip` first."""
+    """The worker's samples in one pass (see DataConfig.epochs), skipping `skip` first."""
     task_index = {t: i for i, t in enumerate(TASKS)}
     seen = 0
-    while True:
-        for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
-            for ids, mask, task in zip(batch["input_ids"], batch["response_mask"], batch["task"]):
-                seen += 1
-                if seen <= skip:
-                    continue
-                yield (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.bool),
-                       task_index.get(str(task), len(TASKS)))
+    for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
+        for ids, mask, task in zip(batch["input_ids"], batch["response_mask"], batch["task"]):
+            seen += 1
+            if seen <= skip:
+                continue
+            yield (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.bool),
+                   task_index.get(str(task), len(TASKS)))
+    raise RuntimeError(f"this worker's data ran out after {seen} samples: raise data.epochs")
 
 
 def _padded(stream, pad_id: int, max_pads: int, gen: torch.Generator):

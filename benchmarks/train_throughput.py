@@ -1,0 +1,125 @@
+"""Training throughput: Ray Train (1 and 2 CPU workers, DDP) against a plain
+single-process PyTorch loop over the same model, the same packed batches and the same
+thread count, all measured in this run; plus the share of step time spent waiting for
+data. Tokens are real (non-padding) tokens.
+
+    .venv/bin/python benchmarks/train_throughput.py [--shards DIR] [--steps 60]
+
+Without --shards it builds a small world and tokenizes it with the fixture tokenizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from omni_model.batching import StreamPacker  # noqa: E402
+from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training  # noqa: E402
+from pipelines.config import load_config  # noqa: E402
+from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
+from pipelines.shards import check_compatible, shard_files  # noqa: E402
+from pipelines.train import (AssembleSamples, DataSource, StageConfig, _build_model, resolve_vocab,  # noqa: E402
+                             run_stage)
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def make_shards(root: Path) -> Path:
+    from pipelines.tokenize import TokenizeConfig, tokenize_manifest
+    from pipelines.world_data import Voice, WorldConfig, build_world
+
+    build_world(WorldConfig(out=str(root / "world"), train_scenes=150, eval_scenes=1, tts_workers=2,
+                            caption_voices=(Voice("espeak", "en-us"),)))
+    tokenize_manifest(TokenizeConfig(manifest=str(root / "world/manifests/train/all.jsonl"),
+                                     data_root=str(root / "world"), out=str(root / "shards/train"),
+                                     image_tokenizer=str(FIXTURES / "magvit_tiny_a"),
+                                     speech_tokenizer=str(FIXTURES / "glm4voice_tiny_a")))
+    return root / "shards"
+
+
+def plain_loop(cfg: StageConfig, steps: int) -> float:
+    """Single process, no Ray: the same assembly, packing, masking and optimiser."""
+    torch.set_num_threads(cfg.scaling.threads_per_worker)
+    vocab, _ = resolve_vocab(cfg, check_compatible([Path(cfg.data.shards) / "train"]))
+    assemble = AssembleSamples(cfg.data.text_tokenizer, vocab.to_dict(),
+                               cfg.data.max_seq_len - cfg.data.max_pads)
+    rows = assemble(pq.read_table(shard_files(Path(cfg.data.shards) / "train")))
+    gen = torch.Generator().manual_seed(0)
+
+    def stream():
+        while True:
+            for ids, mask in zip(rows["input_ids"], rows["response_mask"]):
+                yield (*add_tail_pad(torch.tensor(ids), torch.tensor(mask, dtype=torch.bool),
+                                     vocab.pad_id, cfg.data.max_pads, gen), 0)
+
+    model = _build_model(cfg, vocab, None, None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    packer, samples = StreamPacker(cfg.data.max_seq_len, cfg.data.rows_per_step, vocab.pad_id), stream()
+    tokens, start = 0, None
+    for step in range(steps):
+        if step == 5:  # skip warm-up
+            tokens, start = 0, time.perf_counter()
+        batch, _, _ = packer.next_batch(samples)
+        noisy = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
+                                  cfg.data.pad_ratio, doc_ids=batch.doc_ids)
+        logits = model(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids)
+        loss = diffusion_loss(logits, batch.input_ids, noisy.target_mask, noisy.t)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += int(batch.attention_mask.sum())
+    return tokens / (time.perf_counter() - start)
+
+
+def ray_train(cfg: StageConfig, workers: int, steps: int, run_dir: Path) -> tuple[float, float]:
+    cfg = replace(cfg, run=replace(cfg.run, dir=str(run_dir)),
+                  scaling=replace(cfg.scaling, num_workers=workers),
+                  train=replace(cfg.train, max_steps=steps, log_every=5, checkpoint_every=steps))
+    run_stage(cfg)
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    return (sum(m["tokens_per_s"] for m in metrics) / len(metrics),
+            sum(m["data_wait_fraction"] for m in metrics) / len(metrics))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shards", help="a folder holding the shard set train/ (default: build one)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--config", default="configs/tiny/stage1.yaml")
+    args = p.parse_args()
+    owned = start_ray(RayConfig(num_cpus=4))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            shards = Path(args.shards) if args.shards else make_shards(Path(tmp))
+            cfg = load_config(StageConfig, args.config, [f"data.shards={shards}", "data.text_tokenizer=null"])
+            cfg = replace(cfg, data=replace(cfg.data, mixture=(DataSource("train"),)))
+            plain = plain_loop(cfg, args.steps)
+            one, wait1 = ray_train(cfg, 1, args.steps, Path(tmp) / "ray1")
+            two, wait2 = ray_train(cfg, 2, args.steps, Path(tmp) / "ray2")
+    finally:
+        stop_ray(owned)
+    f = cfg.model.fresh
+    print(f"model: fresh {f.layers} layers x {f.hidden}, rows {cfg.data.rows_per_step} x {cfg.data.max_seq_len} "
+          f"tokens per worker step, {cfg.scaling.threads_per_worker} thread(s) per process")
+    print(f"plain PyTorch loop, 1 process : {plain:8.0f} tokens/s (1.00x)")
+    print(f"Ray Train, 1 worker           : {one:8.0f} tokens/s ({one / plain:.2f}x), "
+          f"waiting for data {wait1:.1%} of step time")
+    print(f"Ray Train, 2 workers (DDP)    : {two:8.0f} tokens/s ({two / plain:.2f}x), "
+          f"waiting for data {wait2:.1%} of step time")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Every shipped YAML loads into its job's config; the base stages encode the published recipe."""
+
+import pytest
+
+from jobs.build_sdvi import BuildSDVIJob
+from jobs.build_world import BuildWorldJob
+from jobs.demo import DemoConfig
+from jobs.tokenize import TokenizeJob
+from pipelines.config import load_config
+from pipelines.tokenizer_training import TokenizersConfig
+from pipelines.train import StageConfig
+from tests.conftest import ROOT
+
+JOBS = {"demo": DemoConfig, "world": BuildWorldJob, "sdvi": BuildSDVIJob, "tokenize": TokenizeJob,
+        "tokenizers": TokenizersConfig, "stage1": StageConfig, "stage2": StageConfig, "stage3": StageConfig}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_config_files_load(path):
+    load_config(JOBS[path.stem], path)
+
+
+def test_base_stages_reproduce_the_published_recipe():
+    lrs = []
+    for n in (1, 2, 3):
+        cfg = load_config(StageConfig, ROOT / f"configs/base/stage{n}.yaml")
+        assert cfg.stage == n and cfg.scaling.num_workers == 8 and cfg.scaling.use_gpu
+        assert cfg.scaling.backend == "deepspeed" and cfg.scaling.zero_stage == 2 and cfg.scaling.bf16
+        assert cfg.data.max_seq_len == 3072 and cfg.data.max_pads == 16 and cfg.data.pad_ratio == 0.6
+        assert cfg.data.rows_per_step * cfg.optim.grad_accum * cfg.scaling.num_workers == 128
+        assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.warmup_ratio == 0.03
+        assert cfg.model.shift_logits or n > 1
+        lrs.append(cfg.optim.lr)
+    assert lrs == [1e-4, 1e-4, 1e-5]
