@@ -613,7 +613,8 @@ def run_stage(cfg: StageConfig) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
         datasets={"train": dataset},
-        resume_from_checkpoint=ray.train.Checkpoint(str(resume)) if resume else None,
+        # No resume_from_checkpoint: Train V2 restores a run started again with the same
+        # name and storage_path from that run's newest checkpoint by itself.
     )
     result = trainer.fit()
     if result.checkpoint is None:
