@@ -12,7 +12,7 @@ import sys
 # the standard library's tokenize: put the project root there instead.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipelines.stage_job import stage_main  # noqa: E402
+from jobs.stage_common import stage_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(stage_main(2, __doc__, sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""The command line shared by jobs/stage{1,2,3}.py (kept here so the three stay one)."""
+"""The command line shared by jobs/stage{1,2,3}.py (one place, so the three stay one)."""
 
 from __future__ import annotations
 
