@@ -13,12 +13,11 @@ import sys
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import json  # noqa: E402
-import logging  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
-from pipelines.config import parse_job_args, save_config  # noqa: E402
-from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
+from pipelines.ray_setup import RayConfig  # noqa: E402
 from pipelines.sdvi import SDVIConfig, build_sdvi  # noqa: E402
+from jobs.ray_job import run_ray_job  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -28,14 +27,8 @@ class BuildSDVIJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_args(BuildSDVIJob, __doc__.splitlines()[0], "configs/tiny/sdvi.yaml", argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    save_config(cfg, f"{cfg.sdvi.out}/config.yaml")
-    owned = start_ray(cfg.ray)
-    try:
-        counts = build_sdvi(cfg.sdvi)
-    finally:
-        stop_ray(owned)
+    cfg, counts = run_ray_job(BuildSDVIJob, __doc__, "configs/tiny/sdvi.yaml",
+                              argv, lambda c: c.sdvi.out, lambda c: build_sdvi(c.sdvi))
     print(json.dumps(counts))
     print(f"SDVI manifests in {cfg.sdvi.out}/ (svqa.jsonl, s2i.jsonl, all.jsonl)")
     return 0

@@ -13,11 +13,10 @@ import sys
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import json
-import logging
 from dataclasses import dataclass, field
 
-from pipelines.config import parse_job_args, save_config
-from pipelines.ray_setup import RayConfig, start_ray, stop_ray
+from jobs.ray_job import run_ray_job
+from pipelines.ray_setup import RayConfig
 from pipelines.world_data import WorldConfig, build_world
 
 
@@ -28,14 +27,8 @@ class BuildWorldJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_args(BuildWorldJob, __doc__.splitlines()[0], "configs/tiny/world.yaml", argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    save_config(cfg, f"{cfg.world.out}/config.yaml")
-    owned = start_ray(cfg.ray)
-    try:
-        counts = build_world(cfg.world)
-    finally:
-        stop_ray(owned)
+    cfg, counts = run_ray_job(BuildWorldJob, __doc__, "configs/tiny/world.yaml",
+                              argv, lambda c: c.world.out, lambda c: build_world(c.world))
     print(json.dumps(counts, indent=2))
     print(f"world written to {cfg.world.out}/ (train/, eval/, manifests/)")
     return 0

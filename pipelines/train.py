@@ -307,7 +307,7 @@ def _lr_lambda(cfg: StageConfig):
     return fn
 
 
-def _sample_stream(shard, skip: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+def _sample_stream(shard, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """The worker's samples in one pass (see DataConfig.epochs), skipping `skip` first."""
     task_index = {t: i for i, t in enumerate(TASKS)}
     seen = 0
@@ -425,7 +425,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     samples_seen = int(state.get("samples_seen", {}).get(str(rank), 0))
     shard = ray.train.get_dataset_shard("train")
-    stream = _padded(_sample_stream(shard, samples_seen, cfg.data.seed), vocab.pad_id,
+    stream = _padded(_sample_stream(shard, samples_seen), vocab.pad_id,
                      cfg.data.max_pads, gen)
     packer = StreamPacker(cfg.data.max_seq_len, cfg.data.rows_per_step, vocab.pad_id)
     n_tasks = len(TASKS) + 1

@@ -3,7 +3,6 @@ and real TTS), then tokenize a manifest mixing good, awkward and broken rows int
 Parquet shards with the reference tokenizers from ../shared/fixtures."""
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq

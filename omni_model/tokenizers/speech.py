@@ -33,7 +33,7 @@ from torch import nn
 
 from omni_model.tokenizers.base import (check_finite, fingerprint, load_strict, read_config,
                                         save_folder)
-from omni_model.tokenizers.mel import SAMPLE_RATE, MelConfig, log_mel, mel_to_waveform, resample, to_mono
+from omni_model.tokenizers.mel import SAMPLE_RATE, MelConfig, log_mel, resample, to_mono
 
 WINDOW_SECONDS = 30  #: the original's segment length for long audio
 

@@ -4,7 +4,10 @@ and `vocab_size` works with `omni_model.templates`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    import tokenizers
 
 
 @runtime_checkable
@@ -51,7 +54,7 @@ class BPETokenizer:
 
     FILE = "tokenizer.json"
 
-    def __init__(self, tokenizer: "tokenizers.Tokenizer") -> None:  # noqa: F821
+    def __init__(self, tokenizer: "tokenizers.Tokenizer") -> None:
         self._tok = tokenizer
         self._special_strings = [t.content for t in tokenizer.get_added_tokens_decoder().values()
                                  if t.special]

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from omni_model.tokenizers.codec import CodeToMel, CodeToMelConfig, SpeechCodec
 from omni_model.tokenizers.speech import GLM4VoiceTokenizer, WhisperVQConfig
