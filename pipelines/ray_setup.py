@@ -44,7 +44,9 @@ def start_ray(cfg: RayConfig = RayConfig()) -> bool:
         ray.init(address=address, log_to_driver=True)
         logger.info("joined the Ray cluster at %s", address)
         return False
-    ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+    # "local": a new Ray of our own even when a `ray start` cluster runs on this machine
+    # (ray.init() would otherwise try to join it and refuse the resource arguments).
+    ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
     logger.info("started a local Ray with %s", ray.cluster_resources())
     return True
 

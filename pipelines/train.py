@@ -24,13 +24,15 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from omni_model.batching import StreamPacker
@@ -100,6 +102,12 @@ class DataConfig:
     #: cannot promise.
     epochs: int | None = None
     seed: int = 0
+    #: CPUs each Ray Data read and filter task asks for. Below 1 so the data still flows
+    #: on a small cluster whose whole CPUs the training workers hold.
+    task_cpus: float = 0.25
+    #: rows each worker shuffles locally as it streams (the blocks' order is shuffled
+    #: per pass; no all-to-all shuffle, which would stall a small cluster)
+    shuffle_buffer: int = 1024
 
 
 @dataclass(frozen=True)
@@ -235,46 +243,82 @@ def shard_sets(cfg: StageConfig) -> list[Path]:
 
 
 def build_dataset(cfg: StageConfig, vocab: Vocab):
-    """The stage's mixed, shuffled, assembled Ray dataset."""
+    """The stage's mixed, shuffled, assembled Ray dataset: one streaming read.
+
+    Every pass over the mixture lists each source's files, repeated as often as its
+    weight needs, in a fresh random order with the sources interleaved; each row is then
+    kept with the probability that brings its source to its share (`read_mixture`).
+    One read operator for the whole run, no all-to-all shuffle: a small cluster whose
+    CPUs the training workers hold still streams (the workers shuffle locally).
+    """
     import ray
 
     if not cfg.data.mixture:
         raise ValueError("data.mixture lists no shard sets")
     folders = shard_sets(cfg)
     check_compatible(folders)
-    parts, counts = [], []
-    for source, folder in zip(cfg.data.mixture, folders):
-        ds = ray.data.read_parquet([str(p) for p in shard_files(folder)])
-        if source.tasks:
-            keep = set(source.tasks)
-            ds = ds.filter(lambda r, keep=keep: r["task"] in keep)
-        parts.append(ds)
-        counts.append(ds.count())
+    counts = [_count_rows(folder, source.tasks) for source, folder in zip(cfg.data.mixture, folders)]
     total_weight = sum(s.weight for s in cfg.data.mixture)
     shares = [s.weight / total_weight for s in cfg.data.mixture]
     epoch = cfg.data.samples_per_epoch or int(max(c / w for c, w in zip(counts, shares) if w > 0))
-    mixed = []
-    for ds, count, share, source in zip(parts, counts, shares, cfg.data.mixture):
+    rules: dict[str, tuple[float, tuple[str, ...] | None]] = {}
+    repeats: list[int] = []
+    for source, folder, count, share in zip(cfg.data.mixture, folders, counts, shares):
         want = int(round(epoch * share))
         if count == 0 or want == 0:
             logger.warning("mixture source %s contributes nothing", source.shards)
+            repeats.append(0)
             continue
-        repeats = math.ceil(want / count)
-        copies = [ds] * repeats
-        full = copies[0].union(*copies[1:]) if repeats > 1 else ds
-        mixed.append(full.random_shuffle(seed=cfg.data.seed).limit(want))
+        copies = math.ceil(want / count)
+        repeats.append(copies)
+        for f in shard_files(folder):
+            rules[str(f)] = (want / (count * copies), tuple(source.tasks) if source.tasks else None)
         logger.info("mixture: %s: %d of %d rows per epoch", source.shards, want, count)
-    epoch_ds = mixed[0].union(*mixed[1:]) if len(mixed) > 1 else mixed[0]
-    max_sample = cfg.data.max_seq_len - cfg.data.max_pads
-    passes = cfg.data.epochs or _passes_needed(cfg, vocab, folders, sum(
-        int(round(epoch * share)) for count, share in zip(counts, shares) if count))
+    epoch_rows = sum(int(round(epoch * sh)) for c, sh in zip(counts, shares) if c)
+    passes = cfg.data.epochs or _passes_needed(cfg, vocab, folders, epoch_rows)
     logger.info("streaming %d shuffled pass(es) over the mixture", passes)
-    copies = [epoch_ds.random_shuffle(seed=cfg.data.seed + i) for i in range(passes)]
-    ds = copies[0].union(*copies[1:]) if passes > 1 else copies[0]
+    rng = random.Random(cfg.data.seed)
+    files: list[str] = []
+    for _ in range(passes):
+        one_pass = [str(f) for folder, k in zip(folders, repeats) for f in shard_files(folder) * k]
+        rng.shuffle(one_pass)
+        files += one_pass
+    # Our own read tasks (one file each, in this order, at task_cpus): Ray Data's
+    # read_parquet lists files in a task that asks for a whole CPU.
+    ds = ray.data.from_items([{"path": f, "index": i} for i, f in enumerate(files)])
+    ds = ds.map_batches(read_mixture, fn_kwargs={"rules": rules, "seed": cfg.data.seed}, batch_size=1,
+                        batch_format="pyarrow", num_cpus=cfg.data.task_cpus)
     return ds.map_batches(
-        AssembleSamples, fn_constructor_args=(cfg.data.text_tokenizer, vocab.to_dict(), max_sample),
+        AssembleSamples, fn_constructor_args=(cfg.data.text_tokenizer, vocab.to_dict(),
+                                              cfg.data.max_seq_len - cfg.data.max_pads),
         batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.25)
+        num_cpus=cfg.data.task_cpus)
+
+
+def _count_rows(folder: Path, tasks: Sequence[str] | None) -> int:
+    """Rows of a shard set (of the given tasks), from the task column alone."""
+    import pyarrow.parquet as pq
+
+    if not tasks:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(folder))
+    wanted = set(tasks)
+    return sum(sum(t in wanted for t in pq.read_table(f, columns=["task"])["task"].to_pylist())
+               for f in shard_files(folder))
+
+
+def read_mixture(batch, rules: dict[str, tuple[float, tuple[str, ...] | None]], seed: int):
+    """Read one listed shard file and keep each row with its source's probability (and
+    only its source's tasks); the draw is seeded by the file's place in the list."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, index = batch["path"][0].as_py(), batch["index"][0].as_py()
+    prob, tasks = rules[path]
+    table = pq.read_table(path)
+    keep = np.random.default_rng([seed, index]).random(table.num_rows) < prob
+    if tasks is not None:
+        keep &= np.isin(np.array(table["task"].to_pylist(), dtype=object), list(tasks))
+    return table.filter(pa.array(keep))
 
 
 def _passes_needed(cfg: StageConfig, vocab: Vocab, folders: list[Path], epoch_rows: int) -> int:
@@ -307,11 +351,12 @@ def _lr_lambda(cfg: StageConfig):
     return fn
 
 
-def _sample_stream(shard, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+def _sample_stream(shard, skip: int, buffer: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """The worker's samples in one pass (see DataConfig.epochs), skipping `skip` first."""
     task_index = {t: i for i, t in enumerate(TASKS)}
     seen = 0
-    for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
+    for batch in shard.iter_batches(batch_size=64, batch_format="numpy", local_shuffle_buffer_size=buffer,
+                                    local_shuffle_seed=seed):
         for ids, mask, task in zip(batch["input_ids"], batch["response_mask"], batch["task"]):
             seen += 1
             if seen <= skip:
@@ -356,17 +401,118 @@ def _use_deepspeed(cfg: StageConfig) -> bool:
 
 
 def deepspeed_config(cfg: StageConfig, world: int, bf16: bool) -> dict:
+    zero: dict[str, Any] = {"stage": cfg.scaling.zero_stage, "overlap_comm": True,
+                            "contiguous_gradients": True}
+    if cfg.scaling.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         "train_micro_batch_size_per_gpu": cfg.data.rows_per_step,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "train_batch_size": cfg.data.rows_per_step * cfg.optim.grad_accum * world,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.scaling.zero_stage, "overlap_comm": True,
-                              "contiguous_gradients": True},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+class _Optimisation:
+    """The model with its optimizer and schedule, behind one interface for DDP and DeepSpeed.
+
+    DDP: a torch AdamW, accumulation by dividing the loss, clipping before the step.
+    DeepSpeed: the same torch AdamW handed to `deepspeed.initialize` (no fused-op build),
+    ZeRO stage, clipping, accumulation and bf16 from `deepspeed_config`.
+    """
+
+    def __init__(self, cfg: StageConfig, model: Transformer, device: torch.device, world: int,
+                 resume_dir: Path | None) -> None:
+        import ray.train.torch
+
+        self.cfg = cfg
+        self.module = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
+                                           betas=tuple(cfg.optim.betas),
+                                           weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.engine = None
+        if _use_deepspeed(cfg):
+            import deepspeed
+
+            bf16 = cfg.scaling.bf16 and device.type == "cuda"
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model.to(device), optimizer=self.optimizer, lr_scheduler=self.scheduler,
+                config=deepspeed_config(cfg, world, bf16))
+            if resume_dir is not None and (resume_dir / "deepspeed").exists():
+                self.engine.load_checkpoint(str(resume_dir / "deepspeed"), tag="state")
+            self.net = self.engine
+        else:
+            self.net = ray.train.torch.prepare_model(model)
+            if resume_dir is not None:
+                state = torch.load(resume_dir / OPTIMIZER_FILE, map_location=device, weights_only=True)
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One micro-batch's backward pass (DeepSpeed also steps at each boundary)."""
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            (loss / self.cfg.optim.grad_accum).backward()
+
+    def step(self) -> None:
+        """Ends a step of `grad_accum` micro-batches."""
+        if self.engine is not None:
+            return
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, folder: Path, rank: int) -> None:
+        """Every rank joins (ZeRO shards are collective); rank 0 writes the model."""
+        if self.engine is None:
+            if rank == 0:
+                self.module.save_pretrained(folder)
+                torch.save({"optimizer": self.optimizer.state_dict(),
+                            "scheduler": self.scheduler.state_dict()}, folder / OPTIMIZER_FILE)
+            return
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        if self.cfg.scaling.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                if rank == 0:
+                    self.module.save_pretrained(folder)
+        elif rank == 0:
+            self.module.save_pretrained(folder)
+
+
+class _FailOnce:
+    """Test hook (`run.fail_at_step`): rank 1 exits once at that step, as a crashed worker."""
+
+    def __init__(self, cfg: StageConfig, rank: int) -> None:
+        self.step = cfg.run.fail_at_step if rank == 1 else None
+        self.marker = Path(cfg.run.dir) / ".failed_once"
+
+    def __call__(self, step: int) -> None:
+        if step == self.step and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text("rank 1 exited on purpose (run.fail_at_step)")
+            os._exit(1)
+
+
+def _restore(checkpoint) -> tuple[Path | None, dict[str, Any]]:
+    if checkpoint is None:
+        return None, {"step": 0}
+    resume_dir = Path(tempfile.mkdtemp(prefix="resume-"))
+    checkpoint.to_directory(str(resume_dir))
+    return resume_dir, json.loads((resume_dir / TRAIN_STATE).read_text())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -380,67 +526,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     vocab = Vocab.from_dict(config["vocab"])
-    run_dir = Path(cfg.run.dir)
 
-    checkpoint = ray.train.get_checkpoint()
-    resume_dir = None
-    state: dict[str, Any] = {"step": 0}
-    if checkpoint is not None:
-        resume_dir = Path(tempfile.mkdtemp(prefix="resume-"))
-        checkpoint.to_directory(str(resume_dir))
-        state = json.loads((resume_dir / TRAIN_STATE).read_text())
+    resume_dir, state = _restore(ray.train.get_checkpoint())
     torch.manual_seed(cfg.data.seed * 1000 + rank)
     gen = torch.Generator().manual_seed(cfg.data.seed * 1000 + rank + 7 * state["step"])
-
     model = _build_model(cfg, vocab, config.get("init_path"), resume_dir)
     model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    use_ds = _use_deepspeed(cfg)
-    if use_ds:
-        import deepspeed
-
-        bf16 = cfg.scaling.bf16 and device.type == "cuda"
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, world, bf16))
-        if resume_dir is not None and (resume_dir / "deepspeed").exists():
-            engine.load_checkpoint(str(resume_dir / "deepspeed"), tag="state")
-        module, net = engine.module, engine
-    else:
-        net = ray.train.torch.prepare_model(model)
-        module = model
-        if resume_dir is not None:
-            opt_state = torch.load(resume_dir / OPTIMIZER_FILE, map_location=device, weights_only=True)
-            optimizer.load_state_dict(opt_state["optimizer"])
-            scheduler.load_state_dict(opt_state["scheduler"])
-    if resume_dir is not None:
-        rank_state = torch.load(resume_dir / f"rank_{rank}.pt", weights_only=True) \
-            if (resume_dir / f"rank_{rank}.pt").exists() else None
-        if rank_state is not None:
-            torch.set_rng_state(rank_state["torch_rng"])
-            gen.set_state(rank_state["generator"])
+    opt = _Optimisation(cfg, model, device, world, resume_dir)
+    if resume_dir is not None and (resume_dir / f"rank_{rank}.pt").exists():
+        rank_state = torch.load(resume_dir / f"rank_{rank}.pt", weights_only=True)
+        torch.set_rng_state(rank_state["torch_rng"])
+        gen.set_state(rank_state["generator"])
         logger.info("rank %d resumes at step %d", rank, state["step"])
 
     samples_seen = int(state.get("samples_seen", {}).get(str(rank), 0))
-    shard = ray.train.get_dataset_shard("train")
-    stream = _padded(_sample_stream(shard, samples_seen), vocab.pad_id,
-                     cfg.data.max_pads, gen)
+    stream = _padded(_sample_stream(ray.train.get_dataset_shard("train"), samples_seen,
+                                    cfg.data.shuffle_buffer, cfg.data.seed * 1000 + rank),
+                     vocab.pad_id, cfg.data.max_pads, gen)
     packer = StreamPacker(cfg.data.max_seq_len, cfg.data.rows_per_step, vocab.pad_id)
     n_tasks = len(TASKS) + 1
-    writer = _MetricsWriter(run_dir) if rank == 0 else None
+    writer = _MetricsWriter(Path(cfg.run.dir)) if rank == 0 else None
     window = _Window(n_tasks, device)
-    module.train()
+    fail_once = _FailOnce(cfg, rank)
+    model.train()
     for step in range(state["step"], cfg.train.max_steps):
-        if cfg.run.fail_at_step is not None and step == cfg.run.fail_at_step and rank == 1:
-            marker = run_dir / ".failed_once"
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text("rank 1 exited on purpose (run.fail_at_step)")
-                os._exit(1)
+        fail_once(step)
         t_start = time.perf_counter()
-        for micro in range(cfg.optim.grad_accum):
+        for _ in range(cfg.optim.grad_accum):
             t0 = time.perf_counter()
             batch, tags, consumed = packer.next_batch(stream)
             samples_seen += consumed
@@ -448,38 +560,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window.wait += time.perf_counter() - t0
             noisy = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
                                       cfg.data.pad_ratio, cfg.optim.eps_t, batch.doc_ids)
-            logits = net(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids)
+            logits = opt.net(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids)
             per_pos = diffusion_loss(logits, batch.input_ids, noisy.target_mask, noisy.t,
                                      cfg.optim.weighting, reduction="none")
-            n_masked = noisy.target_mask.sum()
-            loss = per_pos.sum() / n_masked.clamp(min=1)
-            if use_ds:
-                net.backward(loss)
-                net.step()
-            else:
-                (loss / cfg.optim.grad_accum).backward()
+            opt.backward(per_pos.sum() / noisy.target_mask.sum().clamp(min=1))
             window.add(per_pos.detach(), logits.detach(), batch.input_ids, noisy.target_mask, tags,
                        batch.attention_mask)
-        if not use_ds:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        opt.step()
         window.time += time.perf_counter() - t_start
         done = step + 1
         is_log = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
         is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps
         if not (is_log or is_ckpt):
             continue
-        metrics = window.reduce(world) | {"step": done, "lr": scheduler.get_last_lr()[0],
-                                          "epoch_samples": samples_seen}
+        metrics = window.reduce(world) | {"step": done, "lr": opt.lr, "epoch_samples": samples_seen}
         window = _Window(n_tasks, device)
         if writer is not None:
             writer.write(metrics)
         if is_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint(Path(tmp), rank, module, optimizer, scheduler, vocab, config,
-                                 done, samples_seen, gen, engine if use_ds else None, world)
+                _save_checkpoint(Path(tmp), rank, opt, vocab, config, done, samples_seen, gen,
+                                 world, device)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -551,27 +652,21 @@ class _MetricsWriter:
         self.tb.close()
 
 
-def _save_checkpoint(folder: Path, rank: int, module: Transformer, optimizer, scheduler,
-                     vocab: Vocab, config: dict, step: int, samples_seen: int,
-                     gen: torch.Generator, engine, world: int) -> None:
+def _save_checkpoint(folder: Path, rank: int, opt: _Optimisation, vocab: Vocab, config: dict,
+                     step: int, samples_seen: int, gen: torch.Generator, world: int,
+                     device: torch.device) -> None:
     """Every rank writes its own state; rank 0 also the model, vocab and optimizer."""
     torch.save({"torch_rng": torch.get_rng_state(), "generator": gen.get_state(),
                 "samples_seen": samples_seen}, folder / f"rank_{rank}.pt")
     seen = [torch.tensor(samples_seen)]
     if world > 1 and torch.distributed.is_initialized():
-        gathered = [torch.zeros((), dtype=torch.long) for _ in range(world)]
-        torch.distributed.all_gather(gathered, torch.tensor(samples_seen))
-        seen = gathered
-    if engine is not None:
-        engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        seen = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
+        torch.distributed.all_gather(seen, torch.tensor(samples_seen, device=device))
+    opt.save(folder, rank)
     if rank != 0:
         return
-    module.save_pretrained(folder)
     vocab.save(folder)
     (folder / TOKENIZERS_FILE).write_text(json.dumps(config.get("tokenizers", {}), indent=2) + "\n")
-    if engine is None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   folder / OPTIMIZER_FILE)
     (folder / TRAIN_STATE).write_text(json.dumps({
         "step": step, "samples_seen": {str(r): int(s) for r, s in enumerate(seen)},
         "stage": config["stage"]["stage"]}) + "\n")

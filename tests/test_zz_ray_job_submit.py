@@ -1,9 +1,10 @@
-"""`ray job submit` against a `ray start --head` cluster, as a user runs it.
+"""`ray job submit` against a `ray start --head` cluster, as a user runs it: the world,\nits tokenization and a short stage 1 training run, each a submitted job.
 
 Named to run last: `ray stop` ends every Ray process on the machine, so the session's
 in-process Ray is shut down first.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -11,12 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import FIXTURES, ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_ray_job_submit_runs_the_world_job(tmp_path):
+def _submit(env: dict, script: str, *args: str) -> str:
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run(
+        [str(bin_dir / "ray"), "job", "submit", "--address", "http://127.0.0.1:8277",
+         "--working-dir", str(ROOT), "--", "python", script, *args],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    return result.stdout
+
+
+def test_ray_job_submit_runs_world_tokenize_and_stage1(tmp_path):
     import ray
 
     if ray.is_initialized():
@@ -30,15 +42,25 @@ def test_ray_job_submit_runs_the_world_job(tmp_path):
                    check=True, env=env, capture_output=True, timeout=180)
     try:
         out = tmp_path / "world"
-        result = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", "http://127.0.0.1:8277",
-             "--working-dir", str(ROOT), "--", "python", "jobs/build_world.py",
-             f"world.out={out}", "world.train_scenes=4", "world.eval_scenes=2",
-             "world.caption_voices=[{engine: espeak, voice: en-us}]", "world.tts_workers=1"],
-            env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert "succeeded" in result.stdout
+        _submit(env, "jobs/build_world.py", f"world.out={out}", "world.train_scenes=4",
+                "world.eval_scenes=2", "world.caption_voices=[{engine: espeak, voice: en-us}]",
+                "world.tts_workers=1")
         assert len(list((out / "train" / "images").glob("*.png"))) == 4
         assert (out / "manifests" / "train" / "all.jsonl").read_text().count("\n") == 4 * 7
+
+        shards = tmp_path / "shards"
+        _submit(env, "jobs/tokenize.py", "--manifest", str(out / "manifests/train/all.jsonl"),
+                "--data-root", str(out), "--out", str(shards / "train"),
+                "--image-tokenizer", str(FIXTURES / "magvit_tiny_a"),
+                "--speech-tokenizer", str(FIXTURES / "glm4voice_tiny_a"))
+
+        run = tmp_path / "stage1"
+        stdout = _submit(env, "jobs/stage1.py", f"run.dir={run}", f"data.shards={shards}",
+                         "data.text_tokenizer=null", "model.fresh={hidden: 32, layers: 1, heads: 2, "
+                         "kv_heads: 1, ffn: 64}", "data.max_seq_len=160", "data.rows_per_step=2",
+                         "train.max_steps=4", "train.log_every=2", "scaling.cpus_per_worker=0.5")
+        assert "stage 1 done" in stdout
+        assert (run / "final" / "model.safetensors").exists()
+        assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
     finally:
         subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
