@@ -1,4 +1,4 @@
-"""The iterative unmasking sampler of masked discrete diffusion.
+"""The iterative unmasking sampler of masked discrete diffusion, and its strategies.
 
 Knows token ids only (the vocab for ranges and specials), never text or media.
 
@@ -8,12 +8,35 @@ every masked position, commit the most confident predictions and keep the rest m
 step follows a linear schedule: the masked count falls linearly from all to none over
 the K steps (LLaDA's `get_num_transfer_tokens`). Each response region's logits are
 restricted to its modality's ids, so an image region can only ever hold image codes.
+
+Strategies (all in `SamplerConfig`, all vectorised over the batch):
+
+- confidence: top-1 probability, margin (top-1 minus top-2), negative entropy, or random
+  order;
+- position penalty: lowers the confidence of later positions of an image region (a ramp
+  from 1 at `position_penalty_start` to `position_penalty` at the region's end), faded
+  out as the masks are filled, so an image is not decoded from both ends at once;
+- repetition penalty: ids the row has already committed become less likely (CTRL style);
+- special-token pre-infilling: `spoken_layout` fixes `boa` at a chosen fraction of a
+  spoken answer, so text and speech each get their region; fixed tokens are never
+  remasked;
+- semi-autoregressive blocks: the masked positions in blocks of `block_length`, left to
+  right, the steps split between the blocks;
+- classifier-free guidance: an unconditional prompt per row runs in the same forward
+  batch; `cfg_scale` 0 is the plain sampler;
+- confidence-threshold parallel decoding (Fast-dLLM): every masked position whose
+  top-1 probability exceeds `threshold` is committed in the same step, at least as many as the
+  linear schedule asks, so confident content takes fewer steps; `steps` stays the
+  upper bound.
+
+Every random draw comes from a generator seeded per row (`seeds`), so a row's output does
+not depend on the rows it was batched with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -90,13 +113,55 @@ def make_layout(vocab: Vocab, regions: Sequence[Region]) -> Layout:
                   torch.tensor(index, dtype=torch.long), allowed, vocab.mask_id)
 
 
+CONFIDENCES = ("probability", "margin", "entropy", "random")
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
-    steps: int = 32  #: K, denoising steps (capped at the number of masked positions)
+    steps: int = 32  #: K, denoising steps (the most; capped at the number of masked positions)
     temperature: float = 0.0  #: 0 = greedy (argmax) predictions
     top_k: int | None = None  #: keep the k most likely ids before sampling
     top_p: float | None = None  #: nucleus: keep the smallest set with mass >= top_p
     seed: int = 0  #: seeds every random draw; same seed, same output
+    confidence: str = "probability"  #: probability | margin | entropy | random
+    position_penalty: float = 1.0  #: >1 lowers later image positions' confidence; 1 = off
+    position_penalty_start: int = 0  #: positions of an image region before the ramp starts
+    repetition_penalty: float = 1.0  #: >1 discourages ids already committed in the row
+    block_length: int | None = None  #: semi-autoregressive blocks of masked positions
+    cfg_scale: float = 0.0  #: classifier-free guidance; 0 = off (needs unconditional prompts)
+    threshold: float | None = None  #: commit every position above this confidence (Fast-dLLM)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"confidence must be one of {CONFIDENCES}, not {self.confidence!r}")
+        if self.position_penalty < 1 or self.repetition_penalty < 1:
+            raise ValueError("position_penalty and repetition_penalty must be >= 1 (1 = off)")
+        if self.block_length is not None and self.block_length < 1:
+            raise ValueError("block_length must be at least 1")
+        if self.cfg_scale < 0:
+            raise ValueError("cfg_scale must be >= 0")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ValueError("threshold must be in (0, 1]")
+
+
+def spoken_layout(vocab: Vocab, length: int, boa_fraction: float = 0.2) -> Layout:
+    """A spoken answer (text then speech) of `length` positions with `boa` pre-infilled.
+
+    The text region takes `round(boa_fraction * length)` positions and the speech region
+    the rest, `boa` fixed between them (the published recipe puts it at 20-25%).
+    """
+    if not 0 < boa_fraction < 1:
+        raise ValueError("boa_fraction must be in (0, 1)")
+    text = min(length - 2, max(1, round(boa_fraction * length)))
+    if text < 1:
+        raise ValueError("a spoken answer needs at least 3 positions")
+    return make_layout(vocab, [Region("text", text), Region("speech", length - 1 - text)])
 
 
 def transfer_schedule(num_masked: int, steps: int) -> list[int]:
@@ -135,10 +200,48 @@ def _left_pad(prompts: torch.Tensor | Sequence[torch.Tensor], pad_id: int,
     return ids.to(device), attn.to(device)
 
 
+@dataclass
+class Generated:
+    """What `sample` returns."""
+
+    ids: torch.Tensor  #: `[B, R]` response ids: the template with every mask filled
+    steps: list[int]  #: forward passes each row needed
+    committed: torch.Tensor  #: `[B, R]` the step at which each position was committed (-1 fixed)
+
+
+class _Plan:
+    """Where each masked position sits: its block and, in image regions, its ramp."""
+
+    def __init__(self, layout: Layout, config: SamplerConfig, device: torch.device) -> None:
+        masked = layout.template == layout.mask_id
+        order = torch.cumsum(masked.long(), 0) - 1  # index among the masked positions
+        size = config.block_length or max(1, layout.num_masked)
+        self.block = torch.where(masked, order // size, -1).to(device)  # [R]
+        self.n_blocks = int(self.block.max()) + 1
+        # steps per block: the total split evenly (at least one per block)
+        self.block_steps = torch.tensor(
+            [max(1, s) for s in _split(config.steps, self.n_blocks)], device=device)
+        ramp = torch.zeros(layout.length)
+        for r, region in enumerate(layout.regions):
+            if region.modality != "image" or config.position_penalty == 1:
+                continue
+            pos = torch.arange(region.length, dtype=torch.float)
+            span = max(1, region.length - config.position_penalty_start)
+            ramp[layout.region_index == r] = ((pos - config.position_penalty_start) / span).clamp(0, 1)
+        self.ramp = ramp.to(device)  # [R] 0..1
+
+
+def _split(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
 @torch.no_grad()
-def generate(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor],
-             layout: Layout, config: SamplerConfig = SamplerConfig(),
-             pad_id: int | None = None) -> torch.Tensor:
+def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], layout: Layout,
+           config: SamplerConfig = SamplerConfig(), pad_id: int | None = None,
+           uncond_prompt_ids: torch.Tensor | Sequence[torch.Tensor] | None = None,
+           seeds: Sequence[int] | None = None,
+           on_step: Callable[[int, torch.Tensor], None] | None = None) -> Generated:
     """Fill the layout's masked positions for each prompt.
 
     Args:
@@ -146,53 +249,147 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor]
             with positions (the Transformer applies the Dream shift itself).
         prompt_ids: `[B, P]`, or a list of 1-D prompts of different lengths (left-padded
             with `pad_id` and masked out of attention).
-        layout: the response skeleton from `make_layout`.
-        config: steps, temperature, top-k/p, seed.
-
-    Returns:
-        `[B, R]` response ids: the template with every mask filled.
+        layout: the response skeleton from `make_layout` or `spoken_layout`.
+        config: the strategies above.
+        uncond_prompt_ids: one unconditional prompt per row, for `cfg_scale > 0`; without
+            them every prompt id is replaced by the mask id (as LLaDA does).
+        seeds: one seed per row; `config.seed` for every row when not given.
+        on_step: called after every step with `(step, response ids [B, R])` (progress).
     """
     device = next(model.parameters()).device
+    if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids[None]
+    batch = len(prompt_ids)
     if not isinstance(prompt_ids, torch.Tensor) and pad_id is None:
         raise ValueError("prompts of different lengths need pad_id for left padding")
-    prompt, attn = _left_pad(prompt_ids, pad_id if pad_id is not None else 0, device)
-    batch, plen = prompt.shape
+    guided = config.cfg_scale > 0
+    if guided:  # the unconditional rows run in the same forward batch, after the others
+        if uncond_prompt_ids is None:
+            uncond_prompt_ids = [torch.full_like(torch.as_tensor(p), layout.mask_id) for p in prompt_ids]
+        if len(uncond_prompt_ids) != batch:
+            raise ValueError("one unconditional prompt per row")
+        prompt_ids = [*prompt_ids, *uncond_prompt_ids]
+    prompt, attn = _left_pad(prompt_ids, pad_id if pad_id is not None else layout.mask_id, device)
+    plen = prompt.shape[1]
     template = layout.template.to(device)
-    x = torch.cat([prompt, template.expand(batch, -1)], dim=1)
-    attn = torch.cat([attn, torch.ones(batch, layout.length, dtype=attn.dtype, device=device)], 1)
+    x = torch.cat([prompt[:batch], template.expand(batch, -1)], dim=1)
+    rows = prompt.shape[0]
+    attn = torch.cat([attn, torch.ones(rows, layout.length, dtype=attn.dtype, device=device)], 1)
     allowed = layout.allowed.to(device)[layout.region_index.clamp(min=0).to(device)]  # [R, V]
-    gen = torch.Generator(device=device).manual_seed(config.seed)
+    gens = [torch.Generator(device=device).manual_seed(int(s))
+            for s in (seeds if seeds is not None else [config.seed] * batch)]
+    if len(gens) != batch:
+        raise ValueError("one seed per row")
+    plan = _Plan(layout, config, device)
+    committed = torch.full((batch, layout.length), -1, dtype=torch.long, device=device)
+    block_step = torch.zeros(batch, dtype=torch.long, device=device)  # steps spent in the block
+    current = torch.zeros(batch, dtype=torch.long, device=device)
+    steps = torch.zeros(batch, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     try:
-        for n_commit in transfer_schedule(layout.num_masked, config.steps):
-            logits = model(x, attention_mask=attn)[:, plen:].float()
+        step = 0
+        while True:
+            response = x[:, plen:]
+            masked = response == layout.mask_id
+            active = masked.any(1)
+            if not active.any():
+                break
+            # each row works on its first block that still has masks
+            block_of = torch.where(masked, plan.block, plan.n_blocks)
+            new_block = block_of.min(1).values
+            block_step = torch.where(new_block != current, 0, block_step)
+            current = new_block
+            eligible = masked & (plan.block[None] == current[:, None])
+            inputs = x if not guided else torch.cat([x, torch.cat([prompt[batch:], response], 1)])
+            logits = model(inputs, attention_mask=attn)[:, plen:].float()
+            if guided:
+                cond, uncond = logits[:batch], logits[batch:]
+                logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
             logits = logits.masked_fill(~allowed, float("-inf"))
-            x0, confidence = _predict(logits, config, gen)
-            masked = x[:, plen:] == layout.mask_id
-            confidence = confidence.masked_fill(~masked, float("-inf"))
-            chosen = torch.topk(confidence, n_commit, dim=-1).indices
-            commit = torch.zeros_like(masked).scatter(1, chosen, True) & masked
-            x[:, plen:] = torch.where(commit, x0, x[:, plen:])
+            if config.repetition_penalty != 1:
+                logits = _repetition_penalty(logits, response, ~masked & (plan.block[None] >= 0),
+                                             config.repetition_penalty)
+            x0, confidence, prob = _predict(logits, config, gens)
+            score = _position_penalty(confidence, plan.ramp, masked, layout, config)
+            score = score.masked_fill(~eligible, float("-inf"))
+            # the linear schedule's share of this block for this row ...
+            steps_left = (plan.block_steps[current.clamp(max=plan.n_blocks - 1)] - block_step).clamp(min=1)
+            n = torch.ceil(eligible.sum(1).float() / steps_left.float()).long()
+            # ... or more, every position the model is sure enough of
+            if config.threshold is not None:
+                n = torch.maximum(n, (eligible & (prob > config.threshold)).sum(1))
+            n = torch.where(active, n.clamp(min=1), 0)
+            rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
+            commit = (rank < n[:, None]) & eligible
+            x[:, plen:] = torch.where(commit, x0, response)
+            committed = torch.where(commit, step, committed)
+            block_step += active.long()
+            steps += active.long()
+            step += 1
+            if on_step is not None:
+                on_step(step, x[:, plen:])
     finally:
         model.train(was_training)
-    return x[:, plen:]
+    return Generated(x[:, plen:], steps.tolist(), committed)
+
+
+def generate(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor],
+             layout: Layout, config: SamplerConfig = SamplerConfig(),
+             pad_id: int | None = None, **kwargs) -> torch.Tensor:
+    """`sample(...)` returning only the `[B, R]` response ids."""
+    return sample(model, prompt_ids, layout, config, pad_id, **kwargs).ids
+
+
+def _repetition_penalty(logits: torch.Tensor, response: torch.Tensor, filled: torch.Tensor,
+                        penalty: float) -> torch.Tensor:
+    """Divide positive and multiply negative logits of ids the row already holds."""
+    vocab_size = logits.shape[-1]
+    seen = torch.zeros(logits.shape[0], vocab_size + 1, dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, torch.where(filled, response, vocab_size), True)  # column V: unfilled
+    seen = seen[:, None, :vocab_size]
+    return torch.where(seen & (logits > 0), logits / penalty,
+                       torch.where(seen, logits * penalty, logits))
+
+
+def _position_penalty(confidence: torch.Tensor, ramp: torch.Tensor, masked: torch.Tensor,
+                      layout: Layout, config: SamplerConfig) -> torch.Tensor:
+    """Scale confidences down along the ramp; fades as the row's masks are filled."""
+    if config.position_penalty == 1:
+        return confidence
+    remaining = masked.sum(1, keepdim=True).float() / max(1, layout.num_masked)  # [B, 1]
+    factor = 1 + (config.position_penalty - 1) * ramp[None] * remaining  # [B, R] >= 1
+    # "lower" for both signs: probabilities shrink, negative entropies grow more negative
+    return torch.where(confidence >= 0, confidence / factor, confidence * factor)
 
 
 def _predict(logits: torch.Tensor, config: SamplerConfig,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted ids and their confidence.
+             gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predicted ids, their confidence (by `config.confidence`) and their probability.
 
-    Confidence is the probability of the predicted id under the model's own
-    (modality-restricted) distribution, before temperature and top-k/p: those shape
-    which id is drawn, not how sure the model is of it (as in LLaDA's sampler).
+    Confidence is measured on the model's own (modality-restricted) distribution, before
+    temperature and top-k/p: those shape which id is drawn, not how sure the model is of
+    it (as in LLaDA's sampler).
     """
-    probs = logits.softmax(-1)
     if config.temperature > 0:
         filtered = filter_logits(logits / config.temperature, config.top_k, config.top_p)
-        # Gumbel-max draws one id per position from softmax(filtered), reproducibly.
-        u = torch.rand(filtered.shape, generator=gen, device=filtered.device).clamp_(1e-20, 1.0)
+        # Gumbel-max draws one id per position from softmax(filtered), reproducibly per row.
+        u = torch.stack([torch.rand(filtered.shape[1:], generator=g, device=filtered.device)
+                         for g in gens]).clamp_(1e-20, 1.0)
         x0 = (filtered - torch.log(-torch.log(u))).argmax(-1)
     else:
         x0 = logits.argmax(-1)
-    return x0, probs.gather(-1, x0[..., None]).squeeze(-1)
+    probs = logits.softmax(-1)
+    prob = probs.gather(-1, x0[..., None]).squeeze(-1)
+    if config.confidence == "probability":
+        confidence = prob
+    elif config.confidence == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        confidence = top2[..., 0] - top2[..., 1]
+    elif config.confidence == "entropy":
+        logp = logits.log_softmax(-1)
+        confidence = (probs * logp.masked_fill(probs == 0, 0)).sum(-1)  # -H <= 0
+    else:
+        confidence = torch.stack([torch.rand(logits.shape[1], generator=g, device=logits.device)
+                                  for g in gens])
+    return x0, confidence, prob

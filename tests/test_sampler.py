@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from omni_model.sampler import (Region, SamplerConfig, filter_logits, generate, make_layout,
-                                transfer_schedule)
+from omni_model.sampler import (Region, SamplerConfig, filter_logits, generate, make_layout, sample,
+                                spoken_layout, transfer_schedule)
 
 REGIONS = [Region("text", 6), Region("image", 8), Region("speech", 5)]
 
@@ -96,3 +96,138 @@ def test_bad_layouts_raise(vocab):
         Region("text", 0)
     with pytest.raises(ValueError):
         make_layout(vocab, [])
+
+
+# ---------------------------------------------------------------- strategies
+class Scripted(torch.nn.Module):
+    """A model whose response logits are a fixed table `[R, V]` (whatever the input), so a
+    strategy's effect on the decoding order can be predicted exactly. A real nn.Module
+    driven through the real sampler; only the network's numbers are chosen by hand."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+
+    def forward(self, input_ids, **kwargs):
+        batch, length = input_ids.shape
+        r, v = self.table.shape
+        out = torch.full((batch, length, v), -1e4)
+        out[:, length - r:] = self.table
+        return out
+
+
+def _table(vocab, rows: list[list[float]], length: int | None = None) -> torch.Tensor:
+    """Logits from per-position probabilities over ids 0, 1, 2, ... (text ids)."""
+    table = torch.full((length or len(rows), vocab.size), -1e4)
+    for i, probs in enumerate(rows):
+        table[i, :len(probs)] = torch.log(torch.tensor(probs))
+    return table
+
+
+def test_each_confidence_measure_picks_its_own_most_confident_position(vocab):
+    a = [0.62] + [0.038] * 10  # highest probability
+    b = [0.55, 0.45]  # lowest entropy
+    c = [0.61] + [0.0039] * 100  # largest margin
+    model = Scripted(_table(vocab, [a, b, c]))
+    layout = make_layout(vocab, [Region("text", 3)])
+    first = {}
+    for measure in ("probability", "margin", "entropy"):
+        out = sample(model, torch.tensor([[1, 2]]), layout, SamplerConfig(steps=3, confidence=measure))
+        first[measure] = int((out.committed[0] == 0).nonzero())
+    assert first == {"probability": 0, "margin": 2, "entropy": 1}
+    orders = {tuple(sample(model, torch.tensor([[1, 2]]), layout,
+                           SamplerConfig(steps=3, confidence="random", seed=s)).committed[0].tolist())
+              for s in range(12)}
+    assert len(orders) > 1  # random order depends on the seed only
+
+
+@pytest.mark.parametrize("start", [0, 4])
+def test_position_penalty_decodes_an_image_from_the_start_of_its_ramp(vocab, start):
+    n = 8
+    layout = make_layout(vocab, [Region("image", n)])
+    code = vocab.image_range.start
+    table = torch.full((layout.length, vocab.size), -1e4)
+    for p in range(n):  # later positions are more confident: 0.50 ... 0.60
+        conf = 0.5 + 0.1 * p / (n - 1)
+        table[1 + p, code] = torch.log(torch.tensor(conf))
+        table[1 + p, code + 1] = torch.log(torch.tensor(1 - conf))
+    model = Scripted(table)
+    order = lambda cfg: sample(model, torch.tensor([[1]]), layout, cfg).committed[0, 1:1 + n]
+    plain = order(SamplerConfig(steps=n))
+    assert plain.tolist() == list(range(n - 1, -1, -1))  # most confident (last) first
+    penalised = order(SamplerConfig(steps=n, position_penalty=3.0, position_penalty_start=start))
+    assert int(penalised.argmin()) == start  # the ramp's first position goes first
+    assert penalised[start:].tolist() == sorted(penalised[start:].tolist())  # then left to right
+
+
+def test_repetition_penalty_discourages_ids_already_committed(vocab):
+    model = Scripted(_table(vocab, [[0.5, 0.3, 0.2]] * 6))
+    layout = make_layout(vocab, [Region("text", 6)])
+    plain = generate(model, torch.tensor([[7]]), layout, SamplerConfig(steps=6))
+    assert plain[0].tolist() == [0] * 6
+    penalised = generate(model, torch.tensor([[7]]), layout, SamplerConfig(steps=6, repetition_penalty=2.0))
+    assert penalised[0].tolist().count(0) < 6 and 1 in penalised[0].tolist()
+
+
+def test_pre_infilling_places_boa_and_keeps_it(tiny_model, vocab):
+    layout = spoken_layout(vocab, 20, boa_fraction=0.25)
+    assert layout.template[5] == vocab.boa_id
+    assert [r.modality for r in layout.regions] == ["text", "speech"]
+    recorder = CallRecorder(tiny_model)
+    out = generate(recorder, torch.tensor([[3, 4, 5]]), layout, SamplerConfig(steps=6, temperature=1.0))
+    assert all(x[0, 3 + 5] == vocab.boa_id for x in recorder.inputs)  # never masked, never moved
+    assert out[0, 5] == vocab.boa_id
+    assert layout.allowed[0][out[0, :5]].all() and layout.allowed[1][out[0, 6:]].all()
+
+
+def test_semi_autoregressive_blocks_decode_left_to_right(tiny_model, vocab):
+    layout = make_layout(vocab, [Region("text", 12)])
+    out = sample(tiny_model, torch.tensor([[3, 4]]), layout,
+                 SamplerConfig(steps=8, block_length=4, temperature=1.0))
+    steps = out.committed[0]
+    blocks = [steps[i:i + 4] for i in (0, 4, 8)]
+    assert blocks[0].max() < blocks[1].min() and blocks[1].max() < blocks[2].min()
+    assert out.steps == [8]  # the steps split 3, 3, 2 between the blocks
+
+
+def test_classifier_free_guidance(tiny_model, vocab):
+    layout = make_layout(vocab, [Region("text", 4), Region("image", 6)])
+    prompt = torch.randint(0, 256, (2, 6))
+    plain = generate(tiny_model, prompt, layout, SamplerConfig(steps=5))
+    assert torch.equal(generate(tiny_model, prompt, layout, SamplerConfig(steps=5, cfg_scale=0.0)), plain)
+    # the guided path, in one batch with its unconditional rows: an unconditional prompt
+    # equal to the prompt leaves nothing to amplify, whatever the scale
+    recorder = CallRecorder(tiny_model)
+    same = generate(recorder, prompt, layout, SamplerConfig(steps=5, cfg_scale=3.0),
+                    uncond_prompt_ids=list(prompt))
+    assert torch.equal(same, plain) and recorder.inputs[0].shape[0] == 4
+    guided = generate(tiny_model, prompt, layout, SamplerConfig(steps=5, cfg_scale=3.0))
+    assert not torch.equal(guided, plain)
+
+
+def test_threshold_commits_confident_positions_together_and_uses_fewer_steps(vocab):
+    layout = make_layout(vocab, [Region("text", 8)])
+    sure = Scripted(_table(vocab, [[0.97, 0.03]] * 4 + [[0.6, 0.4]] * 4))
+    out = sample(sure, torch.tensor([[1]]), layout, SamplerConfig(steps=8, threshold=0.9))
+    assert (out.committed[0, :4] == 0).all()  # all four confident positions in step one
+    assert out.steps == [5]  # then one at a time: 5 steps instead of 8
+    unsure = Scripted(_table(vocab, [[0.6, 0.4]] * 8))
+    assert sample(unsure, torch.tensor([[1]]), layout, SamplerConfig(steps=8, threshold=0.9)).steps == [8]
+    capped = sample(unsure, torch.tensor([[1]]), layout, SamplerConfig(steps=3, threshold=0.9))
+    assert capped.steps == [3]  # `steps` stays the upper bound
+
+
+def test_a_rows_output_does_not_depend_on_its_batch(tiny_model, vocab):
+    layout = make_layout(vocab, [Region("text", 5), Region("speech", 6)])
+    prompts = [torch.randint(0, 256, (n,)) for n in (4, 7)]
+    cfg = SamplerConfig(steps=4, temperature=1.0, top_p=0.9, confidence="entropy")
+    batched = generate(tiny_model, prompts, layout, cfg, pad_id=vocab.pad_id, seeds=[11, 12])
+    for p, seed, row in zip(prompts, (11, 12), batched):
+        assert torch.equal(generate(tiny_model, p[None], layout, cfg, seeds=[seed])[0], row)
+
+
+def test_bad_sampler_options_raise():
+    for bad in ({"steps": 0}, {"confidence": "loudest"}, {"position_penalty": 0.5},
+                {"threshold": 1.5}, {"cfg_scale": -1.0}, {"top_p": 0.0}, {"block_length": 0}):
+        with pytest.raises(ValueError):
+            SamplerConfig(**bad)
