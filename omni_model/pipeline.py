@@ -1,0 +1,304 @@
+"""Any-to-any generation: one object built from a checkpoint folder (model, vocab,
+tokenizers) that takes input parts (text, PIL images, waveforms) and the wanted outputs
+(text, image, speech, or several) and returns them as a string, a PIL image, a waveform.
+
+    pipe = AnyToAny.from_pretrained("runs/stage3/final", image_tokenizer="runs/tokenizers/image",
+                                    speech_tokenizer="runs/tokenizers/speech")
+    pipe.generate(["Generate an image of a red circle."], ["image"]).image
+    pipe.generate([image, "how many shapes are there?"], ["text"]).text
+    pipe.generate([image, Audio(wave, 16000)], ["text", "speech"])  # spoken VQA
+
+The prompt is the user turn made of the inputs in order (the instruction is ordinary
+text, as in the training data); the response layout comes from the wanted outputs and
+`LengthPresets`: TTS length from the input text's length, ASR length from the audio's
+duration, an image from the tokenizer's grid, a spoken answer as text then speech with
+`boa` pre-infilled at `boa_fraction`. `prepare` and `decode` are separate so a server
+can batch requests whose layouts are equal into one sampler call (`generate_batch`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from omni_model.sampler import Layout, Region, SamplerConfig, make_layout, sample, spoken_layout
+from omni_model.templates import Image, Message, Part, Speech, Text, encode_prompt
+from omni_model.tokenizers.text import BPETokenizer, ByteTokenizer, TextTokenizer
+from omni_model.transformer import Transformer
+from omni_model.vocab import Vocab
+
+#: output combinations and the task they are (for presets and errors)
+OUTPUTS = {("text",): "text", ("image",): "image", ("speech",): "speech",
+           ("text", "speech"): "spoken", ("text", "image", "speech"): "all"}
+
+
+class RequestError(ValueError):
+    """A request the pipeline cannot serve (bad combination, missing tokenizer, ...)."""
+
+
+@dataclass(frozen=True)
+class Audio:
+    """An input waveform: `[N]` or `[C, N]` samples at `sample_rate`."""
+
+    waveform: Any
+    sample_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return np.asarray(self.waveform).shape[-1] / self.sample_rate
+
+
+Input = Union[str, PILImage.Image, Audio]
+
+
+@dataclass(frozen=True)
+class LengthPresets:
+    """Response lengths (positions) per output; shorter content ends early with pads."""
+
+    text: int = 32  #: a text answer (caption, VQA, free text)
+    asr_tokens_per_second: float = 4.0  #: text positions per second of input audio (ASR)
+    asr_min: int = 8
+    tts_codes_per_token: float = 3.5  #: speech positions per input text token (TTS, published)
+    speech_min: int = 16
+    speech_max: int = 1024
+    spoken: int = 64  #: a spoken answer: text, boa, speech
+    boa_fraction: float = 0.2  #: where boa is pre-infilled in a spoken answer (published 0.2-0.25)
+    image_grid: tuple[int, int] | None = None  #: None: the image tokenizer's grid
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LengthPresets":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("image_grid") is not None:
+            known["image_grid"] = tuple(known["image_grid"])
+        return cls(**known)
+
+
+@dataclass
+class Prepared:
+    """A request turned into ids: what the sampler needs and how to read its answer."""
+
+    prompt: torch.Tensor  #: `[P]` prompt ids
+    uncond: torch.Tensor  #: `[U]` the unconditional prompt (an empty user turn), for CFG
+    regions: tuple[Region, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass
+class Output:
+    """What `generate` returns; fields not asked for stay None."""
+
+    text: str | None = None
+    image: PILImage.Image | None = None
+    speech: np.ndarray | None = None  #: mono float32 waveform at `sample_rate`
+    speech_codes: list[int] | None = None
+    image_codes: list[int] | None = None
+    sample_rate: int = 16_000
+    steps: int = 0  #: sampler forward passes
+    tokens: int = 0  #: response positions generated
+    prompt_tokens: int = 0
+
+
+@dataclass
+class AnyToAny:
+    model: Transformer
+    vocab: Vocab
+    text_tokenizer: TextTokenizer
+    image_tokenizer: Any | None = None  #: MagVitTokenizer
+    speech_codec: Any | None = None  #: SpeechCodec (encode + decode) or a GLM4VoiceTokenizer
+    presets: LengthPresets = field(default_factory=LengthPresets)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, image_tokenizer: str | Path | None = None,
+                        speech_tokenizer: str | Path | None = None,
+                        text_tokenizer: str | Path | None = None, device: str = "cpu",
+                        presets: LengthPresets | None = None) -> "AnyToAny":
+        """A checkpoint folder (model, vocab.json, tokenizers.json) and tokenizer folders.
+
+        The text tokenizer defaults to the path recorded in `tokenizers.json`. Image and
+        speech tokenizer folders are checked against the fingerprints recorded there: a
+        model trained on other codes would answer in the wrong code language. Presets
+        default to `presets.json` in the folder when present.
+        """
+        folder = Path(folder)
+        model = Transformer.from_pretrained(folder).to(device).eval()
+        vocab = Vocab.load(folder)
+        recorded = json.loads((folder / "tokenizers.json").read_text()) \
+            if (folder / "tokenizers.json").exists() else {}
+        text_path = text_tokenizer or recorded.get("text")
+        text = BPETokenizer.from_pretrained(text_path) if text_path else ByteTokenizer()
+        image = speech = None
+        if image_tokenizer is not None:
+            from omni_model.tokenizers.image import MagVitTokenizer
+
+            image = MagVitTokenizer.from_pretrained(image_tokenizer, device).eval()
+            _check_fingerprint("image", image, recorded)
+        if speech_tokenizer is not None:
+            speech = _load_speech(Path(speech_tokenizer), device)
+            _check_fingerprint("speech", speech, recorded)
+        if presets is None and (folder / "presets.json").exists():
+            presets = LengthPresets.from_dict(json.loads((folder / "presets.json").read_text()))
+        return cls(model, vocab, text, image, speech, presets or LengthPresets())
+
+    # ------------------------------------------------------------------ requests
+    def prepare(self, inputs: Sequence[Input], outputs: Sequence[str],
+                lengths: dict[str, int] | None = None) -> Prepared:
+        """Inputs and wanted outputs -> prompt ids and the response regions."""
+        wanted = tuple(o for o in ("text", "image", "speech") if o in set(outputs))
+        if len(wanted) != len(outputs) or wanted not in OUTPUTS:
+            raise RequestError(f"unsupported outputs {list(outputs)}; supported: "
+                               f"{[list(k) for k in OUTPUTS]}")
+        if not inputs:
+            raise RequestError("a request needs at least one input part")
+        parts = [self._part(x) for x in inputs]
+        prompt = encode_prompt([Message("user", tuple(parts))], self.text_tokenizer, self.vocab)
+        uncond = encode_prompt([Message("user", ())], self.text_tokenizer, self.vocab)
+        regions = self._regions(wanted, inputs, lengths or {})
+        return Prepared(torch.tensor(prompt), torch.tensor(uncond), regions, wanted)
+
+    def layout(self, prepared: Prepared) -> Layout:
+        if OUTPUTS[prepared.outputs] == "spoken":
+            text, speech = prepared.regions
+            return spoken_layout(self.vocab, text.length + 1 + speech.length,
+                                 text.length / (text.length + 1 + speech.length))
+        return make_layout(self.vocab, prepared.regions)
+
+    def generate(self, inputs: Sequence[Input], outputs: Sequence[str],
+                 config: SamplerConfig = SamplerConfig(), lengths: dict[str, int] | None = None,
+                 on_step=None) -> Output:
+        """One request: inputs in order, the wanted outputs, sampler options."""
+        return self.generate_batch([self.prepare(inputs, outputs, lengths)], config, on_step=on_step)[0]
+
+    def generate_batch(self, requests: Sequence[Prepared], config: SamplerConfig = SamplerConfig(),
+                       seeds: Sequence[int] | None = None, on_step=None) -> list[Output]:
+        """Prepared requests with equal regions in one sampler call; per-row seeds keep
+        each result independent of its batch."""
+        if not requests:
+            return []
+        if any(r.regions != requests[0].regions for r in requests):
+            raise RequestError("a batch needs equal output layouts")
+        layout = self.layout(requests[0])
+        result = sample(self.model, [r.prompt for r in requests], layout, config, pad_id=self.vocab.pad_id,
+                        uncond_prompt_ids=[r.uncond for r in requests] if config.cfg_scale > 0 else None,
+                        seeds=list(seeds) if seeds is not None else None, on_step=on_step)
+        return [self.decode(r, layout, ids, steps)
+                for r, ids, steps in zip(requests, result.ids, result.steps)]
+
+    def decode(self, prepared: Prepared, layout: Layout, ids: torch.Tensor, steps: int = 0) -> Output:
+        """Response ids -> output fields, region by region."""
+        out = Output(steps=steps, tokens=layout.num_masked, prompt_tokens=len(prepared.prompt))
+        for r, region in enumerate(layout.regions):
+            region_ids = ids[layout.region_index.to(ids.device) == r].tolist()
+            if region.modality == "text":
+                kept = []
+                for t in region_ids:
+                    if t in (self.vocab.im_end_id, self.vocab.pad_id, self.vocab.mask_id):
+                        break
+                    kept.append(t)
+                out.text = self.text_tokenizer.decode(kept).strip()
+            elif region.modality == "image":
+                codes = self.vocab.ids_to_image(region_ids)
+                out.image_codes = codes.tolist()
+                if self.image_tokenizer is not None:
+                    out.image = self.image_tokenizer.decode_images(codes[None], self._grid())[0]
+            else:
+                stops = (self.vocab.eoa_id, self.vocab.im_end_id, self.vocab.pad_id, self.vocab.mask_id)
+                codes = []
+                for t in region_ids:
+                    if t in stops:
+                        break
+                    codes.append(t)
+                out.speech_codes = self.vocab.ids_to_speech(codes).tolist() if codes else []
+                if codes and hasattr(self.speech_codec, "decode"):
+                    out.speech = self.speech_codec.decode([torch.tensor(out.speech_codes)])[0].numpy()
+                elif hasattr(self.speech_codec, "decode"):
+                    out.speech = np.zeros(0, dtype=np.float32)
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _part(self, x: Input) -> Part:
+        if isinstance(x, str):
+            return Text(x)
+        if isinstance(x, PILImage.Image):
+            if self.image_tokenizer is None:
+                raise RequestError("image input needs an image tokenizer")
+            with torch.no_grad():
+                codes = self.image_tokenizer.encode([x])[0]
+            return Image(tuple(codes.tolist()))
+        if isinstance(x, Audio):
+            if self.speech_codec is None:
+                raise RequestError("speech input needs a speech tokenizer")
+            wave = torch.as_tensor(np.asarray(x.waveform, dtype=np.float32))
+            if wave.numel() == 0:
+                raise RequestError("empty audio input")
+            with torch.no_grad():
+                codes = self.speech_codec.encode([wave], x.sample_rate)[0]
+            return Speech(tuple(codes.tolist()))
+        raise RequestError(f"unsupported input part {type(x).__name__}: text, PIL image or Audio")
+
+    def _grid(self) -> tuple[int, int]:
+        if self.presets.image_grid is not None:
+            return self.presets.image_grid
+        if self.image_tokenizer is None:
+            raise RequestError("image output needs an image tokenizer (or presets.image_grid)")
+        side = self.image_tokenizer.config.resolution
+        return self.image_tokenizer.grid_for(side, side)
+
+    def _regions(self, wanted: tuple[str, ...], inputs: Sequence[Input],
+                 lengths: dict[str, int]) -> tuple[Region, ...]:
+        p = self.presets
+        text_tokens = sum(len(self.text_tokenizer.encode(x)) for x in inputs if isinstance(x, str))
+        audio_seconds = sum(x.seconds for x in inputs if isinstance(x, Audio))
+        if "speech" in wanted and self.speech_codec is None:
+            raise RequestError("speech output needs a speech tokenizer")
+        task = OUTPUTS[wanted]
+        if task == "spoken":
+            total = int(lengths.get("spoken", p.spoken))
+            text = int(lengths.get("text", max(1, round(p.boa_fraction * total))))
+            return (Region("text", text), Region("speech", max(1, total - 1 - text)))
+        regions = []
+        for modality in wanted:
+            if modality == "text":
+                default = p.text
+                if audio_seconds and not any(isinstance(x, PILImage.Image) for x in inputs):
+                    default = max(p.asr_min, math.ceil(p.asr_tokens_per_second * audio_seconds))
+                regions.append(Region("text", int(lengths.get("text", default))))
+            elif modality == "image":
+                h, w = self._grid()
+                regions.append(Region("image", h * w))
+            else:
+                default = min(p.speech_max, max(p.speech_min, math.ceil(p.tts_codes_per_token * text_tokens)))
+                regions.append(Region("speech", int(lengths.get("speech", default))))
+        return tuple(regions)
+
+
+def _load_speech(path: Path, device: str):
+    """A SpeechCodec folder (tokenizer/ + decoder/: speech in and out) or a bare
+    GLM-4-Voice tokenizer folder (speech in; speech out as codes only)."""
+    if (path / "decoder").is_dir():
+        from omni_model.tokenizers.codec import SpeechCodec
+
+        return SpeechCodec.from_pretrained(path, device).eval()
+    from omni_model.tokenizers.speech import GLM4VoiceTokenizer
+
+    return GLM4VoiceTokenizer.from_pretrained(path / "tokenizer" if (path / "tokenizer").is_dir() else path,
+                                              device).eval()
+
+
+def _check_fingerprint(kind: str, tokenizer: Any, recorded: dict) -> None:
+    expected = (recorded.get(kind) or {}).get("fingerprint") if isinstance(recorded.get(kind), dict) else None
+    if expected and expected != tokenizer.fingerprint:
+        raise ValueError(f"the {kind} tokenizer's fingerprint {tokenizer.fingerprint} is not the "
+                         f"{expected} the model was trained with (tokenizers.json)")
+
+
+__all__ = ["AnyToAny", "Audio", "LengthPresets", "Output", "Prepared", "RequestError", "OUTPUTS"]
