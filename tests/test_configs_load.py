@@ -5,6 +5,7 @@ import pytest
 from jobs.build_sdvi import BuildSDVIJob
 from jobs.build_world import BuildWorldJob
 from jobs.demo import DemoConfig
+from jobs.evaluate import EvaluateJob
 from jobs.tokenize import TokenizeJob
 from pipelines.config import load_config
 from pipelines.tokenizer_training import TokenizersConfig
@@ -12,7 +13,8 @@ from pipelines.train import StageConfig
 from tests.conftest import ROOT
 
 JOBS = {"demo": DemoConfig, "world": BuildWorldJob, "sdvi": BuildSDVIJob, "tokenize": TokenizeJob,
-        "tokenizers": TokenizersConfig, "stage1": StageConfig, "stage2": StageConfig, "stage3": StageConfig}
+        "tokenizers": TokenizersConfig, "stage1": StageConfig, "stage2": StageConfig, "stage3": StageConfig,
+        "evaluate": EvaluateJob}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)

@@ -1,0 +1,130 @@
+"""The evaluator: its scores are perfect on ground truth and near chance on random
+outputs; the whole evaluation runs on a real held-out world (Ray Data build, espeak
+speech) through the any-to-any API and writes its report folder."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omni_model.pipeline import LengthPresets
+from omni_model.sampler import SamplerConfig
+from omni_model.tokenizers.image import MagVitTokenizer
+from omni_model.tokenizers.text import ByteTokenizer
+from omni_model.tokenizers.train_speech import small_codec
+from omni_model.toy import toy_model
+from omni_model.vocab import Vocab
+from pipelines.evaluate import (EvalConfig, evaluate, exact_match, format_report, load_cases, says,
+                                score_images)
+from pipelines.sdvi import SDVIConfig, build_sdvi
+from pipelines.world import ANSWERS, make_scene, questions, render
+from pipelines.world_data import Voice, WorldConfig, build_world
+from tests.conftest import ROOT
+
+IMAGE_TOKENIZER = ROOT / "tests/assets/world_magvit32"
+
+
+def test_image_scores_are_perfect_on_real_renders_and_near_zero_on_noise():
+    scenes = [make_scene(7, i) for i in range(60)]
+    truth = score_images(scenes, [render(s, 32) for s in scenes])
+    assert all(v == 1.0 for v in truth.values())
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in scenes]
+    assert score_images(scenes, noise)["overall"] <= 0.05
+
+
+def test_answer_scores_are_perfect_on_references_and_near_chance_on_guesses():
+    rng = random.Random(0)
+    answers = [a for i in range(200) for _, a in questions(make_scene(3, i), rng)]
+    assert exact_match(answers, answers) == 1.0
+    assert exact_match(answers, [a.upper() + "." for a in answers]) == 1.0  # normalised
+    guesses = [rng.choice(ANSWERS) for _ in answers]
+    assert exact_match(answers, guesses) < 3 / len(ANSWERS)
+    assert says(["two blue squares"], ["I see two blue squares."]) == 1.0
+    assert says(["two blue squares"], ["two red squares"]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def held_out(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_world")
+    build_world(WorldConfig(out=str(root), train_scenes=2, eval_scenes=6, tts_workers=1,
+                            caption_voices=(Voice("espeak", "en-us"),)))
+    build_sdvi(SDVIConfig(vqa_manifests=(str(root / "manifests/eval/vqa.jsonl"),),
+                          caption_manifests=(str(root / "manifests/eval/caption.jsonl"),),
+                          data_root=str(root), out=str(root / "manifests/sdvi_eval"), max_rows=4,
+                          question_voices=(Voice("espeak", "en-us+m3"),),
+                          answer_voices=(Voice("espeak", "en-us+f3"),), tts_workers=1))
+    return root
+
+
+def test_held_out_cases_load_with_their_media(held_out):
+    cfg = EvalConfig(data_root=str(held_out), manifests=(str(held_out / "manifests/eval"),
+                                                         str(held_out / "manifests/sdvi_eval")))
+    t2i = load_cases(cfg, "t2i")
+    assert len(t2i) == 6 and all(isinstance(c.inputs[0], str) and c.scene for c in t2i)
+    svqa = load_cases(cfg, "svqa")
+    assert [type(x).__name__ for x in svqa[0].inputs] == ["Image", "Audio"]
+    assert svqa[0].reference in ANSWERS
+    tts = load_cases(cfg, "tts")
+    assert tts[0].reference and "\n" not in tts[0].reference
+
+
+def test_an_untrained_model_scores_near_chance_and_the_report_is_written(held_out, tmp_path):
+    text = ByteTokenizer()
+    image_tok = MagVitTokenizer.from_pretrained(IMAGE_TOKENIZER)
+    codec = small_codec(codebook_size=64, d_model=64, layers=2, seed=0)
+    codec.save_pretrained(tmp_path / "codec")
+    vocab = Vocab.fresh(text.vocab_size, image_tok.codebook_size, codec.codebook_size)
+    model_dir = tmp_path / "model"
+    toy_model(vocab, hidden=64, layers=2, seed=0).save_pretrained(model_dir)
+    vocab.save(model_dir)
+    run = tmp_path / "stage1"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in (1, 2, 3)))
+
+    class Recognizer:  # stands in for Whisper, which this test does not need to load
+        def transcribe(self, wave, rate):
+            return "nothing"
+
+    cfg = EvalConfig(model=str(model_dir), image_tokenizer=str(IMAGE_TOKENIZER),
+                     speech_tokenizer=str(tmp_path / "codec"), data_root=str(held_out),
+                     manifests=(str(held_out / "manifests/eval"), str(held_out / "manifests/sdvi_eval")),
+                     out=str(tmp_path / "report"), max_per_task=4, sampler=SamplerConfig(steps=4),
+                     presets=LengthPresets(text=8, spoken=16, speech_min=8, speech_max=16, asr_min=4),
+                     step_curve=(2, 4), runs=(str(run),), wavs=1, calibrate_from=())
+    metrics = evaluate(cfg, recognizer_factory=Recognizer)
+    tasks = metrics["tasks"]
+    assert set(tasks) == {"t2i", "s2i", "caption", "vqa", "asr", "tts", "svqa"}
+    assert tasks["t2i"]["overall"] <= 0.25 and tasks["vqa"]["exact_match"] <= 0.25
+    assert tasks["asr"]["wer"] >= 0.75 and tasks["tts"]["intelligibility_wer"] == 1.0
+    assert [(r["steps"], r["position_penalty"]) for r in metrics["t2i_steps"]] == [(2, 1.0), (2, 2.0),
+                                                                                   (4, 1.0), (4, 2.0)]
+    report = tmp_path / "report"
+    assert json.loads((report / "metrics.json").read_text())["tasks"]["vqa"]["n"] == 4
+    assert "| vqa | 4 | exact_match |" in (report / "report.md").read_text()
+    assert Image.open(report / "t2i_grid.png").size[0] > 0 and Image.open(report / "loss.png").size == (640, 360)
+    assert list(report.glob("tts_*.wav")) and list(report.glob("svqa_*.wav"))
+    assert format_report(metrics).startswith("# Evaluation")
+
+
+def test_presets_are_calibrated_from_training_shards(tmp_path):
+    from pipelines.evaluate import calibrate_presets
+    from pipelines.shards import write_shard
+
+    def row(task, user, answer):
+        return {"sample_id": f"{task}{len(user)}", "task": task, "source": "m", "line": 0, "meta": "{}",
+                "messages": [{"role": "user", "parts": user}, {"role": "assistant", "parts": answer}]}
+
+    text = lambda t: {"type": "text", "text": t, "codes": None, "grid": None, "frame_rate": None}
+    speech = lambda n: {"type": "speech", "text": None, "codes": list(range(n)), "grid": None,
+                        "frame_rate": 12.5}
+    rows = [row("tts", [text("Say: abcd")], [speech(34)]),  # 9 bytes -> (34 + 2) / 9 = 4 per token
+            row("asr", [speech(25)], [text("abcdefg")]),  # 2 s -> (7 + 1) / 2 = 4 tokens per second
+            row("vqa", [text("q")], [text("three")]),
+            row("svqa", [text("q")], [text("two"), speech(10)])]  # 3 + 1 + 10 + 2 = 16, boa at 3/16
+    write_shard(rows, tmp_path / "shards" / "part-0.parquet", {"format_version": 1})
+    presets = calibrate_presets([str(tmp_path)], ByteTokenizer(), quantile=0.5)
+    assert presets.tts_codes_per_token == 4.0 and presets.asr_tokens_per_second == 4.0
+    assert presets.text == 7 and presets.spoken == 16 and presets.boa_fraction == round(3 / 16, 3)
