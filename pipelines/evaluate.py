@@ -270,13 +270,13 @@ def _score(task: str, cases: Sequence[Case], outputs: Sequence[Output], recogniz
     refs = [c.reference for c in cases]
     if task in ("t2i", "s2i"):
         return score_images([c.scene for c in cases], [o.image for o in outputs])
+    if task == "tts" and recognizer is None:
+        return {"mean_speech_codes": float(np.mean([len(o.speech_codes or []) for o in outputs]))}
     if task in ("caption", "vqa"):
         return {"exact_match": exact_match(refs, [o.text or "" for o in outputs])}
     if task == "asr":
         return {"wer": word_error_rate(refs, [o.text or "" for o in outputs])}
     if task == "tts":
-        if recognizer is None:
-            return {}
         heard = [recognizer.transcribe(o.speech, o.sample_rate) if o.speech is not None and len(o.speech)
                  else "" for o in outputs]
         return {"intelligibility_wer": word_error_rate(refs, heard)}
@@ -343,14 +343,14 @@ def format_report(metrics: dict) -> str:
     return text
 
 
-def image_grid(images: Sequence[Image.Image], captions: Sequence[str], cell: int = 96,
+def image_grid(images: Sequence[Image.Image], captions: Sequence[str], cell: int = 128,
                columns: int = 4) -> Image.Image:
     """Images (scaled to `cell`) with their prompts underneath."""
     rows = max(1, -(-len(images) // columns))
-    grid = Image.new("RGB", (columns * cell, rows * (cell + 28)), "white")
+    grid = Image.new("RGB", (columns * cell, rows * (cell + 40)), "white")
     draw = ImageDraw.Draw(grid)
     for i, (image, caption) in enumerate(zip(images, captions)):
-        x, y = (i % columns) * cell, (i // columns) * (cell + 28)
+        x, y = (i % columns) * cell, (i // columns) * (cell + 40)
         grid.paste(image.resize((cell, cell), Image.NEAREST), (x, y))
         words, line, lines = caption.split(), "", []
         for w in words:
@@ -360,7 +360,7 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str], cell: int
             else:
                 line = f"{line} {w}".strip()
         lines.append(line)
-        for k, text in enumerate(lines[:2]):
+        for k, text in enumerate(lines[:3]):
             draw.text((x + 2, y + cell + 2 + 12 * k), text, fill="black")
     return grid
 
@@ -395,6 +395,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str,
         colour = colours[k % len(colours)]
         if len(pts) > 1:
             draw.line([at(x, y) for x, y in pts], fill=colour, width=2)
+        for x, y in pts:
+            cx, cy = at(x, y)
+            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
         draw.text((width - right - 120, top + 4 + 12 * k), name, fill=colour)
     return chart
 

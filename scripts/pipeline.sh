@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The whole embedded default, end to end, on a local Ray:
+#   world -> tokenizers -> token shards -> SDVI -> stages 1-3 -> evaluation report.
+#
+#   bash scripts/pipeline.sh [full|ci] [RUNS_DIR]
+#
+# `full` (the default) is the README's quickstart; `ci` is the same chain with a smaller
+# world, fewer steps and a smaller model, for CI's time budget. Every step is one of the
+# jobs in jobs/, run with its configs/tiny/ YAML plus the overrides below; each prints
+# its wall time, and the times go to RUNS_DIR/timings.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+PROFILE="${1:-full}"
+RUNS="${2:-runs}"
+PY=.venv/bin/python
+
+case "$PROFILE" in
+  full)
+    WORLD=(world.train_scenes=1200 world.eval_scenes=100)
+    TOKENIZERS=(image.train.steps=1200 speech.train.steps=1500)
+    SDVI=()
+    STEPS=(400 400 250)
+    MODEL=()
+    EVAL=(evaluate.max_per_task=48)
+    ;;
+  ci)
+    WORLD=(world.train_scenes=160 world.eval_scenes=16 "world.caption_voices=[{engine: espeak, voice: en-us}]")
+    TOKENIZERS=(image.train.steps=150 speech.train.steps=150 speech.examples=1)
+    SDVI=("sdvi.question_voices=[{engine: espeak, voice: en-us+m3}]" "sdvi.answer_voices=[{engine: espeak, voice: en-us+f3}]")
+    STEPS=(40 30 20)
+    MODEL=("model.fresh={hidden: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 192}")
+    EVAL=(evaluate.max_per_task=8 "evaluate.step_curve=[8, 16]" evaluate.transcribe=false)
+    ;;
+  *) echo "unknown profile $PROFILE (full or ci)" >&2; exit 2 ;;
+esac
+
+mkdir -p "$RUNS"
+: > "$RUNS/timings.txt"
+step() {  # step NAME COMMAND...
+  local name=$1; shift
+  local start=$SECONDS
+  echo "==> $name"
+  "$@"
+  echo "$name $((SECONDS - start)) s" | tee -a "$RUNS/timings.txt"
+}
+
+W="$RUNS/world"
+step world $PY jobs/build_world.py --config configs/tiny/world.yaml world.out="$W" "${WORLD[@]}"
+step tokenizers $PY jobs/train_tokenizers.py --config configs/tiny/tokenizers.yaml \
+  data.dir="$W/train" out_dir="$RUNS/tokenizers" "${TOKENIZERS[@]}"
+TOK=(--image-tokenizer "$RUNS/tokenizers/image" --speech-tokenizer "$RUNS/tokenizers/speech")
+step tokenize $PY jobs/tokenize.py --config configs/tiny/tokenize.yaml --data-root "$W" \
+  --manifest "$W/manifests/train/all.jsonl" --out "$RUNS/shards/train" "${TOK[@]}"
+step sdvi $PY jobs/build_sdvi.py --config configs/tiny/sdvi.yaml sdvi.data_root="$W" \
+  "sdvi.vqa_manifests=[$W/manifests/train/vqa.jsonl]" "sdvi.caption_manifests=[$W/manifests/train/caption.jsonl]" \
+  sdvi.out="$W/manifests/sdvi" "${SDVI[@]}"
+step sdvi_eval $PY jobs/build_sdvi.py --config configs/tiny/sdvi.yaml sdvi.data_root="$W" \
+  "sdvi.vqa_manifests=[$W/manifests/eval/vqa.jsonl]" "sdvi.caption_manifests=[$W/manifests/eval/caption.jsonl]" \
+  sdvi.out="$W/manifests/sdvi_eval" sdvi.audio_dir=sdvi_eval/audio "${SDVI[@]}"
+step tokenize_sdvi $PY jobs/tokenize.py --config configs/tiny/tokenize.yaml --data-root "$W" \
+  --manifest "$W/manifests/sdvi/all.jsonl" --out "$RUNS/shards/sdvi" "${TOK[@]}"
+DATA=(data.shards="$RUNS/shards" data.text_tokenizer="$RUNS/tokenizers/text")
+step stage1 $PY jobs/stage1.py --config configs/tiny/stage1.yaml run.dir="$RUNS/stage1" "${DATA[@]}" \
+  train.max_steps="${STEPS[0]}" "${MODEL[@]}"
+step stage2 $PY jobs/stage2.py --config configs/tiny/stage2.yaml run.dir="$RUNS/stage2" "${DATA[@]}" \
+  model.path="latest:$RUNS/stage1" train.max_steps="${STEPS[1]}"
+step stage3 $PY jobs/stage3.py --config configs/tiny/stage3.yaml run.dir="$RUNS/stage3" "${DATA[@]}" \
+  model.path="latest:$RUNS/stage2" train.max_steps="${STEPS[2]}"
+step evaluate $PY jobs/evaluate.py --config configs/tiny/evaluate.yaml evaluate.model="$RUNS/stage3/final" \
+  evaluate.image_tokenizer="$RUNS/tokenizers/image" evaluate.speech_tokenizer="$RUNS/tokenizers/speech" \
+  evaluate.data_root="$W" "evaluate.manifests=[$W/manifests/eval, $W/manifests/sdvi_eval]" \
+  evaluate.out="$RUNS/report" "evaluate.runs=[$RUNS/stage1, $RUNS/stage2, $RUNS/stage3]" \
+  "evaluate.calibrate_from=[$RUNS/shards/train, $RUNS/shards/sdvi]" "${EVAL[@]}"
+echo "total $SECONDS s" | tee -a "$RUNS/timings.txt"
+echo "report: $RUNS/report/report.md"
