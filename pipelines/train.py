@@ -28,7 +28,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -680,8 +680,13 @@ def run_stage(cfg: StageConfig) -> dict[str, Any]:
 
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Workers and Ray Data tasks do not run in this directory: every path they open is absolute.
+    cfg = replace(cfg, data=replace(cfg.data, shards=str(Path(cfg.data.shards).resolve()),
+                                    text_tokenizer=cfg.data.text_tokenizer and
+                                    str(Path(cfg.data.text_tokenizer).resolve())))
     identity = check_compatible(shard_sets(cfg))
     vocab, init_path = resolve_vocab(cfg, identity)
+    init_path = str(Path(init_path).resolve()) if init_path else None
     cfg_dict = asdict(cfg)
     cfg_dict["run"]["dir"] = str(run_dir)
     tokenizers = {"text": cfg.data.text_tokenizer, "image": identity.get("image"),
