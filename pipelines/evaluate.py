@@ -58,6 +58,8 @@ class EvalConfig:
     max_per_task: int = 48
     batch_size: int = 16
     sampler: SamplerConfig = SamplerConfig(steps=16)
+    #: the sampler of image outputs (t2i, s2i and the steps curve); None: `sampler`
+    image_sampler: SamplerConfig | None = None
     presets: LengthPresets = LengthPresets()
     #: t2i accuracy at these step counts, with and without the position penalty
     step_curve: tuple[int, ...] = (8, 16, 32, 64)
@@ -249,7 +251,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         cases = load_cases(cfg, task)
         if not cases:
             continue
-        sampler = cfg.sampler
+        sampler = cfg.image_sampler or cfg.sampler if task in ("t2i", "s2i") else cfg.sampler
         if task == "s2i" and cfg.s2i_cfg_scale > 0:
             sampler = replace(sampler, cfg_scale=cfg.s2i_cfg_scale)
         outputs, seconds = run_cases(pipe, cases, sampler, cfg.batch_size)
@@ -293,7 +295,7 @@ def _step_curve(pipe: AnyToAny, cfg: EvalConfig, cases: list[Case]) -> list[dict
     scenes = [c.scene for c in cases]
     for steps in cfg.step_curve:
         for penalty in (1.0, cfg.position_penalty):
-            sampler = replace(cfg.sampler, steps=steps, position_penalty=penalty,
+            sampler = replace(cfg.image_sampler or cfg.sampler, steps=steps, position_penalty=penalty,
                               position_penalty_start=cfg.position_penalty_start)
             outputs, seconds = run_cases(pipe, cases, sampler, cfg.batch_size)
             rates = score_images(scenes, [o.image for o in outputs])

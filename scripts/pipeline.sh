@@ -18,9 +18,9 @@ PY=.venv/bin/python
 case "$PROFILE" in
   full)
     WORLD=(world.train_scenes=1200 world.eval_scenes=100)
-    TOKENIZERS=(image.train.steps=1200 speech.train.steps=1500)
+    TOKENIZERS=(speech.train.steps=1500)
     SDVI=()
-    STEPS=(400 400 250)
+    STEPS=(600 500 300)
     MODEL=()
     EVAL=(evaluate.max_per_task=48)
     ;;

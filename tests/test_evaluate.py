@@ -92,6 +92,7 @@ def test_an_untrained_model_scores_near_chance_and_the_report_is_written(held_ou
                      speech_tokenizer=str(tmp_path / "codec"), data_root=str(held_out),
                      manifests=(str(held_out / "manifests/eval"), str(held_out / "manifests/sdvi_eval")),
                      out=str(tmp_path / "report"), max_per_task=4, sampler=SamplerConfig(steps=4),
+                     image_sampler=SamplerConfig(steps=4, confidence="random"),
                      presets=LengthPresets(text=8, spoken=16, speech_min=8, speech_max=16, asr_min=4),
                      step_curve=(2, 4), runs=(str(run),), wavs=1, calibrate_from=())
     metrics = evaluate(cfg, recognizer_factory=Recognizer)
