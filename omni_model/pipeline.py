@@ -199,11 +199,7 @@ class AnyToAny:
         for r, region in enumerate(layout.regions):
             region_ids = ids[layout.region_index.to(ids.device) == r].tolist()
             if region.modality == "text":
-                kept = []
-                for t in region_ids:
-                    if t in (self.vocab.im_end_id, self.vocab.pad_id, self.vocab.mask_id):
-                        break
-                    kept.append(t)
+                kept = _until(region_ids, (self.vocab.im_end_id, self.vocab.pad_id, self.vocab.mask_id))
                 out.text = self.text_tokenizer.decode(kept).strip()
             elif region.modality == "image":
                 codes = self.vocab.ids_to_image(region_ids)
@@ -211,12 +207,8 @@ class AnyToAny:
                 if self.image_tokenizer is not None:
                     out.image = self.image_tokenizer.decode_images(codes[None], self._grid())[0]
             else:
-                stops = (self.vocab.eoa_id, self.vocab.im_end_id, self.vocab.pad_id, self.vocab.mask_id)
-                codes = []
-                for t in region_ids:
-                    if t in stops:
-                        break
-                    codes.append(t)
+                codes = _until(region_ids, (self.vocab.eoa_id, self.vocab.im_end_id, self.vocab.pad_id,
+                                            self.vocab.mask_id))
                 out.speech_codes = self.vocab.ids_to_speech(codes).tolist() if codes else []
                 if codes and hasattr(self.speech_codec, "decode"):
                     out.speech = self.speech_codec.decode([torch.tensor(out.speech_codes)])[0].numpy()
@@ -281,6 +273,14 @@ class AnyToAny:
         return tuple(regions)
 
 
+def _until(ids: list[int], stops: tuple[int, ...]) -> list[int]:
+    """The ids before the first stop id."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
 def _load_speech(path: Path, device: str):
     """A SpeechCodec folder (tokenizer/ + decoder/: speech in and out) or a bare
     GLM-4-Voice tokenizer folder (speech in; speech out as codes only)."""
@@ -295,7 +295,8 @@ def _load_speech(path: Path, device: str):
 
 
 def _check_fingerprint(kind: str, tokenizer: Any, recorded: dict) -> None:
-    expected = (recorded.get(kind) or {}).get("fingerprint") if isinstance(recorded.get(kind), dict) else None
+    entry = recorded.get(kind)
+    expected = entry.get("fingerprint") if isinstance(entry, dict) else None
     if expected and expected != tokenizer.fingerprint:
         raise ValueError(f"the {kind} tokenizer's fingerprint {tokenizer.fingerprint} is not the "
                          f"{expected} the model was trained with (tokenizers.json)")

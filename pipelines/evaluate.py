@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 from omni_model.metrics import normalize_text, word_error_rate
 from omni_model.pipeline import AnyToAny, Audio, LengthPresets, Output
 from omni_model.sampler import SamplerConfig
-from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
+from omni_model.templates import AUDIO_PLACEHOLDER, Text, split_placeholders
 from pipelines.manifest import Sample, parse_line, read_lines, resolve_media
 from pipelines.media import load_audio, load_image
 from pipelines.world import ANSWERS, Agreement, Scene, check_image
@@ -126,13 +126,17 @@ def calibrate_presets(shard_sets: Sequence[str], tokenizer, base: LengthPresets 
 
     from pipelines.shards import shard_files
 
+    def n_text(parts) -> int:
+        return sum(len(tokenizer.encode(p["text"])) for p in parts if p["type"] == "text")
+
+    def n_codes(parts, kind: str) -> int:
+        return sum(len(p["codes"]) for p in parts if p["type"] == kind)
+
     tts, asr, text, spoken, boa = [], [], [], [], []
     for root in shard_sets:
         for f in shard_files(root) if Path(root).exists() else []:
             for row in pq.read_table(f, columns=["task", "messages"]).to_pylist():
                 user, answer = row["messages"][0]["parts"], row["messages"][-1]["parts"]
-                n_text = lambda parts: sum(len(tokenizer.encode(p["text"])) for p in parts if p["type"] == "text")
-                n_codes = lambda parts, kind: sum(len(p["codes"]) for p in parts if p["type"] == kind)
                 if row["task"] == "tts" and n_text(user):
                     tts.append((n_codes(answer, "speech") + 2) / n_text(user))
                 elif row["task"] == "asr" and n_codes(user, "speech"):
@@ -171,17 +175,10 @@ def load_cases(cfg: EvalConfig, task: str) -> list[Case]:
 
 def _case(sample: Sample, root: Path) -> Case:
     user, answer = sample.messages[0]["content"], sample.messages[-1]["content"]
-    images = iter(sample.images)
-    audios = iter(sample.audios)
-    inputs: list[Any] = []
-    for piece in _split(user):
-        if piece == IMAGE_PLACEHOLDER:
-            inputs.append(load_image(resolve_media(root, next(images))))
-        elif piece == AUDIO_PLACEHOLDER:
-            wave, rate = load_audio(resolve_media(root, next(audios)))
-            inputs.append(Audio(wave.T if wave.ndim == 2 else wave, rate))  # [C, N]
-        elif piece.strip():
-            inputs.append(piece)
+    images = (load_image(resolve_media(root, rel)) for rel in sample.images)
+    audios = (_audio(resolve_media(root, rel)) for rel in sample.audios)
+    inputs = [p.text if isinstance(p, Text) else p for p in split_placeholders(user, images, audios)
+              if not (isinstance(p, Text) and not p.text.strip())]
     meta = sample.meta or {}
     scene = Scene.from_dict(meta["scene"]) if "scene" in meta else None
     if sample.task == "tts":
@@ -193,20 +190,9 @@ def _case(sample: Sample, root: Path) -> Case:
     return Case(sample.task, inputs, reference, scene, prompt=user)
 
 
-def _split(content: str) -> list[str]:
-    out, rest = [], content
-    while rest:
-        cut = min((i for i in (rest.find(IMAGE_PLACEHOLDER), rest.find(AUDIO_PLACEHOLDER)) if i >= 0),
-                  default=-1)
-        if cut < 0:
-            out.append(rest)
-            break
-        if cut:
-            out.append(rest[:cut])
-        token = IMAGE_PLACEHOLDER if rest.startswith(IMAGE_PLACEHOLDER, cut) else AUDIO_PLACEHOLDER
-        out.append(token)
-        rest = rest[cut + len(token):]
-    return out
+def _audio(path: Path) -> Audio:
+    wave, rate = load_audio(path)
+    return Audio(wave.T if wave.ndim == 2 else wave, rate)  # [C, N]
 
 
 # ---------------------------------------------------------------------- generation
@@ -279,15 +265,17 @@ def _score(task: str, cases: Sequence[Case], outputs: Sequence[Output], recogniz
     if task == "asr":
         return {"wer": word_error_rate(refs, [o.text or "" for o in outputs])}
     if task == "tts":
-        heard = [recognizer.transcribe(o.speech, o.sample_rate) if o.speech is not None and len(o.speech)
-                 else "" for o in outputs]
-        return {"intelligibility_wer": word_error_rate(refs, heard)}
+        return {"intelligibility_wer": word_error_rate(refs, _hear(recognizer, outputs))}
     result = {"exact_match": exact_match(refs, [o.text or "" for o in outputs])}  # svqa
     if recognizer is not None:
-        heard = [recognizer.transcribe(o.speech, o.sample_rate) if o.speech is not None and len(o.speech)
-                 else "" for o in outputs]
-        result["spoken_answer_says_it"] = says(refs, heard)
+        result["spoken_answer_says_it"] = says(refs, _hear(recognizer, outputs))
     return result
+
+
+def _hear(recognizer, outputs: Sequence[Output]) -> list[str]:
+    """What the recogniser hears in each generated waveform ("" for none)."""
+    return [recognizer.transcribe(o.speech, o.sample_rate) if o.speech is not None and len(o.speech) else ""
+            for o in outputs]
 
 
 def _step_curve(pipe: AnyToAny, cfg: EvalConfig, cases: list[Case]) -> list[dict]:
