@@ -18,9 +18,9 @@ PY=.venv/bin/python
 case "$PROFILE" in
   full)
     WORLD=(world.train_scenes=1200 world.eval_scenes=100)
-    TOKENIZERS=(speech.train.steps=1500)
+    TOKENIZERS=()
     SDVI=()
-    STEPS=(600 500 300)
+    STEPS=(800 700 300)
     MODEL=()
     EVAL=(evaluate.max_per_task=48)
     ;;

@@ -285,8 +285,20 @@ class LookupFreeQuantizer(nn.Module):
         logit = -(z - 1).pow(2) + (z + 1).pow(2)  # = 4 z
         p = torch.sigmoid(logit).movedim(1, -1).reshape(-1, self.dim)
         per_sample = _binary_entropy(p).sum(-1).mean()
-        codebook = _binary_entropy(p.mean(0)).sum()
-        return z + (zq - z).detach(), commit, per_sample - codebook
+        return z + (zq - z).detach(), commit, per_sample - self._codebook_entropy(p)
+
+    def _codebook_entropy(self, p: torch.Tensor) -> torch.Tensor:
+        """Entropy of the batch-average code distribution. Each vector's code distribution
+        is the product of its bits' Bernoullis; averaged over the batch it no longer
+        factorises, so for codebooks up to 2^14 it is computed over every code (bits that
+        are each balanced but move together would otherwise look like full usage)."""
+        if self.dim > 14:
+            return _binary_entropy(p.mean(0)).sum()
+        p = p.clamp(1e-6, 1 - 1e-6)
+        bits = (self.embedding > 0).to(p.dtype)  # [K, D]
+        log_q = p.log() @ bits.T + (1 - p).log() @ (1 - bits).T  # [N, K]
+        avg = log_q.exp().mean(0)
+        return -(avg * avg.clamp_min(1e-12).log()).sum()
 
 
 def _binary_entropy(p: torch.Tensor) -> torch.Tensor:

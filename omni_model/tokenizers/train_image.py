@@ -4,7 +4,9 @@ Loss = L1 + L2 reconstruction, plus an image-gradient L1 term (differences betwe
 neighbouring pixels), which keeps edges sharp where a pure pixel loss blurs them (a
 cheap stand-in for the perceptual and adversarial losses the real tokenizer was
 trained with; no pretrained perceptual network can be fetched here), plus the
-quantizer's commitment and entropy terms (MAGVIT-v2 sec. 3.1).
+quantizer's commitment and entropy terms (MAGVIT-v2 sec. 3.1; the codebook term over
+every code, not per bit), plus a linear read-out of each code's patch colour that keeps
+colour in every code of an object.
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ class ImageTrainConfig:
     batch_size: int = 16
     lr: float = 1e-3  #: peak learning rate (warmup 5%, cosine to 10%)
     commit_weight: float = 0.25
-    entropy_weight: float = 0.05
+    entropy_weight: float = 0.02  #: the full-codebook LFQ entropy term (0.1 spread codes but lost colour)
     gradient_weight: float = 0.5  #: weight of the image-gradient (edge) loss
+    #: weight of a linear read-out of each code's patch mean colour (a 1x1 head on the
+    #: quantized code, dropped after training): colour must then sit in every code of an
+    #: object, not in a few shared bits the decoder spreads (which a generator, predicting
+    #: codes independently, could not get right)
+    patch_colour_weight: float = 1.0
     flip: bool = False  #: random horizontal flips (off: the world's positions have meaning)
     seed: int = 0
     log_every: int = 100
@@ -47,17 +54,22 @@ def _gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(dx(x), dx(y)) + F.l1_loss(dy(x), dy(y))
 
 
-def image_loss(model: MagVitTokenizer, images: torch.Tensor,
-               cfg: ImageTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    out = model(images)
-    rec = out["reconstruction"]
+def image_loss(model: MagVitTokenizer, images: torch.Tensor, cfg: ImageTrainConfig,
+               colour_head: torch.nn.Module | None = None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    zq, commit, entropy = model.quantize(model.encoder(images))
+    colour = torch.zeros((), device=zq.device)
+    if colour_head is not None:
+        patch_mean = F.adaptive_avg_pool2d(images, zq.shape[-2:])
+        colour = F.mse_loss(colour_head(zq), patch_mean)
+    rec = model.decoder(zq)
     l1 = F.l1_loss(rec, images)
     l2 = F.mse_loss(rec, images)
     grad = _gradient_l1(rec, images)
-    loss = (l1 + l2 + cfg.gradient_weight * grad + cfg.commit_weight * out["commit"]
-            + cfg.entropy_weight * out["entropy"])
-    return loss, {"loss": loss.item(), "l1": l1.item(), "commit": out["commit"].item(),
-                  "entropy": out["entropy"].item()}
+    loss = (l1 + l2 + cfg.gradient_weight * grad + cfg.commit_weight * commit
+            + cfg.entropy_weight * entropy + cfg.patch_colour_weight * colour)
+    return loss, {"loss": loss.item(), "l1": l1.item(), "commit": commit.item(),
+                  "entropy": entropy.item(), "patch_colour": colour.item()}
 
 
 def train_image_tokenizer(model: MagVitTokenizer, images: torch.Tensor,
@@ -67,7 +79,12 @@ def train_image_tokenizer(model: MagVitTokenizer, images: torch.Tensor,
         raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
     gen = torch.Generator().manual_seed(cfg.seed)
     device = model.device
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    colour_head = None
+    params = list(model.parameters())
+    if cfg.patch_colour_weight > 0:
+        colour_head = torch.nn.Conv2d(model.quantize.dim, 3, 1).to(device)
+        params += list(colour_head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     warmup = max(1, cfg.steps // 20)
 
     def lr_at(step: int) -> float:
@@ -86,10 +103,10 @@ def train_image_tokenizer(model: MagVitTokenizer, images: torch.Tensor,
         if cfg.flip:
             flip = torch.rand(batch.shape[0], generator=gen) < 0.5
             batch[flip] = batch[flip].flip(-1)
-        loss, metrics = image_loss(model, batch, cfg)
+        loss, metrics = image_loss(model, batch, cfg, colour_head)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1):
