@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from omni_model.batching import StreamPacker  # noqa: E402
 from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training  # noqa: E402
-from pipelines.config import load_config  # noqa: E402
+from omni_model.config import load_config  # noqa: E402
 from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
 from pipelines.shards import check_compatible, shard_files  # noqa: E402
 from pipelines.train import (AssembleSamples, DataSource, StageConfig, _build_model, resolve_vocab,  # noqa: E402

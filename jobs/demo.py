@@ -26,7 +26,7 @@ from omni_model.toy import (FitConfig, fit, regenerate, same_parts, toy_model, t
                             toy_vocab)
 from omni_model.transformer import Transformer
 from omni_model.vocab import Vocab
-from pipelines.config import parse_job_args, save_config
+from omni_model.config import parse_job_args, save_config
 
 
 @dataclass(frozen=True)

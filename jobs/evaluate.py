@@ -18,7 +18,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import logging  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
-from pipelines.config import parse_job_args, save_config  # noqa: E402
+from omni_model.config import parse_job_args, save_config  # noqa: E402
 from pipelines.evaluate import EvalConfig, evaluate, format_report  # noqa: E402
 
 

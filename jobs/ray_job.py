@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, TypeVar
 
-from pipelines.config import parse_job_args, save_config
+from omni_model.config import parse_job_args, save_config
 from pipelines.ray_setup import start_ray, stop_ray
 
 C = TypeVar("C")

@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from pipelines.config import load_config, save_config
+from omni_model.config import load_config, save_config
 from pipelines.ray_setup import RayConfig, start_ray, stop_ray
 from pipelines.tokenize import TokenizeConfig, tokenize_manifest
 

@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from pipelines.config import parse_job_args, save_config
+from omni_model.config import parse_job_args, save_config
 from pipelines.tokenizer_training import TokenizersConfig, format_report, train_tokenizers
 
 

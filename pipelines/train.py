@@ -41,7 +41,7 @@ from omni_model.templates import encode_sample
 from omni_model.tokenizers.text import BPETokenizer, ByteTokenizer
 from omni_model.transformer import Transformer, TransformerConfig
 from omni_model.vocab import Vocab
-from pipelines.config import from_dict
+from omni_model.config import from_dict
 from pipelines.manifest import TASKS
 from pipelines.ray_setup import RayConfig
 from pipelines.shards import check_compatible, shard_files, to_messages

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from pipelines.config import apply_overrides, load_config, save_config
+from omni_model.config import apply_overrides, load_config, save_config
 
 
 @dataclass(frozen=True)

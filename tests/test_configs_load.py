@@ -7,7 +7,7 @@ from jobs.build_world import BuildWorldJob
 from jobs.demo import DemoConfig
 from jobs.evaluate import EvaluateJob
 from jobs.tokenize import TokenizeJob
-from pipelines.config import load_config
+from omni_model.config import load_config
 from pipelines.tokenizer_training import TokenizersConfig
 from pipelines.train import StageConfig
 from tests.conftest import ROOT
