@@ -205,7 +205,7 @@ class AnyToAny:
                 codes = self.vocab.ids_to_image(region_ids)
                 out.image_codes = codes.tolist()
                 if self.image_tokenizer is not None:
-                    out.image = self.image_tokenizer.decode_images(codes[None], self._grid())[0]
+                    out.image = self.image_tokenizer.decode_images(codes[None], self.image_grid())[0]
             else:
                 codes = _until(region_ids, (self.vocab.eoa_id, self.vocab.im_end_id, self.vocab.pad_id,
                                             self.vocab.mask_id))
@@ -237,7 +237,8 @@ class AnyToAny:
             return Speech(tuple(codes.tolist()))
         raise RequestError(f"unsupported input part {type(x).__name__}: text, PIL image or Audio")
 
-    def _grid(self) -> tuple[int, int]:
+    def image_grid(self) -> tuple[int, int]:
+        """The (rows, cols) code grid of a generated image."""
         if self.presets.image_grid is not None:
             return self.presets.image_grid
         if self.image_tokenizer is None:
@@ -265,7 +266,7 @@ class AnyToAny:
                     default = max(p.asr_min, math.ceil(p.asr_tokens_per_second * audio_seconds))
                 regions.append(Region("text", int(lengths.get("text", default))))
             elif modality == "image":
-                h, w = self._grid()
+                h, w = self.image_grid()
                 regions.append(Region("image", h * w))
             else:
                 default = min(p.speech_max, max(p.speech_min, math.ceil(p.tts_codes_per_token * text_tokens)))

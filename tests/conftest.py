@@ -46,6 +46,15 @@ def tiny_model(vocab):
 
 
 @pytest.fixture(scope="session")
+def any2any(tmp_path_factory):
+    """(model folder, speech codec folder, tasks) of a tiny model that has memorised one
+    example of every any-to-any task (tests/any2any.py); trained once per session."""
+    from tests.any2any import train_any2any
+
+    return train_any2any(tmp_path_factory.mktemp("any2any"))
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session, with more logical CPUs than cores so
     actor pools and trainers fit side by side (RUNTIME.md)."""

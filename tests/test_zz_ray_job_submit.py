@@ -1,4 +1,6 @@
-"""`ray job submit` against a `ray start --head` cluster, as a user runs it: the world,\nits tokenization and a short stage 1 training run, each a submitted job.
+"""`ray job submit` against a `ray start --head` cluster, as a user runs it: the world,
+its tokenization, a short stage 1 training run and the Serve deployment of its model,
+each a submitted job; the deployed app then answers HTTP after its job has returned.
 
 Named to run last: `ray stop` ends every Ray process on the machine, so the session's
 in-process Ray is shut down first.
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.conftest import FIXTURES, ROOT
 
@@ -62,5 +65,16 @@ def test_ray_job_submit_runs_world_tokenize_and_stage1(tmp_path):
         assert "stage 1 done" in stdout
         assert (run / "final" / "model.safetensors").exists()
         assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+
+        stdout = _submit(env, "jobs/deploy.py", "--config", "configs/tiny/serve.yaml",
+                         f"model.model={run / 'final'}", f"model.image_tokenizer={FIXTURES / 'magvit_tiny_a'}",
+                         "model.speech_tokenizer=null", "http.port=8391", "deployment.num_replicas=1",
+                         "deployment.num_cpus=0.25")
+        assert "serving omni-diffusion-tiny at http://127.0.0.1:8391" in stdout
+        body = {"inputs": [{"type": "text", "text": "Draw a red circle."}], "outputs": ["image"],
+                "sampler": {"steps": 4, "seed": 1}}
+        response = requests.post("http://127.0.0.1:8391/v1/generate", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["output_tokens"] == 64  # magvit_tiny_a: 32 px, an 8x8 grid
     finally:
         subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)

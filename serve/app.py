@@ -1,0 +1,220 @@
+"""The Ray Serve application: a FastAPI ingress over the any-to-any sampler.
+
+    POST /v1/generate          inputs + wanted outputs + sampler options -> outputs + usage
+    POST /v1/generate/stream   the same as server-sent events: progress per step, previews,
+                               then the result
+    GET  /v1/models            the model and the input/output combinations it serves
+    GET  /v1/stats             this replica's request and sampler-call counters
+    GET  /healthz              200 once the model is loaded
+    GET  /docs, /openapi.json  the schema
+
+Concurrent `/v1/generate` requests are collected by `@serve.batch`; the engine makes one
+sampler call per group of equal layout and options. The model runs on one thread per
+replica (the event loop keeps accepting and batching meanwhile). Overload is Serve's:
+beyond `max_ongoing_requests` per replica and `max_queued_requests` the proxy answers
+503 with `Retry-After` (`serve.yaml`, `deployment`).
+
+Build it with `build(cfg)` (jobs/deploy.py) or from a Serve config file / `serve run`
+through `build_app({"config": "configs/tiny/serve.yaml", ...overrides})`.
+"""
+
+
+import asyncio  # no `from __future__ import annotations`: FastAPI reads the routes' types at run time
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from ray import serve
+from ray.serve.deployment import Application
+
+from serve.config import ServeConfig, load_serve_config
+from serve.media import ClientError
+from serve.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelList
+
+logger = logging.getLogger(__name__)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in (
+        (400, "malformed JSON or base64"), (413, "over a size limit"), (415, "unsupported media format"),
+        (422, "invalid options, inputs or output combination"),
+        (503, "overloaded: retry after the Retry-After header's seconds"))}
+
+app = FastAPI(title="Omni-Diffusion", version="1",
+              description="Any-to-any masked discrete diffusion over text, image and speech.")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 before any parsing,
+    from its Content-Length or, for a chunked body, as soon as the bytes read pass it."""
+
+    max_bytes = 8_000_000  # set per replica from the config
+
+    def __init__(self, asgi_app) -> None:
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = JSONResponse({"error": _too_large(limit)}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if seen > limit:  # FastAPI passes an HTTPException raised while reading through
+                raise HTTPException(413, _too_large(limit))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"request body over the limit of {limit} bytes"
+
+
+app.add_middleware(BodyLimit)
+
+
+@app.exception_handler(ClientError)
+async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
+    return JSONResponse({"error": "; ".join(parts)}, status_code=422)
+
+
+@serve.deployment
+@serve.ingress(app)
+class OmniDiffusion:
+    """One replica: the model, its tokenizers, a batching queue, one sampler thread."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        import torch
+
+        from serve.engine import Engine
+
+        logging.basicConfig(level=logging.INFO)
+        torch.set_num_threads(cfg.deployment.threads)
+        device = cfg.model.device
+        if device == "auto":
+            device = "cuda" if cfg.deployment.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.cfg = cfg
+        self.engine = Engine(cfg, device)
+        BodyLimit.max_bytes = cfg.limits.max_request_bytes
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="sampler")
+        self._parse_threads = ThreadPoolExecutor(2, thread_name_prefix="parse")
+        self._generate_batched.set_max_batch_size(cfg.batching.max_batch_size)
+        self._generate_batched.set_batch_wait_timeout_s(cfg.batching.wait_timeout_s)
+        logger.info("replica ready: %s on %s (pid %d)", cfg.model.model, device, os.getpid())
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.cfg.model.name}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        return ModelList(data=[self.engine.card()])
+
+    @app.get("/v1/stats")
+    async def stats(self) -> dict:
+        return {"pid": os.getpid(), "requests": self.engine.requests,
+                "sampler_calls": self.engine.sampler_calls,
+                "max_batch_size": self.cfg.batching.max_batch_size}
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
+    async def generate(self, body: GenerateRequest) -> GenerateResponse:
+        job = await self._parse(body)
+        result = await self._generate_batched(job)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @app.post("/v1/generate/stream", responses={**ERRORS, 200: {
+        "content": {"text/event-stream": {}},
+        "description": "`event: progress` per step (step, max_steps, masked, and at some steps "
+                       "a `preview` with the text so far and a base64 PNG), then `event: result` "
+                       "with a GenerateResponse, or `event: error`"}})
+    async def generate_stream(self, body: GenerateRequest) -> StreamingResponse:
+        job = await self._parse(body)  # refused requests get their 4xx before the stream starts
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(kind: str, data: dict) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, data))
+
+        def work() -> None:
+            try:
+                result = self.engine.stream(job, lambda event: emit("progress", event))
+                emit("result", result.model_dump())
+            except Exception as exc:  # reported in the stream: the 200 is already sent
+                logger.exception("streamed generation failed")
+                emit("error", {"error": f"generation failed: {exc}"})
+
+        loop.run_in_executor(self._model_thread, work)
+
+        async def events():
+            while True:
+                kind, data = await queue.get()
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                if kind != "progress":
+                    return
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    # ------------------------------------------------------------------ internals
+    async def _parse(self, body: GenerateRequest):
+        return await asyncio.get_running_loop().run_in_executor(self._parse_threads, self.engine.parse, body)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _generate_batched(self, jobs: list) -> list:
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self.engine.run, jobs)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose sampler thread is gone is replaced."""
+        if self._model_thread._shutdown:
+            raise RuntimeError("the sampler thread pool is shut down")
+
+
+def build(cfg: ServeConfig, root: str | Path = ".") -> Application:
+    """The application for `serve.run`: model paths resolved against `root`, deployment
+    options (replicas or autoscaling, resources, backpressure) from the config."""
+    cfg = cfg.with_paths_resolved(root)
+    return OmniDiffusion.options(**cfg.deployment_options()).bind(cfg)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder for Serve config files and `serve run`:
+    `serve run serve.app:build_app config=configs/tiny/serve.yaml model.model=runs/stage3/final`
+    (every key but `config` is a dotted override)."""
+    args = dict(args)
+    path = args.pop("config", "configs/tiny/serve.yaml")
+    cfg = load_serve_config(path, [f"{k}={v}" for k, v in args.items()])
+    return build(cfg)

@@ -1,0 +1,143 @@
+"""The serving configuration (`configs/*/serve.yaml`): what to load, request limits,
+batching, sampler defaults, and the Ray Serve deployment (replicas, autoscaling,
+resources, backpressure).
+
+    cfg = load_serve_config("configs/tiny/serve.yaml", ["limits.max_steps=64"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omni_model.config import load_config, to_dict
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    model: str = "runs/stage3/final"  #: checkpoint folder (model.safetensors, vocab.json, tokenizers.json)
+    image_tokenizer: str | None = "runs/tokenizers/image"  #: None: no image inputs or outputs
+    speech_tokenizer: str | None = "runs/tokenizers/speech"  #: None: no speech inputs or outputs
+    text_tokenizer: str | None = None  #: None: the path recorded in tokenizers.json
+    name: str = "omni-diffusion-tiny"  #: the model id `GET /v1/models` lists
+    device: str = "auto"  #: auto: cuda when the replica was given a GPU, else cpu
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A request over any of these gets a 4xx naming the limit, before any model work."""
+
+    max_request_bytes: int = 8_000_000  #: HTTP body (413 above)
+    max_inputs: int = 8  #: input parts per request
+    max_text_chars: int = 2_000  #: per text part
+    max_image_pixels: int = 1024 * 1024  #: width x height of an input image
+    max_audio_seconds: float = 30.0  #: per audio part
+    max_output_tokens: int = 1_024  #: response positions (the sum over the output regions)
+    max_steps: int = 256  #: sampler steps
+
+
+@dataclass(frozen=True)
+class Batching:
+    """`@serve.batch`: concurrent requests are collected for up to `wait_timeout_s`, then
+    those with the same layout and sampler options share one sampler call."""
+
+    max_batch_size: int = 16  #: 1 = no batching
+    wait_timeout_s: float = 0.01
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    """Sampler options a request leaves out (a request's own values win)."""
+
+    steps: int = 16
+    temperature: float = 0.0
+    confidence: str = "probability"
+    image_confidence: str = "random"  #: for requests with an image output (see evaluation)
+    stream_previews: int = 4  #: intermediate previews a streaming request gets
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0  #: per replica; above it Serve adds replicas
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str = "OmniDiffusion"
+    app_name: str = "omni"
+    route_prefix: str = "/"
+    num_replicas: int | None = None  #: fixed replicas; None: autoscale
+    autoscaling: Autoscaling = field(default_factory=Autoscaling)
+    max_ongoing_requests: int = 32  #: per replica, waiting in a batch included
+    max_queued_requests: int = 64  #: beyond this the proxy answers 503 with Retry-After
+    retry_after_s: int = 1
+    num_cpus: float = 1.0  #: per replica
+    num_gpus: float = 0.0  #: per replica (1 on a GPU cluster)
+    health_check_period_s: float = 5.0
+    threads: int = 2  #: torch CPU threads per replica
+
+
+@dataclass(frozen=True)
+class Http:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass(frozen=True)
+class LocalRay:
+    """The Ray a deployment started outside a cluster brings up (jobs/deploy.py)."""
+
+    num_cpus: int = 4
+    num_gpus: int | None = None
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: ModelPaths = field(default_factory=ModelPaths)
+    limits: Limits = field(default_factory=Limits)
+    batching: Batching = field(default_factory=Batching)
+    sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
+    deployment: Deployment = field(default_factory=Deployment)
+    http: Http = field(default_factory=Http)
+    ray: LocalRay = field(default_factory=LocalRay)
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments of `Deployment.options`: replicas or autoscaling, resources,
+        backpressure."""
+        d = self.deployment
+        options: dict[str, Any] = {
+            "name": d.name,
+            "max_ongoing_requests": d.max_ongoing_requests,
+            "max_queued_requests": d.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": d.retry_after_s},
+            "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+            "health_check_period_s": d.health_check_period_s,
+        }
+        if d.num_replicas is not None:
+            options["num_replicas"] = d.num_replicas
+        else:
+            options["autoscaling_config"] = to_dict(d.autoscaling)
+        return options
+
+    def with_paths_resolved(self, root: str | Path) -> "ServeConfig":
+        """Relative model paths made absolute against `root` (replicas do not run in the
+        driver's directory)."""
+        from dataclasses import replace
+
+        def absolute(p: str | None) -> str | None:
+            return None if p is None else str((Path(root) / p).resolve())
+
+        m = self.model
+        return replace(self, model=replace(m, model=absolute(m.model), image_tokenizer=absolute(m.image_tokenizer),
+                                           speech_tokenizer=absolute(m.speech_tokenizer),
+                                           text_tokenizer=absolute(m.text_tokenizer)))
+
+
+def load_serve_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ServeConfig:
+    """`configs/*/serve.yaml` plus dotted overrides."""
+    return load_config(ServeConfig, path, overrides)

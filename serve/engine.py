@@ -1,0 +1,188 @@
+"""What a replica does with a request, without Ray: check it against the limits, decode
+its media, prepare it (`AnyToAny.prepare`), run batches of prepared requests through the
+sampler, and turn outputs into response bodies.
+
+A batch from `@serve.batch` may mix requests; `run` groups those whose layout and
+sampler options (the seed aside) are equal and makes one sampler call per group. Every
+request keeps its own seed (per-row generators in the sampler), so its result does not
+depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from omni_model.pipeline import OUTPUTS, AnyToAny, Input, Output, Prepared, RequestError
+from omni_model.sampler import Layout, SamplerConfig
+from serve.config import ServeConfig
+from serve.media import ClientError, decode_audio, decode_image, encode_png, encode_wav
+from serve.schemas import GenerateRequest, GenerateResponse, ModelCard, Usage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """A checked, prepared request."""
+
+    prepared: Prepared
+    config: SamplerConfig
+    seed: int
+    start: float
+
+    @property
+    def group(self) -> tuple:
+        """Requests with equal groups share a sampler call."""
+        return self.prepared.regions, self.prepared.outputs, dataclasses.replace(self.config, seed=0)
+
+
+class Engine:
+    def __init__(self, cfg: ServeConfig, device: str = "cpu") -> None:
+        self.cfg = cfg
+        m = cfg.model
+        self.pipe = AnyToAny.from_pretrained(m.model, image_tokenizer=m.image_tokenizer,
+                                             speech_tokenizer=m.speech_tokenizer,
+                                             text_tokenizer=m.text_tokenizer, device=device)
+        self.sampler_calls = 0
+        self.requests = 0
+
+    # ------------------------------------------------------------------ model card
+    def card(self) -> ModelCard:
+        outputs = [list(k) for k in OUTPUTS
+                   if ("image" not in k or self.pipe.image_tokenizer is not None)
+                   and ("speech" not in k or self.pipe.speech_codec is not None)]
+        inputs = ["text"] + (["image"] if self.pipe.image_tokenizer is not None else []) \
+            + (["audio"] if self.pipe.speech_codec is not None else [])
+        return ModelCard(id=self.cfg.model.name, outputs=outputs, inputs=inputs)
+
+    # ------------------------------------------------------------------ requests
+    def parse(self, request: GenerateRequest) -> Job:
+        """Limits, media, sampler options and the prompt: a `Job`, or a `ClientError`."""
+        start = time.perf_counter()
+        limits = self.cfg.limits
+        if len(request.inputs) > limits.max_inputs:
+            raise ClientError(f"{len(request.inputs)} input parts, over the limit of {limits.max_inputs}", 413)
+        inputs: list[Input] = []
+        for i, part in enumerate(request.inputs):
+            if part.type == "text":
+                if len(part.text) > limits.max_text_chars:
+                    raise ClientError(f"inputs[{i}] (text) has {len(part.text)} characters, over the "
+                                      f"limit of {limits.max_text_chars}", 413)
+                try:
+                    part.text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ClientError(f"inputs[{i}] (text) is not valid Unicode text", 422) from None
+                inputs.append(part.text)
+            elif part.type == "image":
+                inputs.append(decode_image(part.data, limits.max_image_pixels, i))
+            else:
+                inputs.append(decode_audio(part.data, limits.max_audio_seconds, i))
+        config, seed = self.sampler_config(request)
+        lengths = {k: v for k, v in (request.lengths.model_dump() if request.lengths else {}).items()
+                   if v is not None}
+        try:
+            with torch.no_grad():
+                prepared = self.pipe.prepare(inputs, request.outputs, lengths)
+        except RequestError as exc:
+            raise ClientError(str(exc), 422) from None
+        tokens = sum(r.length for r in prepared.regions)
+        if tokens > limits.max_output_tokens:
+            raise ClientError(f"the response would have {tokens} positions, over the limit of "
+                              f"{limits.max_output_tokens} (ask for shorter `lengths`)", 413)
+        return Job(prepared, config, seed, start)
+
+    def sampler_config(self, request: GenerateRequest) -> tuple[SamplerConfig, int]:
+        """The request's sampler options over the deployment's defaults."""
+        given = request.sampler.model_dump(exclude_none=True)
+        defaults = self.cfg.sampler
+        steps = given.pop("steps", defaults.steps)
+        if steps > self.cfg.limits.max_steps:
+            raise ClientError(f"steps {steps} is over the limit of {self.cfg.limits.max_steps}", 422)
+        seed = given.pop("seed", None)
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        confidence = defaults.image_confidence if "image" in request.outputs else defaults.confidence
+        options = {"temperature": defaults.temperature, "confidence": confidence, **given}
+        try:
+            return SamplerConfig(steps=steps, seed=seed, **options), seed
+        except ValueError as exc:
+            raise ClientError(f"sampler: {exc}", 422) from None
+
+    # ------------------------------------------------------------------ generation
+    def run(self, jobs: list[Job]) -> list[GenerateResponse | Exception]:
+        """Generate a batch: one sampler call per group of equal layout and options."""
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.group, []).append(i)
+        results: list[GenerateResponse | Exception] = [RuntimeError("not run")] * len(jobs)
+        for members in groups.values():
+            batch = [jobs[i] for i in members]
+            try:
+                outputs = self._generate(batch)
+                for i, out in zip(members, outputs):
+                    results[i] = self.response(jobs[i], out, len(batch))
+            except Exception as exc:  # one group's failure is not the others'
+                logger.exception("sampler call failed for %d requests", len(batch))
+                for i in members:
+                    results[i] = exc
+        return results
+
+    def stream(self, job: Job, emit: Callable[[dict], None]) -> GenerateResponse:
+        """One request with a progress event per step and `stream_previews` previews."""
+        layout = self.pipe.layout(job.prepared)
+        bound = min(job.config.steps, layout.num_masked)
+        previews = max(0, self.cfg.sampler.stream_previews)
+        marks = {round(bound * (k + 1) / (previews + 1)) for k in range(previews)}
+
+        def on_step(done: int, ids: torch.Tensor) -> None:  # after `done` steps
+            event = {"step": done, "max_steps": bound,
+                     "masked": int((ids[0] == self.pipe.vocab.mask_id).sum())}
+            if done in marks:
+                event["preview"] = self.preview(job.prepared, layout, ids[0])
+            emit(event)
+
+        out = self._generate([job], on_step)[0]
+        return self.response(job, out, 1)
+
+    def _generate(self, batch: list[Job], on_step=None) -> list[Output]:
+        self.sampler_calls += 1
+        self.requests += len(batch)
+        with torch.no_grad():
+            return self.pipe.generate_batch([j.prepared for j in batch], batch[0].config,
+                                            seeds=[j.seed for j in batch], on_step=on_step)
+
+    def response(self, job: Job, out: Output, batch_size: int) -> GenerateResponse:
+        return GenerateResponse(
+            model=self.cfg.model.name, text=out.text,
+            image=encode_png(out.image) if out.image is not None else None,
+            speech=encode_wav(out.speech, out.sample_rate) if out.speech is not None else None,
+            sample_rate=out.sample_rate if out.speech is not None else None,
+            usage=Usage(prompt_tokens=out.prompt_tokens, output_tokens=out.tokens, steps=out.steps,
+                        seconds=round(time.perf_counter() - job.start, 4), batch_size=batch_size,
+                        seed=job.seed))
+
+    def preview(self, prepared: Prepared, layout: Layout, ids: torch.Tensor) -> dict:
+        """What is committed so far: the text without its masks, and the image with its
+        masked positions drawn as the most common committed code (the background, mostly)."""
+        vocab, pipe = self.pipe.vocab, self.pipe
+        preview: dict = {}
+        for r, region in enumerate(layout.regions):
+            region_ids = ids[layout.region_index.to(ids.device) == r]
+            committed = region_ids[region_ids != vocab.mask_id]
+            if region.modality == "text":
+                stops = {vocab.im_end_id, vocab.pad_id}
+                kept = [t for t in committed.tolist() if t not in stops]
+                preview["text"] = pipe.text_tokenizer.decode(kept).strip()
+            elif region.modality == "image" and committed.numel() and pipe.image_tokenizer is not None:
+                fill = Counter(committed.tolist()).most_common(1)[0][0]
+                codes = vocab.ids_to_image(torch.where(region_ids == vocab.mask_id, fill, region_ids))
+                preview["image"] = encode_png(pipe.image_tokenizer.decode_images(codes[None], pipe.image_grid())[0])
+        return preview

@@ -1,0 +1,112 @@
+"""Request and response bodies of the HTTP API (they are its OpenAPI schema).
+
+    POST /v1/generate
+    {"inputs": [{"type": "text", "text": "Draw a red circle on the left."}],
+     "outputs": ["image"],
+     "sampler": {"steps": 16, "seed": 7}}
+
+Images travel as base64 PNG or JPEG, audio as base64 WAV or FLAC, in both directions.
+Field ranges here are the ones any deployment accepts; the deployment's own limits
+(`serve.yaml`, `limits`) are checked after, with the same kind of 4xx.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Modality = Literal["text", "image", "speech"]
+
+
+class InputPart(BaseModel):
+    """One part of the user turn: text, or a base64 image or audio file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "image", "audio"]
+    text: str | None = Field(None, description="the text of a text part")
+    data: str | None = Field(None, description="base64 PNG/JPEG (image) or WAV/FLAC (audio)")
+
+    @model_validator(mode="after")
+    def _has_content(self) -> "InputPart":
+        if self.type == "text" and (self.text is None or self.data is not None):
+            raise ValueError("a text part needs `text` (and no `data`)")
+        if self.type != "text" and (self.data is None or self.text is not None):
+            raise ValueError(f"an {self.type} part needs base64 `data` (and no `text`)")
+        return self
+
+
+class SamplerOptions(BaseModel):
+    """Options of the masked-diffusion sampler; unset ones take the deployment's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(None, ge=1, description="denoising steps (an upper bound with `threshold`)")
+    temperature: float | None = Field(None, ge=0, le=10)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same output; "
+                             "unset: the server draws one and returns it in `usage`")
+    confidence: Literal["probability", "margin", "entropy", "random"] | None = None
+    position_penalty: float | None = Field(None, ge=1, le=100)
+    position_penalty_start: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, ge=1, le=100)
+    block_length: int | None = Field(None, ge=1)
+    cfg_scale: float | None = Field(None, ge=0, le=100, description="classifier-free guidance; 0 = off")
+    threshold: float | None = Field(None, gt=0, le=1, description="commit every prediction above "
+                                    "this confidence in one step (parallel decoding)")
+
+
+class Lengths(BaseModel):
+    """Response positions per output, overriding the length presets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: int | None = Field(None, ge=1)
+    speech: int | None = Field(None, ge=1)
+    spoken: int | None = Field(None, ge=3, description="a spoken answer: text, boa, speech")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[InputPart] = Field(..., min_length=1, description="the user turn, in order")
+    outputs: list[Modality] = Field(..., min_length=1, description="text, image, speech, or a "
+                                    "supported combination: [text, speech], [text, image, speech]")
+    sampler: SamplerOptions = Field(default_factory=SamplerOptions)
+    lengths: Lengths | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    output_tokens: int = Field(..., description="response positions generated")
+    steps: int = Field(..., description="sampler forward passes")
+    seconds: float = Field(..., description="time from request to response on the replica")
+    batch_size: int = Field(..., description="requests that shared this sampler call")
+    seed: int
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    text: str | None = None
+    image: str | None = Field(None, description="base64 PNG")
+    speech: str | None = Field(None, description="base64 WAV (16-bit PCM)")
+    sample_rate: int | None = None
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    outputs: list[list[Modality]]
+    inputs: list[Literal["text", "image", "audio"]]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    error: str

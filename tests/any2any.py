@@ -1,0 +1,81 @@
+"""A tiny any-to-any model trained until it has memorised one example of every task,
+built from real parts: a rendered world scene through the trained image tokenizer in
+tests/assets, espeak-ng speech through a real (untrained, small) speech codec. Shared by
+the API tests (tests/test_pipeline.py) and the server tests (tests/test_serve.py)."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from omni_model.pipeline import AnyToAny, Audio
+from omni_model.templates import Image, Message, Speech, Text
+from omni_model.tokenizers.image import MagVitTokenizer
+from omni_model.tokenizers.text import ByteTokenizer
+from omni_model.tokenizers.train_speech import small_codec
+from omni_model.toy import FitConfig, fit, toy_model
+from omni_model.vocab import Vocab
+from pipelines.tts import EspeakEngine
+from pipelines.world import make_scene, render
+from tests.conftest import ROOT
+
+IMAGE_TOKENIZER = ROOT / "tests/assets/world_magvit32"
+
+MAX_PADS = 4
+
+
+def train_any2any(root: Path) -> tuple[Path, Path, dict]:
+    """Train and save the model under `root`: (model folder, codec folder, tasks), where
+    tasks maps a name to (inputs, outputs, the answer parts it was trained on)."""
+    text = ByteTokenizer()
+    image_tok = MagVitTokenizer.from_pretrained(IMAGE_TOKENIZER)
+    codec = small_codec(codebook_size=64, d_model=64, layers=2, seed=0).eval()
+    codec.save_pretrained(root / "codec")
+    vocab = Vocab.fresh(text.vocab_size, image_tok.codebook_size, codec.codebook_size)
+    pipe = AnyToAny(toy_model(vocab, hidden=192, layers=3, seed=0), vocab, text, image_tok, codec)
+
+    picture = render(make_scene(0, 3), 32)
+    espeak = EspeakEngine()
+    caption_audio = Audio(espeak.synthesize("two blue squares"), 16000)
+    question_audio = Audio(espeak.synthesize("how many shapes"), 16000)
+    image = Image(tuple(image_tok.encode([picture])[0].tolist()))
+    speech = Speech(tuple(codec.encode([torch.tensor(caption_audio.waveform)])[0].tolist()))
+    answer = Speech(tuple(codec.encode([torch.tensor(espeak.synthesize("two", "en-us+f3"))])[0].tolist()))
+    tasks = {  # name: (inputs, outputs, answer parts)
+        "t2i": (["Draw two blue squares."], ["image"], (image,)),
+        "vqa": ([picture, "how many shapes?"], ["text"], (Text("two"),)),
+        "asr": (["Transcribe.", caption_audio], ["text"], (Text("two blue squares"),)),
+        "tts": (["Say: two blue squares"], ["speech"], (speech,)),
+        "s2i": ([caption_audio], ["image"], (image,)),
+        "svqa": ([picture, question_audio], ["text", "speech"], (Text("two"), answer)),
+        "all": (["Show and tell: two blue squares"], ["text", "image", "speech"],
+                (Text("two blue squares"), image, speech)),
+    }
+    samples = [[Message("user", tuple(pipe._part(x) for x in inputs)), Message("assistant", parts)]
+               for inputs, _, parts in tasks.values()]
+    losses = fit(pipe.model, samples, text, vocab, FitConfig(steps=1000, max_pads=MAX_PADS, log_every=0))
+    assert losses[-1] < 0.1 * losses[0]
+
+    folder = root / "model"
+    pipe.model.save_pretrained(folder)
+    vocab.save(folder)
+    (folder / "tokenizers.json").write_text(json.dumps({
+        "text": None, "image": {"fingerprint": image_tok.fingerprint},
+        "speech": {"fingerprint": codec.fingerprint}}))
+    return folder, root / "codec", tasks
+
+
+def answer_lengths(parts, outputs) -> dict:
+    """Region lengths that fit the trained answer, with room for the tail pads."""
+    text = ByteTokenizer()
+    n_text = next((len(text.encode(p.text)) for p in parts if isinstance(p, Text)), 0)
+    n_speech = next((len(p.codes) for p in parts if isinstance(p, Speech)), 0)
+    if outputs == ["text"]:
+        return {"text": n_text + 1 + MAX_PADS}
+    if outputs == ["speech"]:
+        return {"speech": n_speech + 2 + MAX_PADS}
+    if outputs == ["text", "speech"]:
+        return {"text": n_text, "spoken": n_text + 1 + n_speech + 2 + MAX_PADS}
+    if outputs == ["text", "image", "speech"]:
+        return {"text": n_text, "speech": n_speech + 2 + MAX_PADS}
+    return {}

@@ -1,0 +1,301 @@
+"""The Ray Serve application, started for real on 127.0.0.1 over the tiny any-to-any model
+of tests/any2any.py, and queried over HTTP: every task, batching, streaming, limits and
+errors (with a hypothesis fuzz), overload (503 + Retry-After) and a replica that is
+killed and replaced."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image as PILImage
+
+from omni_model.pipeline import Audio
+from omni_model.templates import Image, Speech, Text
+from omni_model.tokenizers.codec import SpeechCodec
+from omni_model.tokenizers.image import MagVitTokenizer
+from serve.config import load_serve_config
+from serve.media import encode_png, encode_wav
+from tests.any2any import IMAGE_TOKENIZER, answer_lengths
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, any2any):
+    """A one-replica deployment (batching up to 8; 16 ongoing, 16 queued) and its base URL."""
+    from ray import serve
+
+    from serve.app import build
+
+    folder, codec, tasks = any2any
+    port = _free_port()
+    cfg = load_serve_config(ROOT / "configs/tiny/serve.yaml", [
+        f"model.model={folder}", f"model.image_tokenizer={IMAGE_TOKENIZER}", f"model.speech_tokenizer={codec}",
+        "deployment.num_replicas=1", "deployment.num_cpus=0.5", "deployment.max_ongoing_requests=16",
+        "deployment.max_queued_requests=16", "deployment.health_check_period_s=1",
+        "batching.max_batch_size=8", "batching.wait_timeout_s=0.05",
+        "limits.max_steps=128", "limits.max_output_tokens=512", "limits.max_request_bytes=400000",
+        "limits.max_image_pixels=65536", "limits.max_audio_seconds=5", f"http.port={port}"])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(cfg), name="omni", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", tasks, codec
+    serve.shutdown()
+
+
+def _part(x) -> dict:
+    if isinstance(x, str):
+        return {"type": "text", "text": x}
+    if isinstance(x, PILImage.Image):
+        return {"type": "image", "data": encode_png(x)}
+    assert isinstance(x, Audio)
+    return {"type": "audio", "data": encode_wav(np.asarray(x.waveform), x.sample_rate)}
+
+
+def _body(tasks, task: str, **sampler) -> dict:
+    inputs, outputs, parts = tasks[task]
+    return {"inputs": [_part(x) for x in inputs], "outputs": outputs,
+            "lengths": answer_lengths(parts, outputs), "sampler": {"steps": 64, **sampler}}
+
+
+def _post(url: str, body, path: str = "/v1/generate") -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(url + path, data=data, headers={"Content-Type": "application/json"}, timeout=120)
+
+
+def _png(b64: str) -> np.ndarray:
+    return np.asarray(PILImage.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def _stats(url: str) -> dict:
+    return requests.get(url + "/v1/stats", timeout=30).json()
+
+
+def test_health_models_and_schema(server):
+    url, _, _ = server
+    assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+    card = requests.get(url + "/v1/models", timeout=30).json()["data"][0]
+    assert card["id"] == "omni-diffusion-tiny"
+    assert ["text", "speech"] in card["outputs"] and set(card["inputs"]) == {"text", "image", "audio"}
+    schema = requests.get(url + "/openapi.json", timeout=30).json()
+    assert {"/v1/generate", "/v1/generate/stream", "/v1/models", "/healthz"} <= set(schema["paths"])
+    assert "GenerateRequest" in schema["components"]["schemas"]
+
+
+@pytest.mark.parametrize("task", ["t2i", "vqa", "asr", "tts", "s2i", "svqa", "all"])
+def test_every_task_over_http(server, task):
+    """The trained answers come back through JSON, base64 PNG and base64 WAV."""
+    url, tasks, codec_dir = server
+    r = _post(url, _body(tasks, task))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    _, outputs, parts = tasks[task]
+    assert out["usage"]["output_tokens"] > 0 and 0 < out["usage"]["steps"] <= 64
+    for part in parts:
+        if isinstance(part, Text):
+            assert out["text"] == part.text
+        elif isinstance(part, Image):
+            tokenizer = MagVitTokenizer.from_pretrained(IMAGE_TOKENIZER)
+            expected = tokenizer.decode_images(torch.tensor([part.codes]), (8, 8))[0]
+            assert np.array_equal(_png(out["image"]), np.asarray(expected))
+        else:
+            assert isinstance(part, Speech)
+            wave, rate = sf.read(io.BytesIO(base64.b64decode(out["speech"])), dtype="float32")
+            expected = SpeechCodec.from_pretrained(codec_dir).decode([torch.tensor(part.codes)])[0].numpy()
+            assert rate == out["sample_rate"] == 16000 and len(wave) == len(expected)
+            assert np.abs(wave - np.clip(expected, -1, 1)).max() < 1e-3  # 16-bit PCM
+    assert (out["text"] is None) == ("text" not in outputs) and (out["speech"] is None) == ("speech" not in outputs)
+
+
+def test_concurrent_requests_are_batched_and_each_result_is_its_own(server):
+    url, tasks, _ = server
+    # a prompt it never saw, so the seed matters; one layout, so one group
+    bodies = [{"inputs": [{"type": "text", "text": f"Paint picture {seed}."}], "outputs": ["image"],
+               "sampler": {"steps": 16, "temperature": 1.0, "seed": seed}} for seed in range(8)]
+    calls_before = _stats(url)["sampler_calls"]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda b: _post(url, b), bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies), [r.text[:300] for r in responses]
+    together = [r.json() for r in responses]
+    calls = _stats(url)["sampler_calls"] - calls_before
+    assert calls < len(bodies), f"{len(bodies)} concurrent requests took {calls} sampler calls"
+    assert max(r["usage"]["batch_size"] for r in together) > 1
+    alone = [_post(url, b).json() for b in bodies]
+    assert all(a["usage"]["batch_size"] == 1 for a in alone)
+    assert [r["image"] for r in together] == [a["image"] for a in alone]
+    assert len({r["image"] for r in together}) > 1  # the seeds differ, so do the images
+    assert [r["usage"]["seed"] for r in together] == list(range(8))
+
+
+def test_streaming_reports_progress_then_the_same_result(server):
+    url, tasks, _ = server
+    body = _body(tasks, "all", steps=24, seed=5)
+    events = []
+    with requests.post(url + "/v1/generate/stream", json=body, stream=True, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                kind = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[len("data: "):])))
+    progress = [e for k, e in events if k == "progress"]
+    assert events[-1][0] == "result" and len(progress) == events[-1][1]["usage"]["steps"]
+    assert [e["step"] for e in progress] == list(range(1, len(progress) + 1))
+    assert progress[0]["masked"] > progress[-1]["masked"] == 0
+    previews = [e["preview"] for e in progress if "preview" in e]
+    assert len(previews) == 4 and any("image" in p for p in previews)
+    assert _png(previews[-1]["image"]).shape == (32, 32, 3)
+    plain = _post(url, body).json()
+    result = events[-1][1]
+    assert (result["text"], result["image"], result["speech"]) == (plain["text"], plain["image"], plain["speech"])
+
+
+def _tone(seconds: float, rate: int = 16000, fmt: str = "WAV") -> str:
+    buffer = io.BytesIO()
+    sf.write(buffer, 0.1 * np.sin(np.arange(int(seconds * rate)) / 5), rate, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _image_b64(size: int, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (size, size), (200, 10, 10)).save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _bad_requests() -> list[tuple[str, object, int, str]]:
+    text = {"type": "text", "text": "Draw a red circle."}
+    png = _image_b64(32)
+    return [
+        ("malformed JSON", '{"inputs": [', 400, "not valid JSON"),
+        ("not an object", "[1, 2]", 422, "body"),
+        ("no inputs", {"inputs": [], "outputs": ["text"]}, 422, "inputs"),
+        ("unknown field", {"inputs": [text], "outputs": ["text"], "stream": True}, 422, "stream"),
+        ("unknown output", {"inputs": [text], "outputs": ["video"]}, 422, "outputs"),
+        ("unsupported combination", {"inputs": [text], "outputs": ["image", "speech"]}, 422, "unsupported outputs"),
+        ("text part without text", {"inputs": [{"type": "text"}], "outputs": ["text"]}, 422, "needs `text`"),
+        ("bad base64", {"inputs": [{"type": "image", "data": "%%%not base64"}], "outputs": ["text"]}, 400, "base64"),
+        ("not an image", {"inputs": [{"type": "image", "data": base64.b64encode(b"hello").decode()}],
+                          "outputs": ["text"]}, 415, "PNG or JPEG"),
+        ("GIF image", {"inputs": [{"type": "image", "data": _image_b64(8, "GIF")}], "outputs": ["text"]}, 415, "GIF"),
+        ("truncated PNG", {"inputs": [{"type": "image", "data": base64.b64encode(base64.b64decode(png)[:60]).decode()}],
+                           "outputs": ["text"]}, 422, "cannot be decoded"),
+        ("image too large", {"inputs": [{"type": "image", "data": _image_b64(300)}], "outputs": ["text"]}, 413, "pixels"),
+        ("audio too long", {"inputs": [{"type": "audio", "data": _tone(6.0)}], "outputs": ["text"]}, 413, "5 s"),
+        ("not audio", {"inputs": [{"type": "audio", "data": png}], "outputs": ["text"]}, 415, "WAV or FLAC"),
+        ("too many steps", {"inputs": [text], "outputs": ["image"], "sampler": {"steps": 1000}}, 422, "steps"),
+        ("negative temperature", {"inputs": [text], "outputs": ["text"], "sampler": {"temperature": -1}}, 422,
+         "temperature"),
+        ("bad confidence", {"inputs": [text], "outputs": ["text"], "sampler": {"confidence": "vibes"}}, 422,
+         "confidence"),
+        ("too many output tokens", {"inputs": [text], "outputs": ["text"], "lengths": {"text": 5000}}, 413,
+         "positions"),
+        ("body too large", {"inputs": [{"type": "text", "text": "x" * 500_000}], "outputs": ["text"]}, 413, "bytes"),
+    ]
+
+
+@pytest.mark.parametrize("name,body,status,message", _bad_requests(), ids=[b[0] for b in _bad_requests()])
+def test_bad_requests_get_a_4xx_with_a_message(server, name, body, status, message):
+    url, _, _ = server
+    r = _post(url, body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_flac_audio_and_jpeg_images_are_accepted(server):
+    url, _, _ = server
+    body = {"inputs": [{"type": "image", "data": _image_b64(32, "JPEG")},
+                       {"type": "audio", "data": _tone(1.0, fmt="FLAC")}],
+            "outputs": ["text"], "sampler": {"steps": 4}, "lengths": {"text": 8}}
+    r = _post(url, body)
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["text"], str)
+
+
+_option = st.one_of(st.none(), st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=5), st.booleans())
+_part_strategy = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "audio", "video"]),
+                           "text": st.one_of(st.none(), st.text(max_size=40))}),
+    st.fixed_dictionaries({"type": st.sampled_from(["image", "audio"]),
+                           "data": st.one_of(st.sampled_from([_image_b64(16), _tone(0.5), "", "AAAA"]),
+                                             st.text(max_size=20))}),
+    st.dictionaries(st.text(max_size=6), _option, max_size=3))
+_request_strategy = st.fixed_dictionaries(
+    {"inputs": st.lists(_part_strategy, max_size=3),
+     "outputs": st.lists(st.sampled_from(["text", "image", "speech", "audio", ""]), max_size=3)},
+    optional={"sampler": st.dictionaries(st.sampled_from(
+        ["steps", "temperature", "top_k", "top_p", "seed", "confidence", "cfg_scale", "threshold",
+         "block_length", "position_penalty", "repetition_penalty", "other"]), _option, max_size=4),
+              "lengths": st.dictionaries(st.sampled_from(["text", "speech", "spoken", "image"]),
+                                         st.integers(-3, 600), max_size=2)})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=_request_strategy)
+def test_fuzzed_requests_never_get_a_5xx(server, body):
+    url, _, _ = server
+    r = _post(url, body)
+    assert r.status_code < 500, (body, r.status_code, r.text)
+    if r.status_code == 200:
+        assert r.json()["usage"]["steps"] >= 1
+    else:
+        assert r.json()["error"]
+
+
+def test_overload_gets_503_with_retry_after_then_recovers(server):
+    """16 ongoing + 16 queued fit; the rest of 60 concurrent slow requests are refused
+    (the queue counts requests waiting for a replica slot, so it must exceed the
+    concurrency of the batching test above)."""
+    url, tasks, _ = server
+    body = _body(tasks, "t2i", steps=64, temperature=1.0)
+    with ThreadPoolExecutor(60) as pool:
+        responses = list(pool.map(lambda i: _post(url, {**body, "sampler": {**body["sampler"], "seed": i}}),
+                                  range(60)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused and codes.count(200) >= 8
+    assert all(r.headers.get("retry-after") == "1" for r in refused)
+    assert _post(url, body).status_code == 200  # recovered
+
+
+def test_zz_a_killed_replica_is_replaced(server):
+    """SIGKILL the replica's process: Serve starts a new one and requests succeed again."""
+    url, tasks, _ = server
+    pid = _stats(url)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 120
+    new_pid = None
+    while time.time() < deadline:
+        try:
+            r = requests.get(url + "/v1/stats", timeout=5)
+            if r.status_code == 200 and r.json()["pid"] != pid:
+                new_pid = r.json()["pid"]
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    assert new_pid is not None, "no replacement replica within 120 s"
+    r = _post(url, _body(tasks, "vqa"))
+    assert r.status_code == 200 and r.json()["text"] == "two"
