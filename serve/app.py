@@ -18,8 +18,8 @@ Build it with `build(cfg)` (jobs/deploy.py) or from a Serve config file / `serve
 through `build_app({"config": "configs/tiny/serve.yaml", ...overrides})`.
 """
 
-
-import asyncio  # no `from __future__ import annotations`: FastAPI reads the routes' types at run time
+# No `from __future__ import annotations` here: FastAPI reads the routes' types at run time.
+import asyncio
 import json
 import logging
 import os
