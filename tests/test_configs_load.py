@@ -10,15 +10,27 @@ from jobs.tokenize import TokenizeJob
 from omni_model.config import load_config
 from pipelines.tokenizer_training import TokenizersConfig
 from pipelines.train import StageConfig
+from serve.config import ServeConfig
 from tests.conftest import ROOT
 
 JOBS = {"demo": DemoConfig, "world": BuildWorldJob, "sdvi": BuildSDVIJob, "tokenize": TokenizeJob,
         "tokenizers": TokenizersConfig, "stage1": StageConfig, "stage2": StageConfig, "stage3": StageConfig,
-        "evaluate": EvaluateJob}
+        "evaluate": EvaluateJob, "serve": ServeConfig}
+SERVE_APPS = {"serve_app"}  # Ray Serve's own config-file format
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_config_files_load(path):
+    if path.stem in SERVE_APPS:
+        import yaml
+        from ray.serve.schema import ServeDeploySchema
+
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+        for application in schema.applications:
+            assert application.import_path == "serve.app:build_app"
+            args = dict(application.args)
+            load_config(ServeConfig, ROOT / args.pop("config"), [f"{k}={v}" for k, v in args.items()])
+        return
     load_config(JOBS[path.stem], path)
 
 

@@ -1,7 +1,7 @@
-"""The any-to-any API on a tiny model trained here until it has memorised one example of
-every task, built from real parts: a rendered world scene through the trained image
-tokenizer in tests/assets, espeak-ng speech through a real (untrained, small) speech
-codec. Each task then goes through `AnyToAny` from a saved checkpoint folder and must
+"""The any-to-any API on the tiny model of tests/any2any.py (trained once per session
+until it has memorised one example of every task, built from real parts: a rendered
+world scene through the trained image tokenizer in tests/assets, espeak-ng speech through
+a real, untrained, small speech codec). Each task then goes through `AnyToAny` from a saved checkpoint folder and must
 give back exactly what was trained."""
 
 import numpy as np
