@@ -197,11 +197,6 @@ class OmniDiffusion:
     async def _generate_batched(self, jobs: list) -> list:
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, self.engine.run, jobs)
 
-    def check_health(self) -> None:
-        """Serve's periodic health check: a replica whose sampler thread is gone is replaced."""
-        if self._model_thread._shutdown:
-            raise RuntimeError("the sampler thread pool is shut down")
-
 
 def build(cfg: ServeConfig, root: str | Path = ".") -> Application:
     """The application for `serve.run`: model paths resolved against `root`, deployment

@@ -7,7 +7,7 @@ resources, backpressure).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -127,8 +127,6 @@ class ServeConfig:
     def with_paths_resolved(self, root: str | Path) -> "ServeConfig":
         """Relative model paths made absolute against `root` (replicas do not run in the
         driver's directory)."""
-        from dataclasses import replace
-
         def absolute(p: str | None) -> str | None:
             return None if p is None else str((Path(root) / p).resolve())
 

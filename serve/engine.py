@@ -89,8 +89,7 @@ class Engine:
         lengths = {k: v for k, v in (request.lengths.model_dump() if request.lengths else {}).items()
                    if v is not None}
         try:
-            with torch.no_grad():
-                prepared = self.pipe.prepare(inputs, request.outputs, lengths)
+            prepared = self.pipe.prepare(inputs, request.outputs, lengths)
         except RequestError as exc:
             raise ClientError(str(exc), 422) from None
         tokens = sum(r.length for r in prepared.regions)
@@ -155,9 +154,8 @@ class Engine:
     def _generate(self, batch: list[Job], on_step=None) -> list[Output]:
         self.sampler_calls += 1
         self.requests += len(batch)
-        with torch.no_grad():
-            return self.pipe.generate_batch([j.prepared for j in batch], batch[0].config,
-                                            seeds=[j.seed for j in batch], on_step=on_step)
+        return self.pipe.generate_batch([j.prepared for j in batch], batch[0].config,
+                                        seeds=[j.seed for j in batch], on_step=on_step)
 
     def response(self, job: Job, out: Output, batch_size: int) -> GenerateResponse:
         return GenerateResponse(
