@@ -1,7 +1,10 @@
 """The forward (noising) process of masked discrete diffusion, and its loss.
 
-For each sample draw t ~ U(eps, 1) and replace each *response* token by the mask token
-with probability t; prompt tokens are never masked. The model is trained with
+For each sample draw a noise level t in (eps, 1) and replace each *response* token by the
+mask token with probability t; prompt tokens are never masked. t is uniform (LLaDA), or
+`cosine`: t = cos(pi/2 * u) for u ~ U(0, 1), MaskGIT's training schedule, which puts
+two thirds of the samples above t = 0.5, where generation from an all-masked response
+starts (a tiny model learns text-to-image binding about twice as fast with it). The model is trained with
 cross-entropy on the masked positions only, optionally weighted by 1/t (the ELBO
 weighting of masked diffusion: Sahoo et al. 2024, Shi et al. 2024; LLaDA eq. 3).
 
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 Weighting = Literal["elbo", "none"]
+Schedule = Literal["uniform", "cosine"]
 
 
 def add_tail_pad(ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int, max_pads: int,
@@ -54,24 +58,26 @@ class MaskedBatch(NamedTuple):
 def mask_for_training(ids: torch.Tensor, response_mask: torch.Tensor, mask_id: int,
                       pad_id: int, pad_ratio: float = 0.6, eps: float = 1e-3,
                       doc_ids: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> MaskedBatch:
+                      generator: torch.Generator | None = None,
+                      schedule: Schedule = "uniform") -> MaskedBatch:
     """Draw the forward process for a batch.
 
-    One t ~ U(eps, 1) per sample: per row, or per document of a packed row when
-    `doc_ids` is given. A response token is masked with probability t, a tail pad
+    One t per sample (by `schedule`, in (eps, 1)): per row, or per document of a packed
+    row when `doc_ids` is given. A response token is masked with probability t, a tail pad
     (a response position holding `pad_id`) with `pad_ratio * t`, a prompt token never.
     """
     if not 0.0 <= pad_ratio <= 1.0:
         raise ValueError("pad_ratio must lie in [0, 1]")
+    if schedule not in ("uniform", "cosine"):
+        raise ValueError(f"unknown noise schedule {schedule!r}: uniform or cosine")
     b, n = ids.shape
     device = ids.device
-    if doc_ids is None:
-        t = eps + (1 - eps) * torch.rand(b, 1, generator=generator, device=device)
-        t = t.expand(b, n)
-    else:
-        n_docs = int(doc_ids.max()) + 1
-        t_doc = eps + (1 - eps) * torch.rand(b, n_docs, generator=generator, device=device)
-        t = t_doc.gather(1, doc_ids.long())
+    n_docs = 1 if doc_ids is None else int(doc_ids.max()) + 1
+    u = torch.rand(b, n_docs, generator=generator, device=device)
+    if schedule == "cosine":
+        u = torch.cos(0.5 * torch.pi * u)
+    t_doc = eps + (1 - eps) * u
+    t = t_doc.expand(b, n) if doc_ids is None else t_doc.gather(1, doc_ids.long())
     response = response_mask.bool()
     is_pad = response & (ids == pad_id)
     p_mask = torch.where(is_pad, pad_ratio * t, t) * response

@@ -121,6 +121,14 @@ class OptimConfig:
     grad_accum: int = 1
     weighting: str = "elbo"  #: elbo (1/t) or none
     eps_t: float = 1e-3
+    #: noise levels t: uniform, or cosine (MaskGIT; more samples near all-masked)
+    t_schedule: str = "uniform"
+
+    def __post_init__(self) -> None:  # fail at config time, not in the first worker step
+        if self.weighting not in ("elbo", "none"):
+            raise ValueError(f"optim.weighting must be elbo or none, not {self.weighting!r}")
+        if self.t_schedule not in ("uniform", "cosine"):
+            raise ValueError(f"optim.t_schedule must be uniform or cosine, not {self.t_schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -559,7 +567,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch, tags = batch.to(device), tags.to(device)
             window.wait += time.perf_counter() - t0
             noisy = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
-                                      cfg.data.pad_ratio, cfg.optim.eps_t, batch.doc_ids)
+                                      cfg.data.pad_ratio, cfg.optim.eps_t, batch.doc_ids,
+                                      schedule=cfg.optim.t_schedule)
             logits = opt.net(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids)
             per_pos = diffusion_loss(logits, batch.input_ids, noisy.target_mask, noisy.t,
                                      cfg.optim.weighting, reduction="none")

@@ -48,6 +48,20 @@ def test_pad_ratio_one_masks_pads_like_content():
     assert abs(m[:, content].mean() - m[:, pads].mean()) < 0.01
 
 
+def test_cosine_schedule_puts_two_thirds_of_the_samples_above_half_masked():
+    ids, response, _, content, _ = _batch(rows=4000)
+    uniform = mask_for_training(ids, response, MASK, PAD, generator=torch.Generator().manual_seed(0))
+    cosine = mask_for_training(ids, response, MASK, PAD, generator=torch.Generator().manual_seed(0),
+                               schedule="cosine")
+    t_u, t_c = uniform.t[:, 0], cosine.t[:, 0]
+    assert abs((t_u > 0.5).float().mean() - 0.5) < 0.03
+    assert abs((t_c > 0.5).float().mean() - 2 / 3) < 0.03  # P(cos(pi u / 2) > 1/2) = 2/3
+    # the masked share follows t: more masks under the cosine schedule
+    assert cosine.target_mask[:, content].float().mean() > uniform.target_mask[:, content].float().mean() + 0.1
+    with pytest.raises(ValueError, match="schedule"):
+        mask_for_training(ids, response, MASK, PAD, schedule="linear")
+
+
 def test_packed_documents_get_their_own_t():
     ids, response, *_ = _batch(rows=8)
     docs = torch.zeros_like(ids)
