@@ -5,7 +5,9 @@ object the server uses:
 
 - t2i and s2i: the world's attribute checker reads the generated image back (colour,
   shape, position, size, count, overall agreement with the scene that was asked for);
-- caption and VQA: exact match of the normalised answer;
+- caption and VQA: exact match of the normalised answer (a caption matches if it equals
+  any of the world's wordings of its scene: the training captions use three, picked at
+  random, so one reference would mark two thirds of the right captions wrong);
 - ASR: word error rate;
 - TTS: intelligibility, the WER of Whisper's transcript of the generated speech;
 - spoken VQA: exact match of the text answer (and, with a recogniser, whether the spoken
@@ -37,7 +39,7 @@ from omni_model.sampler import SamplerConfig
 from omni_model.templates import AUDIO_PLACEHOLDER, Text, split_placeholders
 from pipelines.manifest import Sample, parse_line, read_lines, resolve_media
 from pipelines.media import load_audio, load_image
-from pipelines.world import ANSWERS, Agreement, Scene, check_image
+from pipelines.world import ANSWERS, Agreement, Scene, captions, check_image
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +97,13 @@ def score_images(scenes: Sequence[Scene], images: Sequence[Image.Image]) -> dict
     return agreement.rates()
 
 
-def exact_match(references: Sequence[str], predictions: Sequence[str]) -> float:
-    """Share of predictions whose normalised words equal the reference's."""
+def exact_match(references: Sequence[str | Sequence[str]], predictions: Sequence[str]) -> float:
+    """Share of predictions whose normalised words equal the reference's (or, where a
+    reference is a list of acceptable answers, any one of them)."""
     pairs = list(zip(references, predictions, strict=True))
-    return sum(normalize_text(r) == normalize_text(p) for r, p in pairs) / max(1, len(pairs))
+    hits = sum(normalize_text(p) in [normalize_text(r) for r in ([refs] if isinstance(refs, str) else refs)]
+               for refs, p in pairs)
+    return hits / max(1, len(pairs))
 
 
 def says(references: Sequence[str], transcripts: Sequence[str]) -> float:
@@ -260,7 +265,10 @@ def _score(task: str, cases: Sequence[Case], outputs: Sequence[Output], recogniz
         return score_images([c.scene for c in cases], [o.image for o in outputs])
     if task == "tts" and recognizer is None:
         return {"mean_speech_codes": float(np.mean([len(o.speech_codes or []) for o in outputs]))}
-    if task in ("caption", "vqa"):
+    if task == "caption":
+        wordings = [captions(c.scene) if c.scene is not None else [c.reference] for c in cases]
+        return {"exact_match": exact_match(wordings, [o.text or "" for o in outputs])}
+    if task == "vqa":
         return {"exact_match": exact_match(refs, [o.text or "" for o in outputs])}
     if task == "asr":
         return {"wer": word_error_rate(refs, [o.text or "" for o in outputs])}

@@ -19,7 +19,7 @@ from omni_model.vocab import Vocab
 from pipelines.evaluate import (EvalConfig, evaluate, exact_match, format_report, load_cases, says,
                                 score_images)
 from pipelines.sdvi import SDVIConfig, build_sdvi
-from pipelines.world import ANSWERS, make_scene, questions, render
+from pipelines.world import ANSWERS, captions, make_scene, questions, render
 from pipelines.world_data import Voice, WorldConfig, build_world
 from tests.conftest import ROOT
 
@@ -42,6 +42,11 @@ def test_answer_scores_are_perfect_on_references_and_near_chance_on_guesses():
     assert exact_match(answers, [a.upper() + "." for a in answers]) == 1.0  # normalised
     guesses = [rng.choice(ANSWERS) for _ in answers]
     assert exact_match(answers, guesses) < 3 / len(ANSWERS)
+    # a caption is right in any of the world's wordings of its scene, and only in those
+    scenes = [make_scene(3, i) for i in range(100)]
+    wordings = [captions(s) for s in scenes]
+    assert exact_match(wordings, [rng.choice(w) for w in wordings]) == 1.0
+    assert exact_match(wordings, [w[0] for w in wordings[1:] + wordings[:1]]) < 0.1
     assert says(["two blue squares"], ["I see two blue squares."]) == 1.0
     assert says(["two blue squares"], ["two red squares"]) == 0.0
 
