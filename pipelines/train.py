@@ -84,6 +84,13 @@ class DataSource:
     shards: str  #: a shard set folder (jobs/tokenize.py output), relative to data.shards
     weight: float = 1.0  #: share of the mixture
     tasks: tuple[str, ...] = ()  #: keep only these tasks (empty: all)
+    #: relative weight of a task's rows within the source (unlisted tasks: 1), e.g.
+    #: `{t2i: 2.0}` draws each t2i row twice as often as each other row
+    task_weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or any(float(w) < 0 for w in self.task_weights.values()):
+            raise ValueError(f"mixture source {self.shards}: weights must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -265,24 +272,7 @@ def build_dataset(cfg: StageConfig, vocab: Vocab):
         raise ValueError("data.mixture lists no shard sets")
     folders = shard_sets(cfg)
     check_compatible(folders)
-    counts = [_count_rows(folder, source.tasks) for source, folder in zip(cfg.data.mixture, folders)]
-    total_weight = sum(s.weight for s in cfg.data.mixture)
-    shares = [s.weight / total_weight for s in cfg.data.mixture]
-    epoch = cfg.data.samples_per_epoch or int(max(c / w for c, w in zip(counts, shares) if w > 0))
-    rules: dict[str, tuple[float, tuple[str, ...] | None]] = {}
-    repeats: list[int] = []
-    for source, folder, count, share in zip(cfg.data.mixture, folders, counts, shares):
-        want = int(round(epoch * share))
-        if count == 0 or want == 0:
-            logger.warning("mixture source %s contributes nothing", source.shards)
-            repeats.append(0)
-            continue
-        copies = math.ceil(want / count)
-        repeats.append(copies)
-        for f in shard_files(folder):
-            rules[str(f)] = (want / (count * copies), tuple(source.tasks) if source.tasks else None)
-        logger.info("mixture: %s: %d of %d rows per epoch", source.shards, want, count)
-    epoch_rows = sum(int(round(epoch * sh)) for c, sh in zip(counts, shares) if c)
+    rules, repeats, epoch_rows = mixture_rules(cfg.data.mixture, folders, cfg.data.samples_per_epoch)
     passes = cfg.data.epochs or _passes_needed(cfg, vocab, folders, epoch_rows)
     logger.info("streaming %d shuffled pass(es) over the mixture", passes)
     rng = random.Random(cfg.data.seed)
@@ -303,29 +293,80 @@ def build_dataset(cfg: StageConfig, vocab: Vocab):
         num_cpus=cfg.data.task_cpus)
 
 
-def _count_rows(folder: Path, tasks: Sequence[str] | None) -> int:
-    """Rows of a shard set (of the given tasks), from the task column alone."""
+#: how one listed shard file is read: (keep probability of a weight-1 row, the tasks
+#: kept (None: all), task -> weight)
+Rule = tuple[float, "tuple[str, ...] | None", dict[str, float]]
+
+
+def mixture_rules(mixture: Sequence[DataSource], folders: Sequence[Path],
+                  samples_per_epoch: int | None = None) -> tuple[dict[str, Rule], list[int], int]:
+    """How to read each source so that it makes its share of an epoch.
+
+    A source's rows count with their task's weight; the epoch is the largest source's
+    weighted size over its share (or `samples_per_epoch`). A source that needs more rows
+    than it holds lists its files several times (`repeats`); each listing keeps a row
+    with the probability that brings the source to its share and its tasks to their
+    weights. Returns the rules per file, the repeats per source and the epoch's rows.
+    """
+    counts = [_count_rows(folder, source.tasks, source.task_weights)
+              for source, folder in zip(mixture, folders)]
+    total_weight = sum(s.weight for s in mixture)
+    shares = [s.weight / total_weight for s in mixture]
+    epoch = samples_per_epoch or int(max(c / w for c, w in zip(counts, shares) if w > 0))
+    rules: dict[str, Rule] = {}
+    repeats: list[int] = []
+    for source, folder, count, share in zip(mixture, folders, counts, shares):
+        want = int(round(epoch * share))
+        if count == 0 or want == 0:
+            logger.warning("mixture source %s contributes nothing", source.shards)
+            repeats.append(0)
+            continue
+        weights = {t: float(w) for t, w in source.task_weights.items()}
+        heaviest = max([1.0, *weights.values()]) if not source.tasks else \
+            max(weights.get(t, 1.0) for t in source.tasks)
+        copies = math.ceil(want * heaviest / count)
+        repeats.append(copies)
+        for f in shard_files(folder):
+            if str(f) in rules:
+                raise ValueError(f"{folder} is listed twice in the mixture: one source per "
+                                 "shard set (weigh its tasks with task_weights)")
+            rules[str(f)] = (want / (count * copies), tuple(source.tasks) if source.tasks else None, weights)
+        logger.info("mixture: %s: %d of %.0f weighted rows per epoch", source.shards, want, count)
+    epoch_rows = sum(int(round(epoch * sh)) for c, sh in zip(counts, shares) if c)
+    return rules, repeats, epoch_rows
+
+
+def _count_rows(folder: Path, tasks: Sequence[str] | None, weights: dict[str, float] | None = None) -> float:
+    """Rows of a shard set (of the given tasks, each counted with its task's weight),
+    from the task column alone."""
     import pyarrow.parquet as pq
 
-    if not tasks:
+    if not tasks and not weights:
         return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(folder))
-    wanted = set(tasks)
-    return sum(sum(t in wanted for t in pq.read_table(f, columns=["task"])["task"].to_pylist())
-               for f in shard_files(folder))
+    weights = weights or {}
+    total = 0.0
+    for f in shard_files(folder):
+        for t in pq.read_table(f, columns=["task"])["task"].to_pylist():
+            if not tasks or t in tasks:
+                total += float(weights.get(t, 1.0))
+    return total
 
 
-def read_mixture(batch, rules: dict[str, tuple[float, tuple[str, ...] | None]], seed: int):
-    """Read one listed shard file and keep each row with its source's probability (and
-    only its source's tasks); the draw is seeded by the file's place in the list."""
+def read_mixture(batch, rules: dict[str, Rule], seed: int):
+    """Read one listed shard file and keep each row with its source's probability times
+    its task's weight (and only its source's tasks); the draw is seeded by the file's
+    place in the list."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path, index = batch["path"][0].as_py(), batch["index"][0].as_py()
-    prob, tasks = rules[path]
+    prob, tasks, weights = rules[path]
     table = pq.read_table(path)
-    keep = np.random.default_rng([seed, index]).random(table.num_rows) < prob
+    row_tasks = np.array(table["task"].to_pylist(), dtype=object)
+    row_prob = prob * np.array([float(weights.get(t, 1.0)) for t in row_tasks]) if weights else prob
+    keep = np.random.default_rng([seed, index]).random(table.num_rows) < row_prob
     if tasks is not None:
-        keep &= np.isin(np.array(table["task"].to_pylist(), dtype=object), list(tasks))
+        keep &= np.isin(row_tasks, list(tasks))
     return table.filter(pa.array(keep))
 
 
