@@ -11,7 +11,8 @@ object the server uses:
 - ASR: word error rate;
 - TTS: intelligibility, the WER of Whisper's transcript of the generated speech;
 - spoken VQA: exact match of the text answer (and, with a recogniser, whether the spoken
-  answer says it);
+  answer says it, beside the same for the reference answer audio passed through the
+  speech tokenizer: the ceiling the speech codes allow);
 - t2i accuracy against the number of sampler steps, with and without the position penalty.
 
 Scoring is separate from generation (`score_*`), so the scores themselves are tested on
@@ -31,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import soundfile as sf
+import torch
 from PIL import Image, ImageDraw
 
 from omni_model.metrics import normalize_text, word_error_rate
@@ -86,6 +88,7 @@ class Case:
     reference: str  #: text answer, or the text to be spoken (TTS), or the caption (t2i, s2i)
     scene: Scene | None = None
     prompt: str = ""
+    answer_audio: Audio | None = None  #: spoken VQA: the reference spoken answer
 
 
 # ---------------------------------------------------------------------- scores
@@ -192,7 +195,9 @@ def _case(sample: Sample, root: Path) -> Case:
         reference = meta.get("caption") or user
     else:
         reference = answer.replace(AUDIO_PLACEHOLDER, "").strip()
-    return Case(sample.task, inputs, reference, scene, prompt=user)
+    spoken = _audio(resolve_media(root, sample.audios[-1])) \
+        if AUDIO_PLACEHOLDER in answer and len(sample.audios) > user.count(AUDIO_PLACEHOLDER) else None
+    return Case(sample.task, inputs, reference, scene, prompt=user, answer_audio=spoken)
 
 
 def _audio(path: Path) -> Audio:
@@ -247,6 +252,8 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
             sampler = replace(sampler, cfg_scale=cfg.s2i_cfg_scale)
         outputs, seconds = run_cases(pipe, cases, sampler, cfg.batch_size)
         result = _score(task, cases, outputs, recognizer)
+        if task == "svqa" and recognizer is not None and pipe.speech_codec is not None:
+            result["reference_through_codec_says_it"] = _codec_ceiling(pipe, recognizer, cases)
         result.update(n=len(cases), seconds=round(seconds, 1),
                       mean_steps=float(np.mean([o.steps for o in outputs])))
         metrics["tasks"][task] = result
@@ -284,6 +291,20 @@ def _hear(recognizer, outputs: Sequence[Output]) -> list[str]:
     """What the recogniser hears in each generated waveform ("" for none)."""
     return [recognizer.transcribe(o.speech, o.sample_rate) if o.speech is not None and len(o.speech) else ""
             for o in outputs]
+
+
+def _codec_ceiling(pipe: AnyToAny, recognizer, cases: Sequence[Case]) -> float:
+    """`spoken_answer_says_it` of the reference answers themselves, encoded and decoded
+    by the speech tokenizer: the most the model's spoken answers can score."""
+    spoken = [c for c in cases if c.answer_audio is not None]
+    heard = []
+    for case in spoken:
+        wave = torch.as_tensor(np.asarray(case.answer_audio.waveform, dtype=np.float32))
+        with torch.no_grad():
+            codes = pipe.speech_codec.encode([wave], case.answer_audio.sample_rate)[0]
+            decoded = pipe.speech_codec.decode([codes])[0].numpy()
+        heard.append(recognizer.transcribe(decoded, Output().sample_rate))
+    return says([c.reference for c in spoken], heard)
 
 
 def _step_curve(pipe: AnyToAny, cfg: EvalConfig, cases: list[Case]) -> list[dict]:

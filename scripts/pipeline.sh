@@ -20,7 +20,7 @@ case "$PROFILE" in
     WORLD=(world.train_scenes=1200 world.eval_scenes=100)
     TOKENIZERS=()
     SDVI=()
-    STEPS=(800 700 300)
+    STEPS=(700 600 500)
     MODEL=()
     EVAL=(evaluate.max_per_task=48)
     ;;

@@ -72,6 +72,8 @@ def test_held_out_cases_load_with_their_media(held_out):
     svqa = load_cases(cfg, "svqa")
     assert [type(x).__name__ for x in svqa[0].inputs] == ["Image", "Audio"]
     assert svqa[0].reference in ANSWERS
+    assert all(c.answer_audio is not None and c.answer_audio.seconds > 0.2 for c in svqa)
+    assert all(c.answer_audio is None for c in t2i)
     tts = load_cases(cfg, "tts")
     assert tts[0].reference and "\n" not in tts[0].reference
 
@@ -105,6 +107,7 @@ def test_an_untrained_model_scores_near_chance_and_the_report_is_written(held_ou
     assert set(tasks) == {"t2i", "s2i", "caption", "vqa", "asr", "tts", "svqa"}
     assert tasks["t2i"]["overall"] <= 0.25 and tasks["vqa"]["exact_match"] <= 0.25
     assert tasks["asr"]["wer"] >= 0.75 and tasks["tts"]["intelligibility_wer"] == 1.0
+    assert tasks["svqa"]["reference_through_codec_says_it"] == 0.0  # the stand-in hears "nothing"
     assert [(r["steps"], r["position_penalty"]) for r in metrics["t2i_steps"]] == [(2, 1.0), (2, 2.0),
                                                                                    (4, 1.0), (4, 2.0)]
     report = tmp_path / "report"
