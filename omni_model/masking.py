@@ -3,10 +3,10 @@
 For each sample draw a noise level t in (eps, 1) and replace each *response* token by the
 mask token with probability t; prompt tokens are never masked. t is uniform (LLaDA), or
 `cosine`: t = cos(pi/2 * u) for u ~ U(0, 1), MaskGIT's training schedule, which puts
-two thirds of the samples above t = 0.5, where generation from an all-masked response
-starts (a tiny model learns text-to-image binding about twice as fast with it). The model is trained with
-cross-entropy on the masked positions only, optionally weighted by 1/t (the ELBO
-weighting of masked diffusion: Sahoo et al. 2024, Shi et al. 2024; LLaDA eq. 3).
+two thirds of the samples above t = 0.5, nearer the all-masked start of generation. The
+model is trained with cross-entropy on the masked positions only, optionally weighted by
+1/t (the ELBO weighting of masked diffusion: Sahoo et al. 2024, Shi et al. 2024; LLaDA
+eq. 3).
 
 Attenuated tail-pad masking (Omni-Diffusion sec. 3): every response is followed by a
 random 1..N pad tokens so the model learns where a response ends, and those pads are
@@ -16,13 +16,15 @@ the trivially predictable padding.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 
 Weighting = Literal["elbo", "none"]
 Schedule = Literal["uniform", "cosine"]
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def add_tail_pad(ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int, max_pads: int,
@@ -68,8 +70,8 @@ def mask_for_training(ids: torch.Tensor, response_mask: torch.Tensor, mask_id: i
     """
     if not 0.0 <= pad_ratio <= 1.0:
         raise ValueError("pad_ratio must lie in [0, 1]")
-    if schedule not in ("uniform", "cosine"):
-        raise ValueError(f"unknown noise schedule {schedule!r}: uniform or cosine")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r}: one of {SCHEDULES}")
     b, n = ids.shape
     device = ids.device
     n_docs = 1 if doc_ids is None else int(doc_ids.max()) + 1
@@ -100,7 +102,7 @@ def diffusion_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_mask: 
             `none` returns the weighted loss of every position (0 where unmasked),
             for per-task metrics.
     """
-    if weighting not in ("elbo", "none"):
+    if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}")
     if t.dim() == 1:
         t = t[:, None].expand_as(target_ids)

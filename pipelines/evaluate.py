@@ -104,8 +104,8 @@ def exact_match(references: Sequence[str | Sequence[str]], predictions: Sequence
     """Share of predictions whose normalised words equal the reference's (or, where a
     reference is a list of acceptable answers, any one of them)."""
     pairs = list(zip(references, predictions, strict=True))
-    hits = sum(normalize_text(p) in [normalize_text(r) for r in ([refs] if isinstance(refs, str) else refs)]
-               for refs, p in pairs)
+    accepted = [[refs] if isinstance(refs, str) else refs for refs, _ in pairs]
+    hits = sum(normalize_text(p) in map(normalize_text, ok) for ok, (_, p) in zip(accepted, pairs))
     return hits / max(1, len(pairs))
 
 
@@ -252,7 +252,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
             sampler = replace(sampler, cfg_scale=cfg.s2i_cfg_scale)
         outputs, seconds = run_cases(pipe, cases, sampler, cfg.batch_size)
         result = _score(task, cases, outputs, recognizer)
-        if task == "svqa" and recognizer is not None and pipe.speech_codec is not None:
+        if task == "svqa" and recognizer is not None and hasattr(pipe.speech_codec, "decode"):
             result["reference_through_codec_says_it"] = _codec_ceiling(pipe, recognizer, cases)
         result.update(n=len(cases), seconds=round(seconds, 1),
                       mean_steps=float(np.mean([o.steps for o in outputs])))
@@ -303,7 +303,7 @@ def _codec_ceiling(pipe: AnyToAny, recognizer, cases: Sequence[Case]) -> float:
         with torch.no_grad():
             codes = pipe.speech_codec.encode([wave], case.answer_audio.sample_rate)[0]
             decoded = pipe.speech_codec.decode([codes])[0].numpy()
-        heard.append(recognizer.transcribe(decoded, Output().sample_rate))
+        heard.append(recognizer.transcribe(decoded, pipe.speech_codec.sample_rate))
     return says([c.reference for c in spoken], heard)
 
 

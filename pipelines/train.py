@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from omni_model.batching import StreamPacker
-from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training
+from omni_model.masking import SCHEDULES, WEIGHTINGS, add_tail_pad, diffusion_loss, mask_for_training
 from omni_model.templates import encode_sample
 from omni_model.tokenizers.text import BPETokenizer, ByteTokenizer
 from omni_model.transformer import Transformer, TransformerConfig
@@ -132,10 +132,10 @@ class OptimConfig:
     t_schedule: str = "uniform"
 
     def __post_init__(self) -> None:  # fail at config time, not in the first worker step
-        if self.weighting not in ("elbo", "none"):
-            raise ValueError(f"optim.weighting must be elbo or none, not {self.weighting!r}")
-        if self.t_schedule not in ("uniform", "cosine"):
-            raise ValueError(f"optim.t_schedule must be uniform or cosine, not {self.t_schedule!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"optim.weighting must be one of {WEIGHTINGS}, not {self.weighting!r}")
+        if self.t_schedule not in SCHEDULES:
+            raise ValueError(f"optim.t_schedule must be one of {SCHEDULES}, not {self.t_schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -322,9 +322,8 @@ def mixture_rules(mixture: Sequence[DataSource], folders: Sequence[Path],
             repeats.append(0)
             continue
         weights = {t: float(w) for t, w in source.task_weights.items()}
-        heaviest = max([1.0, *weights.values()]) if not source.tasks else \
-            max(weights.get(t, 1.0) for t in source.tasks)
-        copies = math.ceil(want * heaviest / count)
+        present = source.tasks or [*weights, None]  # None: a task without a weight (1)
+        copies = math.ceil(want * max(weights.get(t, 1.0) for t in present) / count)
         repeats.append(copies)
         for f in shard_files(folder):
             if str(f) in rules:
@@ -362,9 +361,10 @@ def read_mixture(batch, rules: dict[str, Rule], seed: int):
     path, index = batch["path"][0].as_py(), batch["index"][0].as_py()
     prob, tasks, weights = rules[path]
     table = pq.read_table(path)
-    row_tasks = np.array(table["task"].to_pylist(), dtype=object)
-    row_prob = prob * np.array([float(weights.get(t, 1.0)) for t in row_tasks]) if weights else prob
-    keep = np.random.default_rng([seed, index]).random(table.num_rows) < row_prob
+    row_tasks = np.array(table["task"].to_pylist(), dtype=object) if tasks or weights else None
+    if weights:
+        prob = prob * np.array([weights.get(t, 1.0) for t in row_tasks])
+    keep = np.random.default_rng([seed, index]).random(table.num_rows) < prob
     if tasks is not None:
         keep &= np.isin(row_tasks, list(tasks))
     return table.filter(pa.array(keep))
