@@ -6,11 +6,13 @@ import re
 from typing import Sequence
 
 _WORD = re.compile(r"[a-z0-9']+")
+_NUMBERS = dict(enumerate("zero one two three four five six seven eight nine ten eleven twelve".split()))
 
 
 def normalize_text(text: str) -> list[str]:
-    """Lower-case words without punctuation (the usual normalisation before WER)."""
-    return _WORD.findall(text.lower())
+    """Lower-case words without punctuation, small numbers spelled out (recognisers
+    write "1." for a spoken "one"): the usual normalisation before WER."""
+    return [_NUMBERS.get(int(w), w) if w.isdigit() else w for w in _WORD.findall(text.lower())]
 
 
 def edit_distance(a: Sequence, b: Sequence) -> int:

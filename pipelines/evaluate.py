@@ -41,7 +41,7 @@ from omni_model.sampler import SamplerConfig
 from omni_model.templates import AUDIO_PLACEHOLDER, Text, split_placeholders
 from pipelines.manifest import Sample, parse_line, read_lines, resolve_media
 from pipelines.media import load_audio, load_image
-from pipelines.world import ANSWERS, Agreement, Scene, captions, check_image
+from pipelines.world import ANSWERS, Agreement, Scene, captions, check_image, render
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,32 @@ def chance_levels() -> dict[str, float]:
     """What guessing scores: a uniformly random world answer for VQA (the model could
     do better by guessing per question type; this is the floor a report compares to)."""
     return {"vqa": 1 / len(ANSWERS)}
+
+
+def prior_guess(task: str, cases: Sequence[Case], seed: int = 0) -> dict[str, float]:
+    """The scores of a guess that knows the world but not the input: each case answered
+    with the right output of another case of the task (a random derangement): the
+    render of another scene for t2i/s2i, another scene's caption, another question's
+    answer, another utterance's transcript. The chance column of the report."""
+    if len(cases) < 2 or task == "tts":
+        return {}
+    order = np.random.default_rng(seed).permutation(len(cases))
+    other = {int(a): cases[int(b)] for a, b in zip(order, np.roll(order, 1))}
+    guesses = [other[i] for i in range(len(cases))]
+    if task in ("t2i", "s2i"):
+        if any(c.scene is None for c in cases):
+            return {}
+        return score_images([c.scene for c in cases], [render(g.scene) for g in guesses])
+    if task == "caption":
+        wordings = [captions(c.scene) if c.scene is not None else [c.reference] for c in cases]
+        return {"exact_match": exact_match(wordings, [g.reference for g in guesses])}
+    refs, answers = [c.reference for c in cases], [g.reference for g in guesses]
+    if task == "asr":
+        return {"wer": word_error_rate(refs, answers)}
+    result = {"exact_match": exact_match(refs, answers)}
+    if task == "svqa":
+        result["spoken_answer_says_it"] = says(refs, answers)
+    return result
 
 
 def calibrate_presets(shard_sets: Sequence[str], tokenizer, base: LengthPresets = LengthPresets(),
@@ -253,10 +279,11 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         outputs, seconds = run_cases(pipe, cases, sampler, cfg.batch_size)
         result = _score(task, cases, outputs, recognizer)
         if task == "svqa" and recognizer is not None and hasattr(pipe.speech_codec, "decode"):
-            result["reference_through_codec_says_it"] = _codec_ceiling(pipe, recognizer, cases)
+            result.update(_spoken_ceilings(pipe, recognizer, cases))
         result.update(n=len(cases), seconds=round(seconds, 1),
                       mean_steps=float(np.mean([o.steps for o in outputs])))
         metrics["tasks"][task] = result
+        metrics.setdefault("prior_guess", {})[task] = prior_guess(task, cases, cfg.seed)
         examples[task] = list(zip(cases, outputs))
         logger.info("%s: %s", task, result)
     if "t2i" in cfg.tasks and cfg.step_curve:
@@ -293,18 +320,22 @@ def _hear(recognizer, outputs: Sequence[Output]) -> list[str]:
             for o in outputs]
 
 
-def _codec_ceiling(pipe: AnyToAny, recognizer, cases: Sequence[Case]) -> float:
-    """`spoken_answer_says_it` of the reference answers themselves, encoded and decoded
-    by the speech tokenizer: the most the model's spoken answers can score."""
+def _spoken_ceilings(pipe: AnyToAny, recognizer, cases: Sequence[Case]) -> dict[str, float]:
+    """`spoken_answer_says_it` of the reference answer audio itself (what the recogniser
+    can hear) and of the same audio encoded and decoded by the speech tokenizer (the most
+    the model's spoken answers can score)."""
     spoken = [c for c in cases if c.answer_audio is not None]
-    heard = []
+    heard, through_codec = [], []
     for case in spoken:
         wave = torch.as_tensor(np.asarray(case.answer_audio.waveform, dtype=np.float32))
+        heard.append(recognizer.transcribe(wave.numpy(), case.answer_audio.sample_rate))
         with torch.no_grad():
             codes = pipe.speech_codec.encode([wave], case.answer_audio.sample_rate)[0]
             decoded = pipe.speech_codec.decode([codes])[0].numpy()
-        heard.append(recognizer.transcribe(decoded, pipe.speech_codec.sample_rate))
-    return says([c.reference for c in spoken], heard)
+        through_codec.append(recognizer.transcribe(decoded, pipe.speech_codec.sample_rate))
+    refs = [c.reference for c in spoken]
+    return {"reference_says_it": says(refs, heard),
+            "reference_through_codec_says_it": says(refs, through_codec)}
 
 
 def _step_curve(pipe: AnyToAny, cfg: EvalConfig, cases: list[Case]) -> list[dict]:
@@ -345,12 +376,14 @@ def _write_report(cfg: EvalConfig, metrics: dict, examples: dict, out: Path) -> 
 
 def format_report(metrics: dict) -> str:
     """The Markdown table of a metrics dict."""
-    rows = ["| task | n | metric | value | mean steps |", "|---|---|---|---|---|"]
+    rows = ["| task | n | metric | value | prior guess | mean steps |", "|---|---|---|---|---|---|"]
     for task, result in metrics["tasks"].items():
+        prior = metrics.get("prior_guess", {}).get(task, {})
         for key, value in result.items():
             if key in ("n", "seconds", "mean_steps"):
                 continue
-            rows.append(f"| {task} | {result['n']} | {key} | {value:.3f} | {result['mean_steps']:.1f} |")
+            guess = f"{prior[key]:.3f}" if key in prior else ""
+            rows.append(f"| {task} | {result['n']} | {key} | {value:.3f} | {guess} | {result['mean_steps']:.1f} |")
     text = "# Evaluation on held-out world scenes\n\n" + "\n".join(rows) + "\n"
     if metrics.get("t2i_steps"):
         text += "\n## Text-to-image accuracy against sampler steps\n\n"
@@ -358,7 +391,9 @@ def format_report(metrics: dict) -> str:
         for r in metrics["t2i_steps"]:
             text += (f"| {r['steps']} | {r['position_penalty']:g} | {r['overall']:.3f} | {r['colour']:.3f} "
                      f"| {r['shape']:.3f} | {r['seconds']} |\n")
-    text += f"\nChance: VQA {metrics['chance']['vqa']:.3f} (a uniformly random world answer).\n"
+    text += ("\nPrior guess: each case answered with another held-out case's right output (the "
+             "render of another scene, another caption, another answer): what knowing the world "
+             f"but not the input scores. Uniform chance for VQA: {metrics['chance']['vqa']:.3f}.\n")
     return text
 
 

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DataConfig:
     dir: str = "runs/world/media"  #: folder of images, audio (+ .txt transcripts) and text
+    #: more folders whose audio also trains the speech codec (transcripts optional), e.g.
+    #: SDVI's spoken questions and answers: other voices, single words
+    audio_dirs: tuple[str, ...] = ()
     holdout: float = 0.1  #: share of each kind kept out of training for the quality report
     max_images: int | None = None  #: cap on images read (None: all)
     max_audio: int | None = None  #: cap on audio files read (None: all)
@@ -131,7 +134,11 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
     report: dict = {}
 
     image_paths = find_files(root, IMAGE_SUFFIXES)[: cfg.data.max_images]
-    audio_paths = find_files(root, AUDIO_SUFFIXES)[: cfg.data.max_audio]
+    for folder in cfg.data.audio_dirs:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"audio folder {folder} does not exist")
+    audio_paths = [p for folder in (root, *cfg.data.audio_dirs)
+                   for p in find_files(Path(folder), AUDIO_SUFFIXES)][: cfg.data.max_audio]
     text_lines = [line.strip() for p in find_files(root, (".txt",))
                   for line in p.read_text(errors="replace").splitlines() if line.strip()]
     logger.info("found %d images, %d audio files, %d text lines in %s", len(image_paths),
@@ -176,12 +183,12 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
         train_speech_codec(codec, train_w, cfg.speech.train)
         codec.save_pretrained(out / "speech")
         train_s = time.perf_counter() - start
-        transcribe, refs = None, None
-        if cfg.speech.asr and all(t is not None for t in held_t):
+        transcribe = None
+        if cfg.speech.asr and any(t is not None for t in held_t):
             from pipelines.asr import WhisperRecognizer
 
-            transcribe, refs = WhisperRecognizer(threads=cfg.threads).transcribe, held_t
-        report["speech"] = {**evaluate_speech_codec(codec, held_w, refs, transcribe),
+            transcribe = WhisperRecognizer(threads=cfg.threads).transcribe
+        report["speech"] = {**evaluate_speech_codec(codec, held_w, held_t, transcribe),
                             "train_utterances": len(train_w), "held_out_utterances": len(held_w),
                             "train_seconds": train_s, "fingerprint": codec.fingerprint}
         _save_examples(codec, held_w[: cfg.speech.examples], out)

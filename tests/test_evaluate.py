@@ -16,8 +16,8 @@ from omni_model.tokenizers.text import ByteTokenizer
 from omni_model.tokenizers.train_speech import small_codec
 from omni_model.toy import toy_model
 from omni_model.vocab import Vocab
-from pipelines.evaluate import (EvalConfig, evaluate, exact_match, format_report, load_cases, says,
-                                score_images)
+from pipelines.evaluate import (EvalConfig, evaluate, exact_match, format_report, load_cases,
+                                prior_guess, says, score_images)
 from pipelines.sdvi import SDVIConfig, build_sdvi
 from pipelines.world import ANSWERS, captions, make_scene, questions, render
 from pipelines.world_data import Voice, WorldConfig, build_world
@@ -49,6 +49,8 @@ def test_answer_scores_are_perfect_on_references_and_near_chance_on_guesses():
     assert exact_match(wordings, [w[0] for w in wordings[1:] + wordings[:1]]) < 0.1
     assert says(["two blue squares"], ["I see two blue squares."]) == 1.0
     assert says(["two blue squares"], ["two red squares"]) == 0.0
+    assert says(["one", "three"], ["1.", "It's 3"]) == 1.0  # recognisers write small numbers as digits
+    assert says(["one"], ["11"]) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,19 @@ def test_held_out_cases_load_with_their_media(held_out):
     assert all(c.answer_audio is None for c in t2i)
     tts = load_cases(cfg, "tts")
     assert tts[0].reference and "\n" not in tts[0].reference
+
+
+def test_the_prior_guess_answers_each_case_with_another_cases_output(held_out):
+    cfg = EvalConfig(data_root=str(held_out), manifests=(str(held_out / "manifests/eval"),))
+    t2i, caption = load_cases(cfg, "t2i"), load_cases(cfg, "caption")
+    prior = prior_guess("t2i", t2i)
+    assert set(prior) >= {"colour", "shape", "overall"}
+    assert prior["overall"] < 1.0  # real renders, but of other scenes
+    assert score_images([c.scene for c in t2i], [render(c.scene) for c in t2i])["overall"] == 1.0
+    assert prior_guess("caption", caption)["exact_match"] < 1.0
+    assert 0 < prior_guess("asr", load_cases(cfg, "asr"))["wer"] <= 1.5
+    assert prior_guess("tts", load_cases(cfg, "tts")) == {}  # needs a recogniser: not guessed
+    assert prior_guess("t2i", t2i, seed=1) != {} and prior_guess("t2i", t2i[:1]) == {}
 
 
 def test_an_untrained_model_scores_near_chance_and_the_report_is_written(held_out, tmp_path):
@@ -108,11 +123,14 @@ def test_an_untrained_model_scores_near_chance_and_the_report_is_written(held_ou
     assert tasks["t2i"]["overall"] <= 0.25 and tasks["vqa"]["exact_match"] <= 0.25
     assert tasks["asr"]["wer"] >= 0.75 and tasks["tts"]["intelligibility_wer"] == 1.0
     assert tasks["svqa"]["reference_through_codec_says_it"] == 0.0  # the stand-in hears "nothing"
+    assert tasks["svqa"]["reference_says_it"] == 0.0
     assert [(r["steps"], r["position_penalty"]) for r in metrics["t2i_steps"]] == [(2, 1.0), (2, 2.0),
                                                                                    (4, 1.0), (4, 2.0)]
     report = tmp_path / "report"
     assert json.loads((report / "metrics.json").read_text())["tasks"]["vqa"]["n"] == 4
     assert "| vqa | 4 | exact_match |" in (report / "report.md").read_text()
+    assert set(metrics["prior_guess"]["t2i"]) >= {"colour", "overall"}
+    assert "prior guess" in format_report(metrics)
     assert Image.open(report / "t2i_grid.png").size[0] > 0 and Image.open(report / "loss.png").size == (640, 360)
     assert list(report.glob("tts_*.wav")) and list(report.glob("svqa_*.wav"))
     assert format_report(metrics).startswith("# Evaluation")

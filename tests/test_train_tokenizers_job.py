@@ -29,6 +29,10 @@ def media(tmp_path_factory):
                        check=True)
         (root / f"utt_{i}.txt").write_text(text + "\n")
     (root / "captions.txt").write_text("\n".join(SENTENCES * 5) + "\n")
+    answers = root.parent / "answers"  # more speech, without transcripts (SDVI's spoken answers)
+    answers.mkdir()
+    for word in ("yes", "one"):
+        subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(answers / f"{word}.wav"), word], check=True)
     return root
 
 
@@ -37,7 +41,7 @@ def test_job_trains_saves_and_reports(media, tmp_path, capsys):
     rc = main(["--config", "configs/tiny/tokenizers.yaml", f"data.dir={media}", f"out_dir={out}",
                "data.holdout=0.2", "text.vocab_size=300", "image.train.steps=4",
                "image.train.batch_size=4", "speech.train.steps=4", "speech.train.batch_size=2",
-               "speech.examples=1"])
+               "speech.examples=1", f"data.audio_dirs=[{media.parent / 'answers'}]"])
     assert rc == 0
     report = json.loads((out / "quality.json").read_text())
     assert report["text"]["tokens_per_line"] > 0
@@ -47,6 +51,8 @@ def test_job_trains_saves_and_reports(media, tmp_path, capsys):
     assert 11 < speech["codes_per_second"] < 14
     assert speech["wer_original"] < 0.5  # the recogniser understands espeak-ng
     assert speech["wer_decoded"] >= 0  # four steps of training: scored, not good
+    assert speech["train_utterances"] + speech["held_out_utterances"] == 8  # 6 + 2 answers
+    assert 1 <= speech["wer_utterances"] <= speech["held_out_utterances"]  # only the transcribed
     assert "held-out PSNR" in capsys.readouterr().out
     # everything loads back through the tokenizers' own loaders
     assert BPETokenizer.from_pretrained(out / "text").vocab_size <= 300
@@ -60,3 +66,5 @@ def test_job_trains_saves_and_reports(media, tmp_path, capsys):
 def test_job_rejects_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError):
         main([f"data.dir={tmp_path / 'nope'}", f"out_dir={tmp_path / 'o'}"])
+    with pytest.raises(FileNotFoundError, match="audio folder"):
+        main([f"data.dir={tmp_path}", f"data.audio_dirs=[{tmp_path / 'nope'}]", f"out_dir={tmp_path / 'o'}"])

@@ -132,11 +132,12 @@ def _restart_dead_codes(book: torch.Tensor, usage: torch.Tensor, h: torch.Tensor
 
 @torch.no_grad()
 def evaluate_speech_codec(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
-                          transcripts: Sequence[str] | None = None,
+                          transcripts: Sequence[str | None] | None = None,
                           transcribe: Callable[[torch.Tensor, int], str] | None = None
                           ) -> dict[str, float]:
     """Codes per second, mel L1 of decoded vs original (log-mel units), codebook use, and
-    the word error rate of decoded speech when a recogniser and transcripts are given."""
+    the word error rate of decoded speech when a recogniser and transcripts are given
+    (over the utterances that have a transcript)."""
     tok = codec.tokenizer
     codes = codec.encode(list(waveforms), tok.mel.sample_rate)
     seconds = sum(len(w) for w in waveforms) / tok.mel.sample_rate
@@ -149,12 +150,15 @@ def evaluate_speech_codec(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
            "mel_l1": sum(distances) / len(distances),
            "distinct_codes": int(torch.cat(codes).unique().numel()),
            "codebook_size": codec.codebook_size}
-    if transcribe is not None and transcripts is not None:
+    if transcribe is not None and transcripts is not None and any(t is not None for t in transcripts):
         from omni_model.metrics import word_error_rate
 
-        decoded = codec.decode(codes)
+        known = [i for i, t in enumerate(transcripts) if t is not None]
+        decoded = codec.decode([codes[i] for i in known])
         hyps = [transcribe(w, codec.sample_rate) for w in decoded]
-        refs = [transcribe(w, tok.mel.sample_rate) for w in waveforms]
-        out["wer_decoded"] = word_error_rate(list(transcripts), hyps)
-        out["wer_original"] = word_error_rate(list(transcripts), refs)
+        refs = [transcribe(waveforms[i], tok.mel.sample_rate) for i in known]
+        texts = [transcripts[i] for i in known]
+        out["wer_decoded"] = word_error_rate(texts, hyps)
+        out["wer_original"] = word_error_rate(texts, refs)
+        out["wer_utterances"] = len(known)
     return out
