@@ -258,7 +258,8 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
     pipe = AnyToAny.from_pretrained(cfg.model, image_tokenizer=cfg.image_tokenizer,
                                     speech_tokenizer=cfg.speech_tokenizer, presets=cfg.presets)
     if cfg.calibrate_from:
-        pipe.presets = calibrate_presets(cfg.calibrate_from, pipe.text_tokenizer, cfg.presets)
+        rate = getattr(pipe.speech_codec, "codes_per_second", 12.5)
+        pipe.presets = calibrate_presets(cfg.calibrate_from, pipe.text_tokenizer, cfg.presets, rate)
     (out_dir / "presets.json").write_text(json.dumps(pipe.presets.to_dict(), indent=2) + "\n")
     recognizer = None
     if cfg.transcribe and {"tts", "svqa"} & set(cfg.tasks):

@@ -71,7 +71,9 @@ class ImageTokenizerConfig:
 class SpeechTokenizerConfig:
     codebook_size: int = 512
     d_model: int = 128
-    layers: int = 4  #: encoder layers (pooled to 12.5 Hz after layer 2, quantized after the last)
+    layers: int = 4  #: encoder layers (pooled after layer 2, quantized after the last)
+    pooling: int = 4  #: 50 Hz frames pooled by this: 4 -> 12.5 codes/s (GLM-4-Voice), 2 -> 25
+    attention: str = "causal"  #: the encoder's mask: causal, block_causal (GLM-4-Voice's) or full
     train: SpeechTrainConfig = field(default_factory=SpeechTrainConfig)
     asr: bool = True  #: score decoded speech with the offline recogniser
     examples: int = 3  #: decoded WAV examples written to the output folder
@@ -178,7 +180,8 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
         train_paths, held_paths = _split(audio_paths, cfg.data.holdout, rng)
         train_w, _ = _read_audio(train_paths, cfg.data.max_audio_seconds)
         held_w, held_t = _read_audio(held_paths or train_paths[:8], cfg.data.max_audio_seconds)
-        codec = small_codec(cfg.speech.codebook_size, cfg.speech.d_model, cfg.speech.layers, cfg.seed)
+        codec = small_codec(cfg.speech.codebook_size, cfg.speech.d_model, cfg.speech.layers, cfg.seed,
+                            cfg.speech.pooling, cfg.speech.attention)
         start = time.perf_counter()
         train_speech_codec(codec, train_w, cfg.speech.train)
         codec.save_pretrained(out / "speech")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole embedded default, end to end, on a local Ray:
-#   world -> tokenizers -> token shards -> SDVI -> stages 1-3 -> evaluation report.
+#   world -> SDVI -> tokenizers -> token shards -> stages 1-3 -> evaluation report.
 #
 #   bash scripts/pipeline.sh [full|ci] [RUNS_DIR]
 #
@@ -47,17 +47,18 @@ step() {  # step NAME COMMAND...
 
 W="$RUNS/world"
 step world $PY jobs/build_world.py --config configs/tiny/world.yaml world.out="$W" "${WORLD[@]}"
-step tokenizers $PY jobs/train_tokenizers.py --config configs/tiny/tokenizers.yaml \
-  data.dir="$W/train" out_dir="$RUNS/tokenizers" "${TOKENIZERS[@]}"
-TOK=(--image-tokenizer "$RUNS/tokenizers/image" --speech-tokenizer "$RUNS/tokenizers/speech")
-step tokenize $PY jobs/tokenize.py --config configs/tiny/tokenize.yaml --data-root "$W" \
-  --manifest "$W/manifests/train/all.jsonl" --out "$RUNS/shards/train" "${TOK[@]}"
 step sdvi $PY jobs/build_sdvi.py --config configs/tiny/sdvi.yaml sdvi.data_root="$W" \
   "sdvi.vqa_manifests=[$W/manifests/train/vqa.jsonl]" "sdvi.caption_manifests=[$W/manifests/train/caption.jsonl]" \
   sdvi.out="$W/manifests/sdvi" "${SDVI[@]}"
 step sdvi_eval $PY jobs/build_sdvi.py --config configs/tiny/sdvi.yaml sdvi.data_root="$W" \
   "sdvi.vqa_manifests=[$W/manifests/eval/vqa.jsonl]" "sdvi.caption_manifests=[$W/manifests/eval/caption.jsonl]" \
   sdvi.out="$W/manifests/sdvi_eval" sdvi.audio_dir=sdvi_eval/audio "${SDVI[@]}"
+# The speech codec also learns SDVI's voices and its single-word spoken answers.
+step tokenizers $PY jobs/train_tokenizers.py --config configs/tiny/tokenizers.yaml \
+  data.dir="$W/train" "data.audio_dirs=[$W/sdvi/audio]" out_dir="$RUNS/tokenizers" "${TOKENIZERS[@]}"
+TOK=(--image-tokenizer "$RUNS/tokenizers/image" --speech-tokenizer "$RUNS/tokenizers/speech")
+step tokenize $PY jobs/tokenize.py --config configs/tiny/tokenize.yaml --data-root "$W" \
+  --manifest "$W/manifests/train/all.jsonl" --out "$RUNS/shards/train" "${TOK[@]}"
 step tokenize_sdvi $PY jobs/tokenize.py --config configs/tiny/tokenize.yaml --data-root "$W" \
   --manifest "$W/manifests/sdvi/all.jsonl" --out "$RUNS/shards/sdvi" "${TOK[@]}"
 DATA=(data.shards="$RUNS/shards" data.text_tokenizer="$RUNS/tokenizers/text")
@@ -72,5 +73,7 @@ step evaluate $PY jobs/evaluate.py --config configs/tiny/evaluate.yaml evaluate.
   evaluate.data_root="$W" "evaluate.manifests=[$W/manifests/eval, $W/manifests/sdvi_eval]" \
   evaluate.out="$RUNS/report" "evaluate.runs=[$RUNS/stage1, $RUNS/stage2, $RUNS/stage3]" \
   "evaluate.calibrate_from=[$RUNS/shards/train, $RUNS/shards/sdvi]" "${EVAL[@]}"
+# Serving reads the response lengths measured on the training shards from the model folder.
+cp "$RUNS/report/presets.json" "$RUNS/stage3/final/presets.json"
 echo "total $SECONDS s" | tee -a "$RUNS/timings.txt"
 echo "report: $RUNS/report/report.md"

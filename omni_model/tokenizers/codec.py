@@ -34,7 +34,7 @@ class CodeToMelConfig:
     code_dim: int = 128  #: the tokenizer's d_model (codebook row width)
     n_mels: int = 128
     frames_per_code: int = 8  #: samples_per_code / hop_length
-    max_codes: int = 512  #: longest decodable utterance, in codes (41 s at 12.5/s)
+    max_codes: int = 512  #: longest decodable utterance, in codes (41 s at 12.5/s, 20 s at 25/s)
 
     @classmethod
     def from_dict(cls, data: dict) -> "CodeToMelConfig":

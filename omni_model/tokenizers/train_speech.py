@@ -39,17 +39,21 @@ class SpeechTrainConfig:
 
 
 def small_codec(codebook_size: int = 512, d_model: int = 128, layers: int = 4,
-                seed: int = 0) -> SpeechCodec:
-    """A fresh small codec: 12.5 codes/s, pooling after layer 2, quantized after `layers`."""
+                seed: int = 0, pooling: int = 4, attention: str = "causal") -> SpeechCodec:
+    """A fresh small codec: pooling after layer 2 by `pooling` (4: 12.5 codes/s as
+    GLM-4-Voice; 2: 25 codes/s), quantized after `layers`; `attention` is the encoder's
+    mask (`WhisperVQConfig.attention_mode`; `block_causal` with GLM-4-Voice's 200-frame
+    blocks sees a whole short utterance)."""
     torch.manual_seed(seed)
     cfg = WhisperVQConfig(d_model=d_model, encoder_layers=layers, encoder_attention_heads=4,
-                          encoder_ffn_dim=2 * d_model, pooling_position=2,
+                          encoder_ffn_dim=2 * d_model, pooling_position=2, pooling_kernel_size=pooling,
                           quantize_position=layers, quantize_vocab_size=codebook_size,
-                          quantize_causal_block_size=None, attention_mode="causal")
+                          quantize_causal_block_size=200 if attention == "block_causal" else None,
+                          attention_mode=attention)
     tokenizer = GLM4VoiceTokenizer(cfg)
     fpc = tokenizer.samples_per_code // tokenizer.mel.hop_length
-    decoder = CodeToMel(CodeToMelConfig(code_dim=d_model, n_mels=cfg.num_mel_bins,
-                                        frames_per_code=fpc))
+    decoder = CodeToMel(CodeToMelConfig(code_dim=d_model, n_mels=cfg.num_mel_bins, frames_per_code=fpc,
+                                        max_codes=math.ceil(41 * tokenizer.codes_per_second)))
     return SpeechCodec(tokenizer, decoder)
 
 
