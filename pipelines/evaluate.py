@@ -129,15 +129,15 @@ def prior_guess(task: str, cases: Sequence[Case], seed: int = 0) -> dict[str, fl
     if len(cases) < 2 or task == "tts":
         return {}
     order = np.random.default_rng(seed).permutation(len(cases))
-    other = {int(a): cases[int(b)] for a, b in zip(order, np.roll(order, 1))}
-    guesses = [other[i] for i in range(len(cases))]
+    source = np.empty_like(order)
+    source[order] = np.roll(order, 1)  # one cycle through all cases: nobody gets its own
+    guesses = [cases[int(j)] for j in source]
     if task in ("t2i", "s2i"):
         if any(c.scene is None for c in cases):
             return {}
         return score_images([c.scene for c in cases], [render(g.scene) for g in guesses])
     if task == "caption":
-        wordings = [captions(c.scene) if c.scene is not None else [c.reference] for c in cases]
-        return {"exact_match": exact_match(wordings, [g.reference for g in guesses])}
+        return {"exact_match": exact_match(_caption_wordings(cases), [g.reference for g in guesses])}
     refs, answers = [c.reference for c in cases], [g.reference for g in guesses]
     if task == "asr":
         return {"wer": word_error_rate(refs, answers)}
@@ -145,6 +145,11 @@ def prior_guess(task: str, cases: Sequence[Case], seed: int = 0) -> dict[str, fl
     if task == "svqa":
         result["spoken_answer_says_it"] = says(refs, answers)
     return result
+
+
+def _caption_wordings(cases: Sequence[Case]) -> list[list[str]]:
+    """The captions accepted for each case: every world wording of its scene."""
+    return [captions(c.scene) if c.scene is not None else [c.reference] for c in cases]
 
 
 def calibrate_presets(shard_sets: Sequence[str], tokenizer, base: LengthPresets = LengthPresets(),
@@ -301,8 +306,7 @@ def _score(task: str, cases: Sequence[Case], outputs: Sequence[Output], recogniz
     if task == "tts" and recognizer is None:
         return {"mean_speech_codes": float(np.mean([len(o.speech_codes or []) for o in outputs]))}
     if task == "caption":
-        wordings = [captions(c.scene) if c.scene is not None else [c.reference] for c in cases]
-        return {"exact_match": exact_match(wordings, [o.text or "" for o in outputs])}
+        return {"exact_match": exact_match(_caption_wordings(cases), [o.text or "" for o in outputs])}
     if task == "vqa":
         return {"exact_match": exact_match(refs, [o.text or "" for o in outputs])}
     if task == "asr":

@@ -48,7 +48,8 @@ def small_codec(codebook_size: int = 512, d_model: int = 128, layers: int = 4,
     cfg = WhisperVQConfig(d_model=d_model, encoder_layers=layers, encoder_attention_heads=4,
                           encoder_ffn_dim=2 * d_model, pooling_position=2, pooling_kernel_size=pooling,
                           quantize_position=layers, quantize_vocab_size=codebook_size,
-                          quantize_causal_block_size=200 if attention == "block_causal" else None,
+                          quantize_causal_block_size=(WhisperVQConfig.quantize_causal_block_size
+                                                      if attention == "block_causal" else None),
                           attention_mode=attention)
     tokenizer = GLM4VoiceTokenizer(cfg)
     fpc = tokenizer.samples_per_code // tokenizer.mel.hop_length
