@@ -24,8 +24,8 @@ from omni_model.tokenizers.mel import SAMPLE_RATE, resample, to_mono
 from omni_model.tokenizers.text import BPETokenizer
 from omni_model.tokenizers.train_image import (ImageTrainConfig, evaluate_image_tokenizer,
                                                train_image_tokenizer)
-from omni_model.tokenizers.train_speech import (SpeechTrainConfig, evaluate_speech_codec,
-                                                small_codec, train_speech_codec)
+from omni_model.tokenizers.train_speech import (DecoderTrainConfig, SpeechTrainConfig, evaluate_speech_codec,
+                                                small_codec, train_code_decoder, train_speech_codec)
 from pipelines.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, find_files, load_audio, load_image
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class SpeechTokenizerConfig:
     pooling: int = 4  #: 50 Hz frames pooled by this: 4 -> 12.5 codes/s (GLM-4-Voice), 2 -> 25
     attention: str = "causal"  #: the encoder's mask: causal, block_causal (GLM-4-Voice's) or full
     train: SpeechTrainConfig = field(default_factory=SpeechTrainConfig)
+    decoder: DecoderTrainConfig = field(default_factory=DecoderTrainConfig)  #: refit on frozen codes
     asr: bool = True  #: score decoded speech with the offline recogniser
     examples: int = 3  #: decoded WAV examples written to the output folder
 
@@ -178,12 +179,14 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
     # ---- speech
     if audio_paths:
         train_paths, held_paths = _split(audio_paths, cfg.data.holdout, rng)
-        train_w, _ = _read_audio(train_paths, cfg.data.max_audio_seconds)
+        train_w, train_t = _read_audio(train_paths, cfg.data.max_audio_seconds)
         held_w, held_t = _read_audio(held_paths or train_paths[:8], cfg.data.max_audio_seconds)
         codec = small_codec(cfg.speech.codebook_size, cfg.speech.d_model, cfg.speech.layers, cfg.seed,
                             cfg.speech.pooling, cfg.speech.attention)
         start = time.perf_counter()
-        train_speech_codec(codec, train_w, cfg.speech.train)
+        train_speech_codec(codec, train_w, cfg.speech.train, train_t)
+        if cfg.speech.decoder.steps:
+            train_code_decoder(codec, train_w, cfg.speech.decoder)
         codec.save_pretrained(out / "speech")
         train_s = time.perf_counter() - start
         transcribe = None

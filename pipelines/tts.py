@@ -194,7 +194,8 @@ class Synthesize:
 
 def synthesize_rows(rows: list[dict], root: str, workers: int = 2, batch_size: int = 16) -> list[dict]:
     """Run `Synthesize` over rows (`text, engine, voice, speed, seed, path`) on Ray Data,
-    one actor pool per engine; returns the rows with their `seconds`."""
+    one actor pool per engine, and write each clip's transcript beside it (`<clip>.txt`,
+    for ASR scores and the codec's CTC loss); returns the rows with their `seconds`."""
     import ray
 
     done = []
@@ -204,4 +205,6 @@ def synthesize_rows(rows: list[dict], root: str, workers: int = 2, batch_size: i
             Synthesize, fn_constructor_args=(engine, root), batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(mine)))), num_cpus=0.5)
         done += [{**r, "engine": engine} for r in ds.take_all()]
+    for r in done:
+        (Path(root) / r["path"]).with_suffix(".txt").write_text(f"{r['text']}\n")
     return done

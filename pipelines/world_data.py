@@ -148,8 +148,7 @@ def build_world(cfg: WorldConfig) -> dict:
         batch_size=cfg.render_batch, num_cpus=0.5).materialize()
 
     rows = speech_rows(indices, cfg)
-    synthesize_rows(rows, str(out), cfg.tts_workers)
-    _write_transcripts(out, rows)
+    synthesize_rows(rows, str(out), cfg.tts_workers)  # also writes each clip's transcript
 
     counts: dict = {}
     for split, idx in (("train", indices[: cfg.train_scenes]), ("eval", indices[cfg.train_scenes:])):
@@ -164,12 +163,6 @@ def build_world(cfg: WorldConfig) -> dict:
         _write_corpus(out / split / "text.txt", everything)
         counts[split] = {task: len(s) for task, s in per_task.items()}
     return counts
-
-
-def _write_transcripts(out: Path, rows: list[dict]) -> None:
-    """`<clip>.txt` beside every clip: the transcript, for ASR scores."""
-    for r in rows:
-        (out / r["path"]).with_suffix(".txt").write_text(r["text"] + "\n")
 
 
 def _write_corpus(path: Path, samples: list[Sample]) -> None:

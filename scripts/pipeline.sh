@@ -26,7 +26,7 @@ case "$PROFILE" in
     ;;
   ci)
     WORLD=(world.train_scenes=160 world.eval_scenes=16 "world.caption_voices=[{engine: espeak, voice: en-us}]")
-    TOKENIZERS=(image.train.steps=150 speech.train.steps=150 speech.examples=1)
+    TOKENIZERS=(image.train.steps=150 speech.train.steps=150 speech.decoder.steps=100 speech.examples=1)
     SDVI=("sdvi.question_voices=[{engine: espeak, voice: en-us+m3}]" "sdvi.answer_voices=[{engine: espeak, voice: en-us+f3}]")
     STEPS=(40 30 20)
     MODEL=("model.fresh={hidden: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 192}")

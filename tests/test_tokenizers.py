@@ -14,7 +14,8 @@ from omni_model.tokenizers.mel import log_mel
 from omni_model.tokenizers.speech import GLM4VoiceTokenizer
 from omni_model.tokenizers.text import BPETokenizer
 from omni_model.tokenizers.train_image import ImageTrainConfig, train_image_tokenizer
-from omni_model.tokenizers.train_speech import SpeechTrainConfig, small_codec, train_speech_codec
+from omni_model.tokenizers.train_speech import (CTC_ALPHABET, DecoderTrainConfig, SpeechTrainConfig, ctc_targets,
+                                                small_codec, train_code_decoder, train_speech_codec)
 
 
 @pytest.fixture(scope="module")
@@ -233,8 +234,36 @@ def test_a_few_steps_train_the_speech_codec(tmp_path):
     assert [len(c) for c in codes] == [25, 25]
     wave = codec.decode(codes[:1])[0]
     assert wave.shape == (25 * 1280,) and torch.isfinite(wave).all()
+    # a fresh, wider decoder fitted to the frozen codes replaces the joint one
+    refit = train_code_decoder(codec, waves, DecoderTrainConfig(steps=40, batch_size=4, d_model=96, layers=1,
+                                                                ffn=128, log_every=1, lr=2e-3))
+    assert codec.decoder.config.d_model == 96
+    assert sum(h["mel_l1"] for h in refit[-5:]) < 0.7 * sum(h["mel_l1"] for h in refit[:5])
+    assert torch.equal(codec.encode(waves[:2])[1], codes[1])  # the codes did not move
     codec.save_pretrained(tmp_path)
     again = SpeechCodec.from_pretrained(tmp_path)
     assert again.fingerprint == codec.fingerprint
     assert torch.equal(again.encode(waves[:1])[0], codes[0])
     assert torch.allclose(again.decode_mel(codes[:1])[0], codec.decode_mel(codes[:1])[0])
+
+
+def test_ctc_targets_are_the_normalised_transcript():
+    assert ctc_targets("3 Red!") == ctc_targets("three red")
+    assert [CTC_ALPHABET[i - 1] for i in ctc_targets("It's 3 Red!")] == list("it's three red")
+
+
+def test_the_ctc_loss_teaches_the_codes_what_was_said():
+    """Two 'phones' (a low and a high tone) in either order; the transcript says which
+    came first, so only codes that tell the tones apart let CTC fall."""
+    t = torch.arange(16000) / 16000
+    low, high = (0.3 * torch.sin(2 * math.pi * f * t[:8000]) for f in (220, 1500))
+    waves = [torch.cat([low, high]), torch.cat([high, low])] * 4
+    texts = ["a b", "b a"] * 4
+    codec = small_codec(codebook_size=16, d_model=64, layers=2)
+    cfg = SpeechTrainConfig(steps=60, batch_size=4, log_every=1, ctc_weight=1.0, lr=2e-3)
+    history = train_speech_codec(codec, waves, cfg, texts)
+    assert sum(h["ctc"] for h in history[-5:]) < 0.5 * sum(h["ctc"] for h in history[:5])
+    with pytest.raises(ValueError, match="transcript"):
+        train_speech_codec(codec, waves, cfg)
+    with pytest.raises(ValueError, match="no waveform has a transcript"):
+        train_speech_codec(codec, waves, cfg, [None] * len(waves))
