@@ -77,6 +77,7 @@ class SpeechTokenizerConfig:
     train: SpeechTrainConfig = field(default_factory=SpeechTrainConfig)
     decoder: DecoderTrainConfig = field(default_factory=DecoderTrainConfig)  #: refit on frozen codes
     asr: bool = True  #: score decoded speech with the offline recogniser
+    asr_utterances: int | None = 100  #: ... on at most this many held-out clips (each costs ~0.4 s)
     examples: int = 3  #: decoded WAV examples written to the output folder
 
 
@@ -194,7 +195,8 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
             from pipelines.asr import WhisperRecognizer
 
             transcribe = WhisperRecognizer(threads=cfg.threads).transcribe
-        report["speech"] = {**evaluate_speech_codec(codec, held_w, held_t, transcribe),
+        quality = evaluate_speech_codec(codec, held_w, held_t, transcribe, cfg.speech.asr_utterances)
+        report["speech"] = {**quality,
                             "train_utterances": len(train_w), "held_out_utterances": len(held_w),
                             "train_seconds": train_s, "fingerprint": codec.fingerprint}
         _save_examples(codec, held_w[: cfg.speech.examples], out)

@@ -14,8 +14,9 @@ from omni_model.tokenizers.mel import log_mel
 from omni_model.tokenizers.speech import GLM4VoiceTokenizer
 from omni_model.tokenizers.text import BPETokenizer
 from omni_model.tokenizers.train_image import ImageTrainConfig, train_image_tokenizer
-from omni_model.tokenizers.train_speech import (CTC_ALPHABET, DecoderTrainConfig, SpeechTrainConfig, ctc_targets,
-                                                small_codec, train_code_decoder, train_speech_codec)
+from omni_model.tokenizers.train_speech import (CTC_ALPHABET, DecoderTrainConfig, SpeechTrainConfig,
+                                                ctc_targets, small_codec, train_code_decoder,
+                                                train_speech_codec)
 
 
 @pytest.fixture(scope="module")

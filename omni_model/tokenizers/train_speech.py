@@ -25,6 +25,7 @@ world's audio with Whisper tiny.en: decoded captions' WER 0.29 (reconstruction o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -189,9 +190,8 @@ def train_code_decoder(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
     tok = codec.tokenizer
     old = codec.decoder.config
     torch.manual_seed(cfg.seed)
-    dec = CodeToMel(CodeToMelConfig(d_model=cfg.d_model, layers=cfg.layers, ffn=cfg.ffn, code_dim=old.code_dim,
-                                    n_mels=old.n_mels, frames_per_code=old.frames_per_code,
-                                    max_codes=old.max_codes)).to(tok.device)
+    shape = dataclasses.replace(old, d_model=cfg.d_model, layers=cfg.layers, ffn=cfg.ffn)
+    dec = CodeToMel(shape).to(tok.device)
     fpc = old.frames_per_code
     pairs = []  # (codes, target log-mel) of each utterance, computed once
     with torch.no_grad():
@@ -278,11 +278,11 @@ def _restart_dead_codes(book: torch.Tensor, usage: torch.Tensor, h: torch.Tensor
 @torch.no_grad()
 def evaluate_speech_codec(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
                           transcripts: Sequence[str | None] | None = None,
-                          transcribe: Callable[[torch.Tensor, int], str] | None = None
-                          ) -> dict[str, float]:
+                          transcribe: Callable[[torch.Tensor, int], str] | None = None,
+                          max_transcribed: int | None = None) -> dict[str, float]:
     """Codes per second, mel L1 of decoded vs original (log-mel units), codebook use, and
     the word error rate of decoded speech when a recogniser and transcripts are given
-    (over the utterances that have a transcript)."""
+    (over the utterances that have a transcript, at most `max_transcribed` of them)."""
     tok = codec.tokenizer
     codes = codec.encode(list(waveforms), tok.mel.sample_rate)
     seconds = sum(len(w) for w in waveforms) / tok.mel.sample_rate
@@ -298,7 +298,7 @@ def evaluate_speech_codec(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
     if transcribe is not None and transcripts is not None and any(t is not None for t in transcripts):
         from omni_model.metrics import word_error_rate
 
-        known = [i for i, t in enumerate(transcripts) if t is not None]
+        known = [i for i, t in enumerate(transcripts) if t is not None][:max_transcribed]
         decoded = codec.decode([codes[i] for i in known])
         hyps = [transcribe(w, codec.sample_rate) for w in decoded]
         refs = [transcribe(waveforms[i], tok.mel.sample_rate) for i in known]
