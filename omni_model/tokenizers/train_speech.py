@@ -19,8 +19,8 @@ Then, as GLM-4-Voice trains its speech decoder on the frozen tokenizer's codes,
 `train_code_decoder` fits a fresh (larger) `CodeToMel` to the frozen codes: the decoder
 trained with the encoder only shapes the codes, this one speaks them. Measured on the
 world's audio with Whisper tiny.en: decoded captions' WER 0.29 (reconstruction only) ->
-0.15 (CTC 0.1 + a 256-wide decoder on frozen codes), SDVI's single answer words heard
-0.14 -> 0.24.
+0.15 (CTC 0.1, 2,500 joint steps, then a 4-layer 256-wide decoder, 3,000 steps of 16), SDVI's
+single answer words heard 0.14 -> 0.24; the quickstart's cheaper setting: 0.23 and 0.00.
 """
 
 from __future__ import annotations
@@ -103,6 +103,13 @@ def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (x * valid).sum() / valid.sum().clamp(min=1)
 
 
+def _mel_l1(mel: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, frames_per_code: int) -> torch.Tensor:
+    """L1 between predicted and target log-mels `[B, n_mels, frames]` over the frames of
+    valid codes (`valid` `[B, N]`)."""
+    frame_valid = valid.repeat_interleave(frames_per_code, dim=1)[:, None]
+    return _masked_mean((mel - target).abs(), frame_valid.expand_as(mel))
+
+
 def train_speech_codec(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
                        cfg: SpeechTrainConfig = SpeechTrainConfig(),
                        transcripts: Sequence[str | None] | None = None) -> list[dict[str, float]]:
@@ -141,9 +148,7 @@ def train_speech_codec(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
         codebook_loss = _masked_mean((q - h.detach()).pow(2).mean(-1), valid)
         commit_loss = _masked_mean((h - q.detach()).pow(2).mean(-1), valid)
         q_st = h + (q - h).detach()
-        mel = dec(q_st, valid)
-        frame_valid = valid.repeat_interleave(dec.config.frames_per_code, dim=1)[:, None]
-        recon = _masked_mean((mel - feats).abs(), frame_valid.expand_as(mel))
+        recon = _mel_l1(dec(q_st, valid), feats, valid, dec.config.frames_per_code)
         loss = recon + codebook_loss + cfg.commitment * commit_loss
         ctc = _ctc_loss(head, q_st, valid, [targets[i] for i in idx]) if head is not None else None
         if ctc is not None:
@@ -216,9 +221,7 @@ def train_code_decoder(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
         for k, i in enumerate(idx):
             c, mel = pairs[i]
             codes[k, :len(c)], valid[k, :len(c)], target[k, :, :mel.shape[1]] = c, 1, mel
-        mel = dec(book[codes], valid)
-        frame_valid = valid.repeat_interleave(fpc, dim=1)[:, None].expand_as(mel)
-        loss = _masked_mean((mel - target).abs(), frame_valid)
+        loss = _mel_l1(dec(book[codes], valid), target, valid, fpc)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
