@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -266,12 +267,20 @@ def test_fuzzed_requests_never_get_a_5xx(server, body):
 def test_overload_gets_503_with_retry_after_then_recovers(server):
     """16 ongoing + 16 queued fit; the rest of 60 concurrent slow requests are refused
     (the queue counts requests waiting for a replica slot, so it must exceed the
-    concurrency of the batching test above)."""
+    concurrency of the batching test above). The 60 client threads meet at a barrier and
+    send together: on a loaded machine, threads that start one by one let the first
+    batches finish before the last requests arrive, and then nothing is refused."""
     url, tasks, _ = server
     body = _body(tasks, "t2i", steps=64, temperature=1.0)
+    together = threading.Barrier(60)
+
+    def send(i: int) -> requests.Response:
+        data = json.dumps({**body, "sampler": {**body["sampler"], "seed": i}})
+        together.wait(timeout=60)
+        return _post(url, data)
+
     with ThreadPoolExecutor(60) as pool:
-        responses = list(pool.map(lambda i: _post(url, {**body, "sampler": {**body["sampler"], "seed": i}}),
-                                  range(60)))
+        responses = list(pool.map(send, range(60)))
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 503}, codes
     refused = [r for r in responses if r.status_code == 503]
