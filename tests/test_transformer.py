@@ -142,3 +142,23 @@ def test_config_rejects_bad_shapes():
     with pytest.raises(ValueError):
         TransformerConfig(vocab_size=10, hidden_size=30, intermediate_size=8,
                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_bf16_autocast_modes(tiny_model):
+    """`precision`: none keeps float32, bf16 computes the matmuls in bf16 (close to float32),
+    auto follows the processor's bf16 flags; an unknown mode is refused."""
+    from omni_model.precision import autocast, bf16_enabled, cpu_has_native_bf16
+
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        with autocast("cpu", "none"):
+            ref = tiny_model(ids)
+        with autocast("cpu", "bf16"):
+            low = tiny_model(ids)
+    assert ref.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert not torch.equal(low.float(), ref)
+    assert torch.allclose(low.float(), ref, atol=0.1, rtol=0.05)
+    assert bf16_enabled("cpu", "auto") == cpu_has_native_bf16()
+    assert not bf16_enabled("cpu", "none") and bf16_enabled("cpu", "bf16")
+    with pytest.raises(ValueError, match="precision"):
+        bf16_enabled("cpu", "fp8")
