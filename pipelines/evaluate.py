@@ -226,8 +226,8 @@ def _case(sample: Sample, root: Path) -> Case:
         reference = meta.get("caption") or user
     else:
         reference = answer.replace(AUDIO_PLACEHOLDER, "").strip()
-    spoken = _audio(resolve_media(root, sample.audios[-1])) \
-        if AUDIO_PLACEHOLDER in answer and len(sample.audios) > user.count(AUDIO_PLACEHOLDER) else None
+    outputs = sample.spoken_outputs()
+    spoken = _audio(resolve_media(root, outputs[-1])) if outputs else None
     return Case(sample.task, inputs, reference, scene, prompt=user, answer_audio=spoken)
 
 

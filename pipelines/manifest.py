@@ -49,6 +49,16 @@ class Sample:
             out["meta"] = self.meta
         return json.dumps(out, ensure_ascii=False)
 
+    def spoken_outputs(self) -> list[str]:
+        """The audios the assistant speaks (its turns' `<|audio|>`, in order)."""
+        spoken, seen = [], 0
+        for m in self.messages:
+            n = m["content"].count(AUDIO_PLACEHOLDER)
+            if m["role"] == "assistant":
+                spoken += self.audios[seen:seen + n]
+            seen += n
+        return spoken
+
 
 def infer_task(messages: list[dict[str, str]]) -> str:
     """A task name from where media placeholders sit (when the row does not say)."""

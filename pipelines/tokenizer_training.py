@@ -26,6 +26,7 @@ from omni_model.tokenizers.train_image import (ImageTrainConfig, evaluate_image_
                                                train_image_tokenizer)
 from omni_model.tokenizers.train_speech import (DecoderTrainConfig, SpeechTrainConfig, evaluate_speech_codec,
                                                 small_codec, train_code_decoder, train_speech_codec)
+from pipelines.manifest import ManifestError, parse_line, read_lines, resolve_media
 from pipelines.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, find_files, load_audio, load_image
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,12 @@ class DataConfig:
     #: more folders whose audio also trains the speech codec (transcripts optional), e.g.
     #: SDVI's spoken questions and answers: other voices, single words
     audio_dirs: tuple[str, ...] = ()
+    #: manifests whose spoken outputs (the audio of assistant turns: TTS targets, SDVI's
+    #: spoken answers) are the voice the model speaks in; the frozen-code decoder is
+    #: fitted to those training clips only, so it speaks in that one voice whatever voice
+    #: the codes came from, as GLM-4-Voice's decoder does. Empty: every training clip.
+    voice_manifests: tuple[str, ...] = ()
+    voice_root: str = ""  #: the data root the voice manifests' media paths are relative to
     holdout: float = 0.1  #: share of each kind kept out of training for the quality report
     max_images: int | None = None  #: cap on images read (None: all)
     max_audio: int | None = None  #: cap on audio files read (None: all)
@@ -109,8 +116,9 @@ def _read_images(paths: list[Path]) -> list[Image.Image]:
     return images
 
 
-def _read_audio(paths: list[Path], max_seconds: float) -> tuple[list[torch.Tensor], list[str | None]]:
-    waves, texts = [], []
+def _read_audio(paths: list[Path], max_seconds: float) -> tuple[list[torch.Tensor], list[str | None], list[Path]]:
+    """Waveforms, transcripts (`<clip>.txt`, None where absent) and the paths read."""
+    waves, texts, kept = [], [], []
     for p in paths:
         try:
             data, rate = load_audio(p, max_seconds)
@@ -120,7 +128,25 @@ def _read_audio(paths: list[Path], max_seconds: float) -> tuple[list[torch.Tenso
         waves.append(resample(to_mono(data), rate, SAMPLE_RATE))
         transcript = p.with_suffix(".txt")
         texts.append(transcript.read_text().strip() if transcript.exists() else None)
-    return waves, texts
+        kept.append(p)
+    return waves, texts, kept
+
+
+def _voice_clips(data: DataConfig) -> set[Path] | None:
+    """The resolved paths of the voice manifests' spoken outputs (None: no manifests)."""
+    if not data.voice_manifests:
+        return None
+    if not data.voice_root:
+        raise ValueError("data.voice_manifests needs data.voice_root (their media paths' root)")
+    root, clips = Path(data.voice_root), set()
+    for manifest in data.voice_manifests:
+        for number, line in read_lines(manifest):
+            try:
+                sample = parse_line(line, root, check_files=False)
+                clips.update(resolve_media(root, rel) for rel in sample.spoken_outputs())
+            except ManifestError as err:
+                logger.warning("%s line %d left out of the voice: %s", manifest, number, err)
+    return clips
 
 
 def train_tokenizers(cfg: TokenizersConfig) -> dict:
@@ -180,14 +206,18 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
     # ---- speech
     if audio_paths:
         train_paths, held_paths = _split(audio_paths, cfg.data.holdout, rng)
-        train_w, train_t = _read_audio(train_paths, cfg.data.max_audio_seconds)
-        held_w, held_t = _read_audio(held_paths or train_paths[:8], cfg.data.max_audio_seconds)
+        train_w, train_t, train_read = _read_audio(train_paths, cfg.data.max_audio_seconds)
+        held_w, held_t, _ = _read_audio(held_paths or train_paths[:8], cfg.data.max_audio_seconds)
+        voice = _voice_clips(cfg.data)
+        voice_w = train_w if voice is None else [w for w, p in zip(train_w, train_read) if p.resolve() in voice]
         codec = small_codec(cfg.speech.codebook_size, cfg.speech.d_model, cfg.speech.layers, cfg.seed,
                             cfg.speech.pooling, cfg.speech.attention)
         start = time.perf_counter()
         train_speech_codec(codec, train_w, cfg.speech.train, train_t)
         if cfg.speech.decoder.steps:
-            train_code_decoder(codec, train_w, cfg.speech.decoder)
+            if not voice_w:
+                raise ValueError(f"no training clip is a spoken output of {list(cfg.data.voice_manifests)}")
+            train_code_decoder(codec, voice_w, cfg.speech.decoder)
         codec.save_pretrained(out / "speech")
         train_s = time.perf_counter() - start
         transcribe = None
@@ -198,6 +228,7 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
         quality = evaluate_speech_codec(codec, held_w, held_t, transcribe, cfg.speech.asr_utterances)
         report["speech"] = {**quality,
                             "train_utterances": len(train_w), "held_out_utterances": len(held_w),
+                            "decoder_utterances": len(voice_w) if cfg.speech.decoder.steps else 0,
                             "train_seconds": train_s, "fingerprint": codec.fingerprint}
         _save_examples(codec, held_w[: cfg.speech.examples], out)
 

@@ -53,9 +53,12 @@ step sdvi $PY jobs/build_sdvi.py --config configs/tiny/sdvi.yaml sdvi.data_root=
 step sdvi_eval $PY jobs/build_sdvi.py --config configs/tiny/sdvi.yaml sdvi.data_root="$W" \
   "sdvi.vqa_manifests=[$W/manifests/eval/vqa.jsonl]" "sdvi.caption_manifests=[$W/manifests/eval/caption.jsonl]" \
   sdvi.out="$W/manifests/sdvi_eval" sdvi.audio_dir=sdvi_eval/audio "${SDVI[@]}"
-# The speech codec also learns SDVI's voices and its single-word spoken answers.
+# The speech codec also learns SDVI's voices and its single-word spoken answers; its
+# decoder speaks in the voice the model answers in (the TTS targets' and SDVI answers').
 step tokenizers $PY jobs/train_tokenizers.py --config configs/tiny/tokenizers.yaml \
-  data.dir="$W/train" "data.audio_dirs=[$W/sdvi/audio]" out_dir="$RUNS/tokenizers" "${TOKENIZERS[@]}"
+  data.dir="$W/train" "data.audio_dirs=[$W/sdvi/audio]" out_dir="$RUNS/tokenizers" \
+  data.voice_root="$W" "data.voice_manifests=[$W/manifests/train/tts.jsonl, $W/manifests/sdvi/svqa.jsonl]" \
+  "${TOKENIZERS[@]}"
 TOK=(--image-tokenizer "$RUNS/tokenizers/image" --speech-tokenizer "$RUNS/tokenizers/speech")
 step tokenize $PY jobs/tokenize.py --config configs/tiny/tokenize.yaml --data-root "$W" \
   --manifest "$W/manifests/train/all.jsonl" --out "$RUNS/shards/train" "${TOK[@]}"

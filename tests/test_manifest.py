@@ -62,3 +62,15 @@ def test_write_and_read_round_trip(tmp_path, root):
     lines = list(read_lines(path))
     assert [n for n, _ in lines] == [1, 2]
     assert parse_line(lines[1][1], check_files=False).messages[1]["content"] == "é"
+
+
+def test_spoken_outputs_are_the_assistants_audio():
+    """Spoken VQA: the question clip is the user's, the answer clip the assistant's."""
+    s = Sample([{"role": "user", "content": "<|image|><|audio|>"},
+                {"role": "assistant", "content": "yes<|audio|>"}], ["i.png"], ["q.wav", "a.wav"])
+    assert s.spoken_outputs() == ["a.wav"]
+    tts = Sample([{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "<|audio|>"}],
+                 [], ["t.wav"])
+    assert tts.spoken_outputs() == ["t.wav"]
+    asr = Sample([{"role": "user", "content": "<|audio|>"}, {"role": "assistant", "content": "hi"}], [], ["u.wav"])
+    assert asr.spoken_outputs() == []

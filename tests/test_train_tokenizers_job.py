@@ -33,6 +33,16 @@ def media(tmp_path_factory):
     answers.mkdir()
     for word in ("yes", "one"):
         subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(answers / f"{word}.wav"), word], check=True)
+    # The voice the model speaks in: TTS targets and a spoken answer (the question's clip,
+    # in the user turn, is not the model's voice). Paths are relative to root.parent.
+    rows = [{"messages": [{"role": "user", "content": f"Say this out loud.\n{SENTENCES[i]}"},
+                          {"role": "assistant", "content": "<|audio|>"}],
+             "audios": [f"{root.name}/utt_{i}.wav"]} for i in (1, 2, 3)]
+    rows.append({"messages": [{"role": "user", "content": "<|image|><|audio|>"},
+                              {"role": "assistant", "content": "yes<|audio|>"}],
+                 "images": [f"{root.name}/scene_0.png"], "audios": [f"{root.name}/utt_4.wav", "answers/yes.wav"]})
+    rows.append({"messages": [{"role": "user", "content": "x"}]})  # invalid: left out, logged
+    (root.parent / "voice.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return root
 
 
@@ -41,7 +51,9 @@ def test_job_trains_saves_and_reports(media, tmp_path, capsys):
     rc = main(["--config", "configs/tiny/tokenizers.yaml", f"data.dir={media}", f"out_dir={out}",
                "data.holdout=0.2", "text.vocab_size=300", "image.train.steps=4",
                "image.train.batch_size=4", "speech.train.steps=4", "speech.train.batch_size=2",
-               "speech.examples=1", f"data.audio_dirs=[{media.parent / 'answers'}]"])
+               "speech.examples=1", f"data.audio_dirs=[{media.parent / 'answers'}]",
+               "speech.decoder.steps=4", "speech.decoder.batch_size=2",
+               f"data.voice_root={media.parent}", f"data.voice_manifests=[{media.parent / 'voice.jsonl'}]"])
     assert rc == 0
     report = json.loads((out / "quality.json").read_text())
     assert report["text"]["tokens_per_line"] > 0
@@ -53,6 +65,8 @@ def test_job_trains_saves_and_reports(media, tmp_path, capsys):
     assert speech["wer_decoded"] >= 0  # four steps of training: scored, not good
     assert speech["train_utterances"] + speech["held_out_utterances"] == 8  # 6 + 2 answers
     assert 1 <= speech["wer_utterances"] <= speech["held_out_utterances"]  # only the transcribed
+    # the decoder is fitted to the training clips among utt_1-3 and yes.wav only
+    assert 1 <= speech["decoder_utterances"] <= 4 < speech["train_utterances"]
     assert "held-out PSNR" in capsys.readouterr().out
     # everything loads back through the tokenizers' own loaders
     assert BPETokenizer.from_pretrained(out / "text").vocab_size <= 300
@@ -68,3 +82,19 @@ def test_job_rejects_a_missing_folder(tmp_path):
         main([f"data.dir={tmp_path / 'nope'}", f"out_dir={tmp_path / 'o'}"])
     with pytest.raises(FileNotFoundError, match="audio folder"):
         main([f"data.dir={tmp_path}", f"data.audio_dirs=[{tmp_path / 'nope'}]", f"out_dir={tmp_path / 'o'}"])
+
+
+def test_decoder_voice_must_be_among_the_training_clips(media, tmp_path):
+    """A voice manifest none of whose spoken outputs is trained on is an error, as is one
+    without the root its paths are relative to."""
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"messages": [{"role": "user", "content": "Say it."},
+                                              {"role": "assistant", "content": "<|audio|>"}],
+                                 "audios": ["elsewhere/a.wav"]}) + "\n")
+    args = ["--config", "configs/tiny/tokenizers.yaml", f"data.dir={media}", f"out_dir={tmp_path / 'o'}",
+            "image.train.steps=1", "speech.train.steps=1", "speech.decoder.steps=1", "speech.asr=false",
+            f"data.voice_manifests=[{other}]"]
+    with pytest.raises(ValueError, match="voice_root"):
+        main(args)
+    with pytest.raises(ValueError, match="no training clip is a spoken output"):
+        main([*args, f"data.voice_root={tmp_path}"])

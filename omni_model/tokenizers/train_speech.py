@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from omni_model.precision import autocast
 from omni_model.tokenizers.codec import CodeToMel, CodeToMelConfig, SpeechCodec
 from omni_model.tokenizers.speech import GLM4VoiceTokenizer, WhisperVQConfig
 
@@ -184,6 +185,7 @@ class DecoderTrainConfig:
     ffn: int = 1024
     seed: int = 0
     log_every: int = 250
+    precision: str = "auto"  #: bf16 autocast (auto: where the device has native bf16), none
 
 
 def train_code_decoder(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
@@ -221,7 +223,9 @@ def train_code_decoder(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
         for k, i in enumerate(idx):
             c, mel = pairs[i]
             codes[k, :len(c)], valid[k, :len(c)], target[k, :, :mel.shape[1]] = c, 1, mel
-        loss = _mel_l1(dec(book[codes], valid), target, valid, fpc)
+        with autocast(tok.device, cfg.precision):
+            mel = dec(book[codes], valid)
+        loss = _mel_l1(mel.float(), target, valid, fpc)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
