@@ -207,7 +207,7 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
     if audio_paths:
         train_paths, held_paths = _split(audio_paths, cfg.data.holdout, rng)
         train_w, train_t, train_read = _read_audio(train_paths, cfg.data.max_audio_seconds)
-        held_w, held_t, _ = _read_audio(held_paths or train_paths[:8], cfg.data.max_audio_seconds)
+        held_w, held_t, held_read = _read_audio(held_paths or train_paths[:8], cfg.data.max_audio_seconds)
         voice = _voice_clips(cfg.data)
         voice_w = train_w if voice is None else [w for w, p in zip(train_w, train_read) if p.resolve() in voice]
         codec = small_codec(cfg.speech.codebook_size, cfg.speech.d_model, cfg.speech.layers, cfg.seed,
@@ -226,6 +226,12 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
 
             transcribe = WhisperRecognizer(threads=cfg.threads).transcribe
         quality = evaluate_speech_codec(codec, held_w, held_t, transcribe, cfg.speech.asr_utterances)
+        in_voice = [i for i, p in enumerate(held_read) if voice is not None and p.resolve() in voice]
+        if in_voice and cfg.speech.decoder.steps:  # the ceiling of what the model says
+            voice_q = evaluate_speech_codec(codec, [held_w[i] for i in in_voice], [held_t[i] for i in in_voice],
+                                            transcribe, (cfg.speech.asr_utterances or len(in_voice)) // 2 or 1)
+            quality |= {f"voice_{k}": voice_q[k] for k in
+                        ("mel_l1", "wer_decoded", "wer_original", "wer_utterances") if k in voice_q}
         report["speech"] = {**quality,
                             "train_utterances": len(train_w), "held_out_utterances": len(held_w),
                             "decoder_utterances": len(voice_w) if cfg.speech.decoder.steps else 0,
@@ -299,6 +305,8 @@ def format_report(report: dict) -> str:
                    ("mel_l1", "mel L1, decoded vs original (log-mel units)", "{:.3f}"),
                    ("wer_decoded", "WER of decoded speech (Whisper tiny.en)", "{:.1%}"),
                    ("wer_original", "WER of the original audio (same recogniser)", "{:.1%}"),
+                   ("voice_wer_decoded", "... held-out clips in the decoder's voice: WER decoded", "{:.1%}"),
+                   ("voice_wer_original", "... the same clips, original", "{:.1%}"),
                    ("distinct_codes", "distinct codes used (held-out)", "{}"),
                    ("train_seconds", "training time (s)", "{:.0f}")],
     }
