@@ -167,6 +167,7 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
     for folder in cfg.data.audio_dirs:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"audio folder {folder} does not exist")
+    voice = _voice_clips(cfg.data)  # read first: a bad voice manifest fails before training
     audio_paths = [p for folder in (root, *cfg.data.audio_dirs)
                    for p in find_files(Path(folder), AUDIO_SUFFIXES)][: cfg.data.max_audio]
     text_lines = [line.strip() for p in find_files(root, (".txt",))
@@ -208,7 +209,6 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
         train_paths, held_paths = _split(audio_paths, cfg.data.holdout, rng)
         train_w, train_t, train_read = _read_audio(train_paths, cfg.data.max_audio_seconds)
         held_w, held_t, held_read = _read_audio(held_paths or train_paths[:8], cfg.data.max_audio_seconds)
-        voice = _voice_clips(cfg.data)
         voice_w = train_w if voice is None else [w for w, p in zip(train_w, train_read) if p.resolve() in voice]
         codec = small_codec(cfg.speech.codebook_size, cfg.speech.d_model, cfg.speech.layers, cfg.seed,
                             cfg.speech.pooling, cfg.speech.attention)
@@ -228,8 +228,9 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
         quality = evaluate_speech_codec(codec, held_w, held_t, transcribe, cfg.speech.asr_utterances)
         in_voice = [i for i, p in enumerate(held_read) if voice is not None and p.resolve() in voice]
         if in_voice and cfg.speech.decoder.steps:  # the ceiling of what the model says
+            budget = max(1, (cfg.speech.asr_utterances or len(in_voice)) // 4)  # a quarter of the ASR's
             voice_q = evaluate_speech_codec(codec, [held_w[i] for i in in_voice], [held_t[i] for i in in_voice],
-                                            transcribe, (cfg.speech.asr_utterances or len(in_voice)) // 2 or 1)
+                                            transcribe, budget)
             quality |= {f"voice_{k}": voice_q[k] for k in
                         ("mel_l1", "wer_decoded", "wer_original", "wer_utterances") if k in voice_q}
         report["speech"] = {**quality,

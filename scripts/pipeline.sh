@@ -20,7 +20,7 @@ case "$PROFILE" in
     WORLD=(world.train_scenes=1200 world.eval_scenes=100)
     TOKENIZERS=()
     SDVI=()
-    STEPS=(700 600 500)
+    STEPS=(700 600 800)
     MODEL=()
     EVAL=(evaluate.max_per_task=48)
     ;;
