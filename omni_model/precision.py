@@ -2,7 +2,7 @@
 
 On a CPU with AVX512-BF16 or AMX (Intel since Cooper Lake / Sapphire Rapids, AMD since
 Zen 4) oneDNN runs bf16 matmuls about 1.7x faster than float32 for the tiny models of the
-embedded default (`benchmarks/bench_precision.py`); without them bf16 is emulated and
+embedded default (`benchmarks/precision.py`); without them bf16 is emulated and
 slower, so `auto` keeps float32 there. Weights, optimizer state and losses stay float32.
 """
 

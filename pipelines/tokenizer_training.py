@@ -226,7 +226,7 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
 
             transcribe = WhisperRecognizer(threads=cfg.threads).transcribe
         quality = evaluate_speech_codec(codec, held_w, held_t, transcribe, cfg.speech.asr_utterances)
-        in_voice = [i for i, p in enumerate(held_read) if voice is not None and p.resolve() in voice]
+        in_voice = [] if voice is None else [i for i, p in enumerate(held_read) if p.resolve() in voice]
         if in_voice and cfg.speech.decoder.steps:  # the ceiling of what the model says
             budget = max(1, (cfg.speech.asr_utterances or len(in_voice)) // 4)  # a quarter of the ASR's
             voice_q = evaluate_speech_codec(codec, [held_w[i] for i in in_voice], [held_t[i] for i in in_voice],

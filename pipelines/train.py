@@ -158,11 +158,11 @@ class ScalingConfig:
     #: DDP's forward under bf16 autocast: auto (GPUs, and CPUs with native bf16: AVX512-BF16
     #: or AMX, 1.7x faster there), bf16, none. DeepSpeed keeps to `bf16`.
     precision: str = "auto"
+    threads_per_worker: int = 1
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"scaling.precision must be one of {PRECISIONS}, not {self.precision!r}")
-    threads_per_worker: int = 1
 
 
 @dataclass(frozen=True)
@@ -605,6 +605,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     writer = _MetricsWriter(Path(cfg.run.dir)) if rank == 0 else None
     window = _Window(n_tasks, device)
     fail_once = _FailOnce(cfg, rank)
+    precision = "none" if opt.engine is not None else cfg.scaling.precision  # DeepSpeed: its own bf16
     model.train()
     for step in range(state["step"], cfg.train.max_steps):
         fail_once(step)
@@ -618,7 +619,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             noisy = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
                                       cfg.data.pad_ratio, cfg.optim.eps_t, batch.doc_ids,
                                       schedule=cfg.optim.t_schedule)
-            with autocast(device, "none" if opt.engine is not None else cfg.scaling.precision):
+            with autocast(device, precision):
                 logits = opt.net(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids)
             per_pos = diffusion_loss(logits, batch.input_ids, noisy.target_mask, noisy.t,
                                      cfg.optim.weighting, reduction="none")
