@@ -7,8 +7,13 @@ training data uses, so existing data sets drop in:
 
 `<|image|>` and `<|audio|>` placeholders refer, in order, to the entries of `images` and
 `audios`, paths relative to the data root that may never leave it. Optional keys: `task`
-(t2i, caption, vqa, asr, tts, s2i, svqa, text, ...), `id`, `meta` (free-form, e.g. the
-scene's ground truth).
+(t2i, caption, vqa, asr, tts, s2i, svqa, text, ...), `id`, `meta` (a JSON object, e.g.
+the scene's ground truth).
+
+Every way a line can be wrong is a `ManifestError` whose message is the quarantine
+reason: not JSON (or nested deeper than `MAX_NESTING`), a wrong type anywhere, text that
+is not valid Unicode, a path that is absolute, escapes the root, holds a NUL byte or
+passes the file-system's name limits, more media than `MAX_MEDIA_PER_ROW`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,14 @@ from typing import Any, Iterable, Iterator
 from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, ROLES
 
 TASKS = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa", "text")
+
+#: Deepest JSON nesting a line may have. A line of 100,000 `[` would otherwise exhaust
+#: the parser's recursion; the manifest format itself needs depth 4.
+MAX_NESTING = 64
+#: Media files one row may name (each is opened and tokenized).
+MAX_MEDIA_PER_ROW = 64
+#: Limits of POSIX file systems: bytes of one path component, and of a whole path.
+NAME_MAX, PATH_MAX = 255, 4096
 
 
 class ManifestError(ValueError):
@@ -77,25 +90,86 @@ def infer_task(messages: list[dict[str, str]]) -> str:
     return "text"
 
 
-def resolve_media(root: Path, rel: str) -> Path:
-    """`root / rel`, refusing absolute paths and anything that escapes `root`."""
+def check_media_path(rel: Any) -> str:
+    """A manifest's media path as written: a relative string without NUL bytes, within
+    the file-system's name limits (checked before the file system sees it)."""
     if not isinstance(rel, str) or not rel:
-        raise ManifestError(f"media path must be a non-empty string, got {rel!r}")
+        raise ManifestError(f"media path must be a non-empty string, got {_short(rel)}")
+    if "\0" in rel:
+        raise ManifestError(f"media path {_short(rel)} contains a NUL byte")
+    encoded = _utf8(rel, "media path")
+    if len(encoded) > PATH_MAX:
+        raise ManifestError(f"media path of {len(encoded)} bytes is over the limit of {PATH_MAX}")
+    longest = max(len(part.encode("utf-8")) for part in rel.split("/"))
+    if longest > NAME_MAX:
+        raise ManifestError(f"media path {_short(rel)} has a file name of {longest} bytes, over the "
+                            f"limit of {NAME_MAX}")
     if Path(rel).is_absolute():
-        raise ManifestError(f"absolute media path {rel!r} is not allowed")
+        raise ManifestError(f"absolute media path {_short(rel)} is not allowed")
+    return rel
+
+
+def resolve_media(root: Path, rel: str) -> Path:
+    """`root / rel`, refusing what `check_media_path` refuses and anything that escapes
+    `root`."""
+    check_media_path(rel)
     base = root.resolve()
-    path = (base / rel).resolve()
+    try:
+        path = (base / rel).resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop, say
+        raise ManifestError(f"media path {_short(rel)} cannot be resolved: {err}") from None
     if path != base and base not in path.parents:
-        raise ManifestError(f"media path {rel!r} escapes the data root")
+        raise ManifestError(f"media path {_short(rel)} escapes the data root")
     return path
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value for an error message: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _utf8(text: str, what: str) -> bytes:
+    """`text` as UTF-8; a lone surrogate (JSON's "\\ud800") cannot be stored in a shard."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"{what} is not valid Unicode text (a lone surrogate)") from None
+
+
+def _nesting(line: str) -> int:
+    """The deepest bracket nesting of a JSON line (brackets inside strings skipped)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def parse_line(line: str, root: Path | None = None, check_files: bool = True) -> Sample:
     """Parse and validate one JSONL line (raises ManifestError with the reason)."""
+    depth = _nesting(line)
+    if depth > MAX_NESTING:
+        raise ManifestError(f"JSON nested {depth} levels deep, over the limit of {MAX_NESTING}")
     try:
         data = json.loads(line)
     except json.JSONDecodeError as err:
         raise ManifestError(f"not valid JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:  # unreachable after the nesting check; kept as the last guard
+        raise ManifestError("JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise ManifestError("a manifest line must be a JSON object")
     messages = data.get("messages")
@@ -104,30 +178,48 @@ def parse_line(line: str, root: Path | None = None, check_files: bool = True) ->
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise ManifestError(f"message {i} needs a string 'content'")
-        if m.get("role") not in ROLES:
-            raise ManifestError(f"message {i} has unknown role {m.get('role')!r}")
+        if not isinstance(m.get("role"), str) or m["role"] not in ROLES:
+            raise ManifestError(f"message {i} has unknown role {_short(m.get('role'))}")
+        _utf8(m["content"], f"message {i}'s content")
     if messages[-1]["role"] != "assistant":
         raise ManifestError("the last message must be the assistant's")
     images, audios = data.get("images", []) or [], data.get("audios", []) or []
     if not isinstance(images, list) or not isinstance(audios, list):
         raise ManifestError("'images' and 'audios' must be lists")
+    if len(images) + len(audios) > MAX_MEDIA_PER_ROW:
+        raise ManifestError(f"{len(images) + len(audios)} media files, over the limit of "
+                            f"{MAX_MEDIA_PER_ROW} per row")
+    meta = data.get("meta")
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise ManifestError(f"'meta' must be a JSON object, not {type(meta).__name__}")
+    task = data.get("task") or infer_task(messages)
+    if not isinstance(task, str) or task not in TASKS:
+        raise ManifestError(f"unknown task {_short(task)}")
+    row_id = data.get("id", "")
+    if not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
+        raise ManifestError(f"'id' must be a string or an integer, not {type(row_id).__name__}")
+    _utf8(str(row_id), "'id'")
     text = "".join(m["content"] for m in messages)
     n_img, n_aud = text.count(IMAGE_PLACEHOLDER), text.count(AUDIO_PLACEHOLDER)
     if n_img != len(images):
         raise ManifestError(f"{n_img} <|image|> placeholders but {len(images)} images")
     if n_aud != len(audios):
         raise ManifestError(f"{n_aud} <|audio|> placeholders but {len(audios)} audios")
-    task = data.get("task") or infer_task(messages)
-    if task not in TASKS:
-        raise ManifestError(f"unknown task {task!r}")
-    if root is not None:
-        for rel in [*images, *audios]:
-            path = resolve_media(root, rel)
-            if check_files and not path.is_file():
-                raise ManifestError(f"missing file {rel!r}")
-    meta = data.get("meta") or {}
+    for rel in [*images, *audios]:
+        if root is None:
+            check_media_path(rel)
+            continue
+        path = resolve_media(root, rel)
+        if check_files and not path.is_file():
+            raise ManifestError(f"missing file {_short(rel)}")
+    try:
+        json.dumps(meta).encode("utf-8")
+    except (ValueError, TypeError):
+        raise ManifestError("'meta' holds values that cannot be stored") from None
     return Sample([{"role": m["role"], "content": m["content"]} for m in messages],
-                  list(images), list(audios), task, str(data.get("id", "")), dict(meta))
+                  list(images), list(audios), task, str(row_id), meta)
 
 
 def sample_id(source: str, line_number: int, line: str) -> str:
@@ -137,10 +229,34 @@ def sample_id(source: str, line_number: int, line: str) -> str:
 
 def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, raw line) of the non-blank lines of a JSONL file."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
+    for number, line, _ in read_bounded_lines(path, None):
+        yield number, line
+
+
+def read_bounded_lines(path: str | Path, max_bytes: int | None) -> Iterator[tuple[int, str, int]]:
+    """(line number, line, its size in bytes) of the non-blank lines; a line longer than
+    `max_bytes` is read in pieces and returned cut to `max_bytes`, so one huge line
+    costs no more memory than the limit (its size tells the caller it was cut).
+    Bytes that are not UTF-8 are replaced."""
+    with open(path, "rb") as f:
+        number = 0
+        while True:
+            raw = f.readline(max_bytes + 1) if max_bytes is not None else f.readline()
+            if not raw:
+                return
+            number += 1
+            ended = raw.endswith(b"\n")
+            size = len(raw) - ended
+            if not ended and max_bytes is not None and size > max_bytes:
+                while chunk := f.readline(2**20):  # the rest of the line, never held whole
+                    ended = chunk.endswith(b"\n")
+                    size += len(chunk) - ended
+                    if ended:
+                        break
+                raw = raw[:max_bytes]
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
             if line.strip():
-                yield number, line.rstrip("\n")
+                yield number, line, size
 
 
 def write_manifest(path: str | Path, samples: Iterable[Sample]) -> int:

@@ -9,6 +9,10 @@ with different tokenizers.
 
 Rows that cannot be used go to the quarantine table instead (`source`, `line`,
 `sample_id`, `reason`, the raw line): every input row ends in exactly one of the two.
+
+A shard set written by the tokenize job is read through its part markers
+(`_parts/part-NNNNN.json`, each written after its files): only the files of committed
+parts are read, so a part whose commit was interrupted is never half in the set.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from omni_model.templates import Image, Message, Part, Speech, Text
 FORMAT_VERSION = 1
 TOKENIZERS_KEY = b"omni.tokenizers"
 SUCCESS_FILE = "_SUCCESS.json"
+#: one marker per committed part (pipelines/tokenize.py); it lists the part's files
+PARTS_DIR = "_parts"
 
 PART = pa.struct([
     ("type", pa.string()),  # text | image | speech
@@ -91,6 +97,15 @@ def tokenizer_identity(image: Any | None, speech: Any | None) -> dict:
     return {"format_version": FORMAT_VERSION, "image": ident(image), "speech": ident(speech)}
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small text file by renaming a finished temporary file over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _atomic_write(table: pa.Table, path: Path, metadata: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
@@ -110,9 +125,30 @@ def write_quarantine(rows: list[dict], path: str | Path) -> None:
     _atomic_write(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA), Path(path))
 
 
+def _committed(root: Path, kind: str) -> list[Path] | None:
+    """The `kind` files ("shards" or "quarantine") its part markers list; None when the
+    folder has no markers (a plain folder of Parquet files)."""
+    markers = root / PARTS_DIR
+    if not markers.is_dir():
+        return None
+    files = []
+    for marker in sorted(markers.glob("part-*.json")):
+        record = json.loads(marker.read_text())
+        names = record.get(kind)
+        if kind == "shards":
+            files += [root / "shards" / n for n in names]
+        elif names:
+            files.append(root / "quarantine" / names)
+    return files
+
+
 def shard_files(root: str | Path) -> list[Path]:
-    """The shard files of a shard set (its `shards/` folder, or the folder itself)."""
+    """The shard files of a shard set: those of its committed parts, or every Parquet
+    file of a folder without part markers (its `shards/` folder, or the folder itself)."""
     root = Path(root)
+    committed = _committed(root, "shards")
+    if committed is not None:
+        return committed
     folder = root / "shards" if (root / "shards").is_dir() else root
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
 
@@ -161,7 +197,10 @@ def read_shards(roots: str | Path | Sequence[str | Path]) -> pa.Table:
 
 
 def read_quarantine(root: str | Path) -> pa.Table:
-    files = sorted((Path(root) / "quarantine").glob("*.parquet"))
+    """The quarantined rows of a shard set (of its committed parts)."""
+    files = _committed(Path(root), "quarantine")
+    if files is None:
+        files = sorted((Path(root) / "quarantine").glob("*.parquet"))
     if not files:
         return QUARANTINE_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(p, schema=QUARANTINE_SCHEMA) for p in files])

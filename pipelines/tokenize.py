@@ -7,16 +7,27 @@ wiring is `tokenize_manifest`. Tokenizer actors load their model once (`map_batc
 with a callable class and an `ActorPoolStrategy`), encode a whole batch at a time and
 ask for a GPU each when the config says so.
 
-Reliability: the manifest is cut into parts of `rows_per_part` lines. Parts are
+Reliability: row content never stops the job. Every exception while parsing,
+validating, opening, decoding or encoding a row sends that row to quarantine with the
+reason; only infrastructure (disk, Ray) can fail a run, with a message saying so.
+
+Resume bookkeeping: the manifest is cut into parts of `rows_per_part` lines. Parts are
 processed in waves; a wave's output is written by Ray Data to a staging folder, then
-committed part by part (`shards/part-NNNNN-*.parquet`, `quarantine/part-NNNNN.parquet`,
-a `_parts/part-NNNNN.json` marker) with atomic renames. A re-run skips committed parts
-(idempotent, no duplicates); a run killed midway loses at most its current wave.
-Every input line ends in a shard or in quarantine, with the reason.
+committed part by part: the part's old marker removed, its old shard and quarantine
+files removed, the new ones renamed into place (`shards/part-NNNNN-KKK.parquet`,
+`quarantine/part-NNNNN.parquet`), and last the marker `_parts/part-NNNNN.json` that
+lists them with the part's line range and a digest of its lines. Readers read only the
+files a marker lists, so a part is in the set whole or not at all. `_run.json` records
+the manifest's name, `rows_per_part` and the tokenizers: a re-run with another part
+size or other tokenizers into the same folder is refused; a re-run after the manifest
+changed redoes exactly the parts whose lines changed (and drops parts past its end); a
+re-run of an unchanged manifest does nothing. Every input line ends in a shard or in
+quarantine, with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -27,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -34,10 +46,11 @@ from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from omni_model.tokenizers.image import MagVitTokenizer
 from omni_model.tokenizers.mel import resample, to_mono
 from omni_model.tokenizers.speech import GLM4VoiceTokenizer
-from pipelines.manifest import ManifestError, parse_line, read_lines, resolve_media, sample_id
+from pipelines.manifest import ManifestError, parse_line, read_bounded_lines, resolve_media, sample_id
 from pipelines.media import MediaError, load_audio, load_image
-from pipelines.shards import (SUCCESS_FILE, image_part, speech_part, text_part, tokenizer_identity,
-                              write_quarantine, write_shard)
+from pipelines.shards import (PARTS_DIR, SHARD_SCHEMA, SUCCESS_FILE, atomic_write_text, image_part,
+                              shard_files, speech_part, text_part, tokenizer_identity, write_quarantine,
+                              write_shard)
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +72,39 @@ class TokenizeConfig:
     num_gpus_per_worker: float = 0.0  #: > 0 on GPU clusters (the actors then use CUDA)
     max_image_pixels: int = 40_000_000
     max_audio_seconds: float = 600.0
+    max_sample_rate: int = 192_000  #: audio above this rate is refused (read from the header)
+    max_channels: int = 8  #: audio with more channels is refused
+    max_line_bytes: int = 1_000_000  #: a longer manifest line is quarantined unparsed
+
+
+#: The run's fixed parameters; a re-run into the same folder must match them.
+RUN_FILE = "_run.json"
 
 
 # ---------------------------------------------------------------------- stages
-def validate_rows(batch: dict[str, np.ndarray], data_root: str) -> dict[str, np.ndarray]:
+def row_error(err: BaseException) -> str:
+    """A quarantine reason for any exception a row raised: our own errors say why in
+    their message; anything else is named by its type too."""
+    if isinstance(err, (ManifestError, MediaError)):
+        return str(err)
+    return f"{type(err).__name__}: {err}"[:2000]
+
+
+def validate_rows(batch: dict[str, np.ndarray], data_root: str,
+                  max_line_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Parse and check manifest lines; bad ones get a `reason` (quarantine)."""
     root = Path(data_root)
     samples, reasons = [], []
-    for raw in batch["raw"]:
+    sizes = batch["bytes"] if "bytes" in batch else [0] * len(batch["raw"])
+    for raw, size in zip(batch["raw"], sizes):
         try:
+            if max_line_bytes is not None and int(size) > max_line_bytes:
+                raise ManifestError(f"line of {int(size)} bytes is over the limit of {max_line_bytes}")
             samples.append(json.dumps(asdict(parse_line(str(raw), root))))
             reasons.append("")
-        except ManifestError as err:
+        except Exception as err:  # noqa: BLE001 - row content never stops the job
             samples.append("")
-            reasons.append(str(err))
+            reasons.append(row_error(err))
     n = len(batch["raw"])
     return {**batch, "sample": np.array(samples, dtype=object),
             "reason": np.array(reasons, dtype=object),
@@ -154,10 +186,10 @@ class ImageStage(_TokenizerStage):
         for i, s in self._todo(batch):
             try:
                 imgs = [load_image(resolve_media(self.root, rel), self.max_pixels) for rel in s["images"]]
-            except (MediaError, ManifestError) as err:
-                reasons[i] = f"image: {err}"
+                pixels.append(self.tokenizer.preprocess(imgs))
+            except Exception as err:  # noqa: BLE001 - row content never stops the job
+                reasons[i] = f"image: {row_error(err)}"
                 continue
-            pixels.append(self.tokenizer.preprocess(imgs))
             owners.append(i)
         loaded = time.perf_counter()
         if pixels:
@@ -166,7 +198,7 @@ class ImageStage(_TokenizerStage):
                                          pixels, [len(p) for p in pixels])
             for i, codes in zip(owners, encoded):
                 if isinstance(codes, Exception):
-                    reasons[i] = f"image: tokenizer failed: {codes}"
+                    reasons[i] = f"image: tokenizer failed: {row_error(codes)}"
                 else:
                     codes_out[i] = json.dumps([[c, grid] for c in codes])
         return {**batch, "reason": np.array(reasons, dtype=object),
@@ -181,10 +213,12 @@ class SpeechStage(_TokenizerStage):
     column = "audios"
 
     def __init__(self, data_root: str, tokenizer_path: str, device: str = "cpu",
-                 max_seconds: float = 600.0) -> None:
+                 max_seconds: float = 600.0, max_sample_rate: int = 192_000,
+                 max_channels: int = 8) -> None:
         super().__init__(data_root)
         self.tokenizer = load_speech_tokenizer(tokenizer_path, device)
-        self.max_seconds = max_seconds
+        self.limits = {"max_seconds": max_seconds, "max_sample_rate": max_sample_rate,
+                       "max_channels": max_channels}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         reasons, codes_out = list(batch["reason"]), list(batch["audio_codes"])
@@ -192,11 +226,11 @@ class SpeechStage(_TokenizerStage):
         start = time.perf_counter()
         for i, s in self._todo(batch):
             try:
-                loaded = [load_audio(resolve_media(self.root, rel), self.max_seconds) for rel in s["audios"]]
+                loaded = [load_audio(resolve_media(self.root, rel), **self.limits) for rel in s["audios"]]
                 prepared = [resample(to_mono(a), rate, self.tokenizer.mel.sample_rate)
                             for a, rate in loaded]
-            except (MediaError, ManifestError, ValueError) as err:
-                reasons[i] = f"audio: {err}"
+            except Exception as err:  # noqa: BLE001 - row content never stops the job
+                reasons[i] = f"audio: {row_error(err)}"
                 continue
             waves.append(prepared)
             owners.append(i)
@@ -208,7 +242,7 @@ class SpeechStage(_TokenizerStage):
                 waves, [len(ws) for ws in waves])
             for i, codes in zip(owners, encoded):
                 if isinstance(codes, Exception):
-                    reasons[i] = f"audio: tokenizer failed: {codes}"
+                    reasons[i] = f"audio: tokenizer failed: {row_error(codes)}"
                 else:
                     codes_out[i] = json.dumps(codes)
         return {**batch, "reason": np.array(reasons, dtype=object),
@@ -240,26 +274,37 @@ def shard_row(row: dict, source: str, frame_rate: float) -> dict:
 
 
 # ---------------------------------------------------------------------- driver
-def _parts(manifest: Path, rows_per_part: int) -> list[list[dict]]:
+def read_parts(manifest: Path, rows_per_part: int, max_line_bytes: int | None = None) -> list[list[dict]]:
+    """The manifest's non-blank lines as pipeline rows, cut into parts."""
     source = manifest.name
-    rows = [{"line": n, "raw": raw, "sample_id": sample_id(source, n, raw)}
-            for n, raw in read_lines(manifest)]
+    rows = [{"line": n, "raw": raw, "bytes": size, "sample_id": sample_id(source, n, raw)}
+            for n, raw, size in read_bounded_lines(manifest, max_line_bytes)]
     return [rows[i:i + rows_per_part] for i in range(0, len(rows), rows_per_part)]
+
+
+def part_digest(rows: list[dict]) -> str:
+    """What a part holds: its lines' numbers and contents (through their sample ids)."""
+    return hashlib.sha256("\n".join(r["sample_id"] for r in rows).encode()).hexdigest()[:32]
+
+
+def manifest_fingerprint(parts: list[list[dict]]) -> str:
+    return hashlib.sha256("\n".join(map(part_digest, parts)).encode()).hexdigest()[:32]
 
 
 def _build_dataset(rows: list[dict], cfg: TokenizeConfig):
     import ray
 
     device = "cuda" if cfg.num_gpus_per_worker > 0 else "cpu"
-    ds = ray.data.from_items(rows).map_batches(validate_rows, fn_kwargs={"data_root": cfg.data_root},
-                                               batch_size=cfg.batch_size, num_cpus=0.25)
+    ds = ray.data.from_items(rows).map_batches(
+        validate_rows, fn_kwargs={"data_root": cfg.data_root, "max_line_bytes": cfg.max_line_bytes},
+        batch_size=cfg.batch_size, num_cpus=0.25)
     stages = []
     if cfg.image_tokenizer:
         stages.append((ImageStage, (cfg.data_root, cfg.image_tokenizer, device, cfg.max_image_pixels),
                        cfg.image_workers))
     if cfg.speech_tokenizer:
-        stages.append((SpeechStage, (cfg.data_root, cfg.speech_tokenizer, device, cfg.max_audio_seconds),
-                       cfg.speech_workers))
+        stages.append((SpeechStage, (cfg.data_root, cfg.speech_tokenizer, device, cfg.max_audio_seconds,
+                                     cfg.max_sample_rate, cfg.max_channels), cfg.speech_workers))
     for stage, args, workers in stages:
         ds = ds.map_batches(stage, fn_constructor_args=args, batch_size=cfg.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=workers),
@@ -278,8 +323,8 @@ def _missing_tokenizer(row: dict, cfg: TokenizeConfig) -> str:
     return ""
 
 
-def _commit(staging: Path, parts: dict[int, list[dict]], out: Path, cfg: TokenizeConfig,
-            identity: dict, frame_rate: float) -> dict[str, int]:
+def _commit(staging: Path, wave: dict[int, list[dict]], out: Path, cfg: TokenizeConfig,
+            identity: dict, frame_rate: float, fingerprint: str) -> dict[str, float]:
     """Move a wave's staged rows into per-part shard and quarantine files."""
     table = pq.read_table(staging) if any(staging.glob("*.parquet")) else None
     staged = {r["sample_id"]: r for r in (table.to_pylist() if table is not None else [])}
@@ -288,33 +333,77 @@ def _commit(staging: Path, parts: dict[int, list[dict]], out: Path, cfg: Tokeniz
         for key in TIMING_COLUMNS:
             totals[key] += float(r.get(key) or 0.0)
     source = Path(cfg.manifest).name
-    for index, rows in sorted(parts.items()):
-        good, bad = [], []
+    for index, rows in sorted(wave.items()):
+        good, failed = [], {}
         for row in rows:
             done = staged.get(row["sample_id"])
-            reason = ("lost in the pipeline (no output row)" if done is None
-                      else _missing_tokenizer(done, cfg))
-            if reason:
-                bad.append({"sample_id": row["sample_id"], "source": source, "line": row["line"],
-                            "reason": reason, "raw": row["raw"][:20000]})
-            else:
-                good.append(shard_row(done, source, frame_rate))
-        name = f"part-{index:05d}"
-        for old in (out / "shards").glob(f"{name}-*.parquet"):
-            old.unlink()  # leftovers of an interrupted commit of this part
-        for k, chunk in enumerate(_by_bytes(good, cfg.max_shard_bytes)):
-            write_shard(chunk, out / "shards" / f"{name}-{k:03d}.parquet", identity)
-        if bad:
-            write_quarantine(bad, out / "quarantine" / f"{name}.parquet")
-        counts = {"rows": len(rows), "shard_rows": len(good), "quarantined": len(bad)}
-        marker = out / "_parts" / f"{name}.json"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(counts))
-        tmp.replace(marker)
+            try:
+                reason = "lost in the pipeline (no output row)" if done is None else _missing_tokenizer(done, cfg)
+                if not reason:
+                    good.append(shard_row(done, source, frame_rate))
+                    continue
+            except Exception as err:  # noqa: BLE001 - row content never stops the job
+                reason = f"could not build the shard row: {row_error(err)}"
+            failed[row["sample_id"]] = reason
+        good, unstorable = _storable(good)
+        failed.update(unstorable)
+        bad = [{"sample_id": row["sample_id"], "source": source, "line": row["line"],
+                "reason": failed[row["sample_id"]], "raw": row["raw"][:20000]}
+               for row in rows if row["sample_id"] in failed]
+        counts = _replace_part(out, index, rows, good, bad, cfg, identity, fingerprint)
         for key in counts:
             totals[key] += counts[key]
     return totals
+
+
+def _storable(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """The shard rows Arrow can store, and a reason for each it cannot (tried row by
+    row only when the whole list fails)."""
+    try:
+        pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+        return rows, {}
+    except Exception:  # noqa: BLE001 - isolated below
+        kept, failed = [], {}
+        for row in rows:
+            try:
+                pa.Table.from_pylist([row], schema=SHARD_SCHEMA)
+                kept.append(row)
+            except Exception as err:  # noqa: BLE001
+                failed[row["sample_id"]] = f"could not store the shard row: {row_error(err)}"
+        return kept, failed
+
+
+def _part_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def _uncommit(out: Path, index: int) -> None:
+    """Take a part out of the set: its marker first (readers skip it from then on), then
+    its files."""
+    name = _part_name(index)
+    (out / PARTS_DIR / f"{name}.json").unlink(missing_ok=True)
+    for old in [*(out / "shards").glob(f"{name}-*.parquet"), out / "quarantine" / f"{name}.parquet"]:
+        old.unlink(missing_ok=True)
+
+
+def _replace_part(out: Path, index: int, rows: list[dict], good: list[dict], bad: list[dict],
+                  cfg: TokenizeConfig, identity: dict, fingerprint: str) -> dict[str, int]:
+    """Replace a part's shard and quarantine files together; the marker, written last,
+    commits them."""
+    name = _part_name(index)
+    _uncommit(out, index)
+    shards = []
+    for k, chunk in enumerate(_by_bytes(good, cfg.max_shard_bytes)):
+        shards.append(f"{name}-{k:03d}.parquet")
+        write_shard(chunk, out / "shards" / shards[-1], identity)
+    if bad:
+        write_quarantine(bad, out / "quarantine" / f"{name}.parquet")
+    counts = {"rows": len(rows), "shard_rows": len(good), "quarantined": len(bad)}
+    atomic_write_text(out / PARTS_DIR / f"{name}.json", json.dumps({
+        **counts, "part": index, "first_line": rows[0]["line"], "last_line": rows[-1]["line"],
+        "rows_per_part": cfg.rows_per_part, "digest": part_digest(rows), "manifest": fingerprint,
+        "shards": shards, "quarantine": f"{name}.parquet" if bad else None}))
+    return counts
 
 
 def _by_bytes(rows: list[dict], max_bytes: int) -> list[list[dict]]:
@@ -342,11 +431,22 @@ def tokenize_manifest(cfg: TokenizeConfig) -> dict[str, Any]:
     speech_tok = load_speech_tokenizer(cfg.speech_tokenizer) if cfg.speech_tokenizer else None
     identity = tokenizer_identity(image_tok, speech_tok)
     frame_rate = speech_tok.codes_per_second if speech_tok is not None else 0.0
-    _check_existing_identity(out, identity)
     del image_tok, speech_tok
 
-    parts = _parts(manifest, cfg.rows_per_part)
-    pending = [i for i in range(len(parts)) if not (out / "_parts" / f"part-{i:05d}.json").exists()]
+    parts = read_parts(manifest, cfg.rows_per_part, cfg.max_line_bytes)
+    fingerprint = manifest_fingerprint(parts)
+    _claim(out, {"source": manifest.name, "rows_per_part": cfg.rows_per_part, "tokenizers": identity})
+    committed = committed_parts(out)
+    pending = [i for i, rows in enumerate(parts) if committed.get(i, {}).get("digest") != part_digest(rows)]
+    beyond = sorted(i for i in committed if i >= len(parts))
+    changed = [i for i in pending if i in committed]
+    if changed or beyond:
+        logger.warning("%s changed since parts were committed: redoing parts %s, dropping parts %s",
+                       manifest, changed, beyond)
+    if pending or beyond:
+        (out / SUCCESS_FILE).unlink(missing_ok=True)  # the set is being changed
+    for i in beyond:
+        _uncommit(out, i)
     logger.info("%s: %d lines in %d parts, %d to do", manifest, sum(map(len, parts)), len(parts),
                 len(pending))
     totals = {"rows": 0, "shard_rows": 0, "quarantined": 0, **{k: 0.0 for k in TIMING_COLUMNS}}
@@ -355,40 +455,58 @@ def tokenize_manifest(cfg: TokenizeConfig) -> dict[str, Any]:
         staging = out / "_staging" / f"wave-{min(wave):05d}"
         shutil.rmtree(staging, ignore_errors=True)
         rows = [{**r, "part": i} for i, rs in wave.items() for r in rs]
-        _build_dataset(rows, cfg).write_parquet(str(staging))
-        counts = _commit(staging, wave, out, cfg, identity, frame_rate)
+        try:
+            _build_dataset(rows, cfg).write_parquet(str(staging))
+        except Exception as err:
+            raise RuntimeError(
+                f"the pipeline failed on parts {sorted(wave)} of {manifest}: {type(err).__name__}: "
+                f"{str(err)[:500]}. Row content goes to quarantine and never stops the job, so "
+                "this is the infrastructure (disk, memory, Ray); committed parts are kept and "
+                "a re-run resumes with the parts left") from err
+        counts = _commit(staging, wave, out, cfg, identity, frame_rate, fingerprint)
         shutil.rmtree(staging, ignore_errors=True)
         for key in totals:
             totals[key] += counts[key]
     shutil.rmtree(out / "_staging", ignore_errors=True)
     elapsed = time.perf_counter() - start
-    summary = _summarise(out, parts, identity, cfg, totals, elapsed)
-    (out / SUCCESS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    summary = _summarise(out, len(parts), identity, fingerprint, cfg, totals, elapsed)
+    atomic_write_text(out / SUCCESS_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _check_existing_identity(out: Path, identity: dict) -> None:
-    success = out / SUCCESS_FILE
-    if success.exists():
-        previous = json.loads(success.read_text()).get("tokenizers")
-        if previous and previous != identity:
-            raise ValueError(f"{out} holds shards made with other tokenizers; use a new --out")
+def _claim(out: Path, run: dict) -> None:
+    """Record the run's fixed parameters, or refuse a folder made with other ones."""
+    path = out / RUN_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        for key, value in run.items():
+            if previous.get(key) != value:
+                raise ValueError(
+                    f"{out} holds parts made with {key}={json.dumps(previous.get(key))}; this run "
+                    f"has {key}={json.dumps(value)}. Mixing them would lose or duplicate rows: "
+                    f"use a new --out (or the same {key})")
+        return
+    atomic_write_text(path, json.dumps(run, indent=2) + "\n")
 
 
-def _summarise(out: Path, parts: list, identity: dict, cfg: TokenizeConfig,
+def committed_parts(out: Path) -> dict[int, dict]:
+    """The markers of the committed parts of a shard set, by part index."""
+    return {int(m.stem.split("-")[1]): json.loads(m.read_text())
+            for m in sorted((out / PARTS_DIR).glob("part-*.json"))}
+
+
+def _summarise(out: Path, n_parts: int, identity: dict, fingerprint: str, cfg: TokenizeConfig,
                this_run: dict, elapsed: float) -> dict:
-    all_counts = {"rows": 0, "shard_rows": 0, "quarantined": 0}
-    for i in range(len(parts)):
-        counts = json.loads((out / "_parts" / f"part-{i:05d}.json").read_text())
-        for key in all_counts:
-            all_counts[key] += counts[key]
+    markers = committed_parts(out)
+    all_counts = {key: sum(markers[i][key] for i in range(n_parts))
+                  for key in ("rows", "shard_rows", "quarantined")}
     tasks: dict[str, int] = {}
-    files = sorted((out / "shards").glob("*.parquet"))
+    files = shard_files(out)
     for f in files:
         for t in pq.read_table(f, columns=["task"]).column("task").to_pylist():
             tasks[t] = tasks.get(t, 0) + 1
-    return {"manifest": str(cfg.manifest), "tokenizers": identity, "totals": all_counts,
-            "tasks": tasks, "shard_files": [f.name for f in files],
+    return {"manifest": str(cfg.manifest), "manifest_fingerprint": fingerprint, "tokenizers": identity,
+            "totals": all_counts, "tasks": tasks, "shard_files": [f.name for f in files],
             "this_run": {**this_run, "seconds": elapsed,
                          "samples_per_second": this_run["rows"] / elapsed if elapsed else 0.0},
             "config": asdict(cfg)}

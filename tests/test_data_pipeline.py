@@ -3,6 +3,9 @@ and real TTS), then tokenize a manifest mixing good, awkward and broken rows int
 Parquet shards with the reference tokenizers from ../shared/fixtures."""
 
 import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,6 +18,9 @@ from pipelines.sdvi import SDVIConfig, build_sdvi
 from pipelines.shards import read_quarantine, read_shards, shard_files, to_messages
 from pipelines.tokenize import TokenizeConfig, tokenize_manifest
 from pipelines.world_data import Voice, WorldConfig, build_world
+from tests.hostile import hostile_manifest_rows
+
+LINE_LIMIT = 100_000
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -89,6 +95,7 @@ def _broken_manifest(out):
         "unknown role": json.dumps({"messages": [{"role": "wizard", "content": "hi"},
                                                  {"role": "assistant", "content": "x"}]}),
     }
+    broken.update(hostile_manifest_rows(root, LINE_LIMIT))
     lines = good + awkward + list(broken.values())
     path = root / "manifests" / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -104,7 +111,7 @@ def tokenized(world, fixtures_dir, tmp_path_factory):
                          image_tokenizer=str(fixtures_dir / "magvit_tiny_a"),
                          speech_tokenizer=str(fixtures_dir / "glm4voice_tiny_a"),
                          rows_per_part=8, parts_per_wave=2, batch_size=8,
-                         max_audio_seconds=60, max_image_pixels=20_000)
+                         max_audio_seconds=60, max_image_pixels=20_000, max_line_bytes=LINE_LIMIT)
     summary = tokenize_manifest(cfg)
     return cfg, summary, n_good, broken
 
@@ -145,20 +152,62 @@ def test_shards_hold_codes_with_identity_and_awkward_media_normalised(tokenized)
     assert sum(summary["tasks"].values()) == len(rows) and summary["tasks"]["asr"] > 0
 
 
+def _contents(out):
+    """Every committed row of a shard set: shards and quarantine, by sample id."""
+    shards = {r["sample_id"]: r for r in read_shards(out).to_pylist()}
+    quarantine = {r["sample_id"]: r["reason"] for r in read_quarantine(out).to_pylist()}
+    return shards, quarantine
+
+
 def test_rerun_is_idempotent_and_an_interrupted_run_resumes(tokenized):
     cfg, summary, _, _ = tokenized
-    before = read_shards(cfg.out).num_rows
+    before = _contents(cfg.out)
     again = tokenize_manifest(cfg)
-    assert again["this_run"]["rows"] == 0 and read_shards(cfg.out).num_rows == before
-    # Simulate a kill during part 1: its shard half-written, its marker never committed.
-    out = __import__("pathlib").Path(cfg.out)
+    assert again["this_run"]["rows"] == 0 and _contents(cfg.out) == before
+    # A kill during the commit of part 1: its shard half-written, its marker not yet
+    # written. Readers skip the part until it is committed again.
+    out = Path(cfg.out)
     (out / "_parts" / "part-00001.json").unlink()
     victim = next((out / "shards").glob("part-00001-*.parquet"))
     victim.write_bytes(victim.read_bytes()[:100])
+    assert victim not in shard_files(out)
+    assert read_shards(cfg.out).num_rows < len(before[0])
     resumed = tokenize_manifest(cfg)
     assert resumed["this_run"]["rows"] == 8  # only the unfinished part is redone
-    assert read_shards(cfg.out).num_rows == before
+    assert _contents(cfg.out) == before
     assert resumed["totals"] == summary["totals"]
+    success = json.loads((out / "_SUCCESS.json").read_text())
+    assert success["manifest_fingerprint"] == summary["manifest_fingerprint"]
+    assert not list(out.rglob(".*.tmp-*"))  # atomic writes leave no temporary files
+
+
+def test_a_changed_manifest_redoes_exactly_what_changed(tokenized, tmp_path):
+    """Edit one line and cut the tail: only the part holding the edit is redone, parts
+    past the new end are dropped (shards and quarantine), nothing is duplicated; another
+    part size into the same folder is refused."""
+    cfg, summary, _, _ = tokenized
+    out = Path(cfg.out)
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    lines = Path(cfg.manifest).read_text().splitlines()
+    edited = json.loads(lines[2])
+    edited["messages"][-1]["content"] += " (edited)"
+    lines[2] = json.dumps(edited)
+    keep = 4 * cfg.rows_per_part + 3  # parts 0..3 whole, part 4 shorter, the rest gone
+    manifest = tmp_path / Path(cfg.manifest).name
+    manifest.write_text("\n".join(lines[:keep]) + "\n")
+    new_cfg = replace(cfg, manifest=str(manifest), out=str(copy))
+    result = tokenize_manifest(new_cfg)
+    assert result["this_run"]["rows"] == cfg.rows_per_part + 3  # part 0 and the cut part 4
+    shards, quarantine = _contents(copy)
+    assert len(shards) + len(quarantine) == keep
+    assert {r["line"] for r in shards.values()} | {r["line"] for r in read_quarantine(copy).to_pylist()} \
+        == set(range(1, keep + 1))
+    texts = [p["text"] for r in shards.values() if r["line"] == 3 for m in r["messages"] for p in m["parts"]]
+    assert any(t and t.endswith("(edited)") for t in texts)
+    assert result["totals"]["rows"] == keep
+    with pytest.raises(ValueError, match="rows_per_part=8; this run has rows_per_part=4"):
+        tokenize_manifest(replace(new_cfg, rows_per_part=4))
 
 
 def test_shard_codes_decode_to_scenes_the_checker_recognises(world, tmp_path):

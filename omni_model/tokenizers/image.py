@@ -339,19 +339,19 @@ class MagVitTokenizer(nn.Module):
     def preprocess(self, images: Sequence[PILImage.Image]) -> torch.Tensor:
         """PIL images (any mode, any aspect) -> `[B, 3, R, R]` in [-1, 1].
 
-        Resize the shorter side to R (bicubic), centre-crop a square, scale to [-1, 1].
+        Centre-crop a square, resize it to R x R (bicubic), scale to [-1, 1]. Cropping
+        first keeps the cost at R x R whatever the aspect (a 1 x 40,000 strip resized
+        before cropping would be 256 x 10,240,000); any size from 1 x 1 up is taken.
         """
         r = self.config.resolution
         out = []
         for img in images:
-            if img.width < 2 or img.height < 2:
-                raise ValueError(f"image of {img.width}x{img.height} pixels is too small")
-            img = img.convert("RGB")
-            scale = r / min(img.width, img.height)
-            size = (max(r, round(img.width * scale)), max(r, round(img.height * scale)))
-            img = img.resize(size, PILImage.Resampling.BICUBIC)
-            left, top = (img.width - r) // 2, (img.height - r) // 2
-            img = img.crop((left, top, left + r, top + r))
+            if img.width < 1 or img.height < 1:
+                raise ValueError(f"image of {img.width}x{img.height} has no pixels")
+            side = min(img.width, img.height)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.convert("RGB").crop((left, top, left + side, top + side))
+            img = img.resize((r, r), PILImage.Resampling.BICUBIC)
             out.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1))
         return torch.stack(out) / 127.5 - 1.0
 
