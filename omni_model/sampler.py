@@ -21,7 +21,9 @@ Strategies (all in `SamplerConfig`, all vectorised over the batch):
   spoken answer, so text and speech each get their region; fixed tokens are never
   remasked;
 - semi-autoregressive blocks: the masked positions in blocks of `block_length`, left to
-  right, the steps split between the blocks;
+  right, the steps split between the blocks (a block takes at least one step, so blocks
+  are widened until there are no more of them than steps: `steps` bounds the forward
+  passes whatever `block_length` says);
 - classifier-free guidance: an unconditional prompt per row runs in the same forward
   batch; `cfg_scale` 0 is the plain sampler;
 - confidence-threshold parallel decoding (Fast-dLLM): every masked position whose
@@ -35,6 +37,7 @@ not depend on the rows it was batched with.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -215,7 +218,7 @@ class _Plan:
     def __init__(self, layout: Layout, config: SamplerConfig, device: torch.device) -> None:
         masked = layout.template == layout.mask_id
         order = torch.cumsum(masked.long(), 0) - 1  # index among the masked positions
-        size = config.block_length or max(1, layout.num_masked)
+        size = max(config.block_length or layout.num_masked, math.ceil(layout.num_masked / config.steps), 1)
         self.block = torch.where(masked, order // size, -1).to(device)  # [R]
         self.n_blocks = int(self.block.max()) + 1
         # steps per block: the total split evenly (at least one per block)

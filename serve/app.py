@@ -10,9 +10,12 @@
 
 Concurrent `/v1/generate` requests are collected by `@serve.batch`; the engine makes one
 sampler call per group of equal layout and options. The model runs on one thread per
-replica (the event loop keeps accepting and batching meanwhile). Overload is Serve's:
-beyond `max_ongoing_requests` per replica and `max_queued_requests` the proxy answers
-503 with `Retry-After` (`serve.yaml`, `deployment`).
+replica (the event loop keeps accepting and batching meanwhile). Overload: beyond
+`max_ongoing_requests` per replica and `max_queued_requests` Serve's proxy answers 503
+with `Retry-After` (`serve.yaml`, `deployment`); the replica itself admits at most
+`limits.max_pending` requests to its model queue (503 beyond). A request whose client
+disconnects (Serve cancels it) or that passes `limits.request_timeout_s` stops its
+generation at the next denoising step, or before it starts.
 
 Build it with `build(cfg)` (jobs/deploy.py) or from a Serve config file / `serve run`
 through `build_app({"config": "configs/tiny/serve.yaml", ...overrides})`.
@@ -20,6 +23,7 @@ through `build_app({"config": "configs/tiny/serve.yaml", ...overrides})`.
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' types at run time.
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +39,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from serve.config import ServeConfig, load_serve_config
-from serve.media import ClientError
+from serve.errors import ClientError, Stopped
 from serve.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelList
 
 logger = logging.getLogger(__name__)
@@ -44,7 +48,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
         (400, "malformed JSON or base64"), (413, "over a size limit"), (415, "unsupported media format"),
         (422, "invalid options, inputs or output combination"),
-        (503, "overloaded: retry after the Retry-After header's seconds"))}
+        (503, "overloaded: retry after the Retry-After header's seconds"),
+        (504, "the request passed the server's request timeout"))}
 
 app = FastAPI(title="Omni-Diffusion", version="1",
               description="Any-to-any masked discrete diffusion over text, image and speech.")
@@ -89,7 +94,8 @@ app.add_middleware(BodyLimit)
 
 @app.exception_handler(ClientError)
 async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
 
 @app.exception_handler(HTTPException)
@@ -129,6 +135,7 @@ class OmniDiffusion:
         BodyLimit.max_bytes = cfg.limits.max_request_bytes
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="sampler")
         self._parse_threads = ThreadPoolExecutor(2, thread_name_prefix="parse")
+        self._pending = 0  # requests admitted to the model queue and not yet answered
         self._generate_batched.set_max_batch_size(cfg.batching.max_batch_size)
         self._generate_batched.set_batch_wait_timeout_s(cfg.batching.wait_timeout_s)
         logger.info("replica ready: %s on %s (pid %d)", cfg.model.model, device, os.getpid())
@@ -145,13 +152,18 @@ class OmniDiffusion:
     @app.get("/v1/stats")
     async def stats(self) -> dict:
         return {"pid": os.getpid(), "requests": self.engine.requests,
-                "sampler_calls": self.engine.sampler_calls,
-                "max_batch_size": self.cfg.batching.max_batch_size}
+                "sampler_calls": self.engine.sampler_calls, "stopped": self.engine.stopped,
+                "pending": self._pending, "max_batch_size": self.cfg.batching.max_batch_size}
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(self, body: GenerateRequest) -> GenerateResponse:
         job = await self._parse(body)
-        result = await self._generate_batched(job)
+        with self._admitted():
+            try:
+                result = await self._generate_batched(job)
+            except asyncio.CancelledError:  # the client went away: Serve cancels the request
+                job.cancelled.set()
+                raise
         if isinstance(result, Exception):
             raise result
         return result
@@ -163,6 +175,8 @@ class OmniDiffusion:
                        "with a GenerateResponse, or `event: error`"}})
     async def generate_stream(self, body: GenerateRequest) -> StreamingResponse:
         job = await self._parse(body)  # refused requests get their 4xx before the stream starts
+        admission = self._admitted()
+        admission.__enter__()  # left when the stream ends, however it ends
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -173,6 +187,10 @@ class OmniDiffusion:
             try:
                 result = self.engine.stream(job, lambda event: emit("progress", event))
                 emit("result", result.model_dump())
+            except ClientError as exc:  # past the request timeout
+                emit("error", {"error": exc.message, "status": exc.status})
+            except Stopped:  # the client went away; nobody reads this
+                emit("error", {"error": "stopped: the client went away"})
             except Exception as exc:  # reported in the stream: the 200 is already sent
                 logger.exception("streamed generation failed")
                 emit("error", {"error": f"generation failed: {exc}"})
@@ -180,16 +198,34 @@ class OmniDiffusion:
         loop.run_in_executor(self._model_thread, work)
 
         async def events():
-            while True:
-                kind, data = await queue.get()
-                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-                if kind != "progress":
-                    return
+            try:
+                while True:
+                    kind, data = await queue.get()
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                    if kind != "progress":
+                        return
+            finally:  # finished, or cancelled by a disconnect: either way nothing more is wanted
+                job.cancelled.set()
+                admission.__exit__(None, None, None)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------ internals
+    @contextlib.contextmanager
+    def _admitted(self):
+        """Count a request into the model queue, or refuse it with 503 when it is full."""
+        limit = self.cfg.limits.max_pending
+        if self._pending >= limit:
+            raise ClientError(f"this replica has {self._pending} requests waiting for the model, its "
+                              f"limit (limits.max_pending); retry later", 503,
+                              retry_after_s=self.cfg.deployment.retry_after_s)
+        self._pending += 1
+        try:
+            yield
+        finally:
+            self._pending -= 1
+
     async def _parse(self, body: GenerateRequest):
         return await asyncio.get_running_loop().run_in_executor(self._parse_threads, self.engine.parse, body)
 

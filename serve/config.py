@@ -33,8 +33,20 @@ class Limits:
     max_text_chars: int = 2_000  #: per text part
     max_image_pixels: int = 1024 * 1024  #: width x height of an input image
     max_audio_seconds: float = 30.0  #: per audio part
+    max_sample_rate: int = 96_000  #: of an audio part, read from its header
+    max_channels: int = 8  #: of an audio part
     max_output_tokens: int = 1_024  #: response positions (the sum over the output regions)
-    max_steps: int = 256  #: sampler steps
+    #: prompt plus response positions, counted after the inputs are tokenized (a text
+    #: limit in characters says little: 2,000 emoji are 8,000 byte-level tokens); also
+    #: never more than the model's own positions
+    max_total_tokens: int = 2_048
+    max_steps: int = 256  #: sampler steps: the most forward passes a request can cost
+    #: seconds from arrival: a request still waiting or generating then gets 504 (a stream
+    #: an error event) and its generation stops
+    request_timeout_s: float = 120.0
+    #: requests admitted to this replica's model queue (waiting or generating); beyond
+    #: it 503 with Retry-After (Serve's own `max_ongoing_requests` bounds it too)
+    max_pending: int = 64
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@ A batch from `@serve.batch` may mix requests; `run` groups those whose layout an
 sampler options (the seed aside) are equal and makes one sampler call per group. Every
 request keeps its own seed (per-row generators in the sampler), so its result does not
 depend on what it was batched with.
+
+Every job carries a deadline (`limits.request_timeout_s` from its arrival) and a cancel
+flag (set when its client goes away). A job past either is not started; a sampler call
+stops at the next step once none of its jobs is still wanted. A job past its deadline
+answers 504.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +29,8 @@ import torch
 from omni_model.pipeline import OUTPUTS, AnyToAny, Input, Output, Prepared, RequestError
 from omni_model.sampler import Layout, SamplerConfig
 from serve.config import ServeConfig
-from serve.media import ClientError, decode_audio, decode_image, encode_png, encode_wav
+from serve.errors import ClientError, Stopped
+from serve.media import decode_audio, decode_image, encode_png, encode_wav
 from serve.schemas import GenerateRequest, GenerateResponse, ModelCard, Usage
 
 logger = logging.getLogger(__name__)
@@ -37,11 +44,24 @@ class Job:
     config: SamplerConfig
     seed: int
     start: float
+    deadline: float = float("inf")  #: perf_counter time after which it answers 504
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @property
     def group(self) -> tuple:
         """Requests with equal groups share a sampler call."""
         return self.prepared.regions, self.prepared.outputs, dataclasses.replace(self.config, seed=0)
+
+    @property
+    def wanted(self) -> bool:
+        return not self.cancelled.is_set() and time.perf_counter() < self.deadline
+
+    def refusal(self, timeout_s: float) -> Exception:
+        """Why an unwanted job has no result."""
+        if self.cancelled.is_set():
+            return Stopped("the client went away")
+        return ClientError(f"the request took longer than the limit of {timeout_s:g} s "
+                           "(limits.request_timeout_s)", 504)
 
 
 class Engine:
@@ -53,6 +73,10 @@ class Engine:
                                              text_tokenizer=m.text_tokenizer, device=device)
         self.sampler_calls = 0
         self.requests = 0
+        self.stopped = 0  #: jobs dropped or stopped because they were no longer wanted
+        #: prompt + response positions a request may have: the limit, within the model's
+        self.max_total_tokens = min(cfg.limits.max_total_tokens,
+                                    self.pipe.model.config.max_position_embeddings)
 
     # ------------------------------------------------------------------ model card
     def card(self) -> ModelCard:
@@ -84,7 +108,8 @@ class Engine:
             elif part.type == "image":
                 inputs.append(decode_image(part.data, limits.max_image_pixels, i))
             else:
-                inputs.append(decode_audio(part.data, limits.max_audio_seconds, i))
+                inputs.append(decode_audio(part.data, limits.max_audio_seconds, i, limits.max_sample_rate,
+                                           limits.max_channels))
         config, seed = self.sampler_config(request)
         lengths = {k: v for k, v in (request.lengths.model_dump() if request.lengths else {}).items()
                    if v is not None}
@@ -92,11 +117,17 @@ class Engine:
             prepared = self.pipe.prepare(inputs, request.outputs, lengths)
         except RequestError as exc:
             raise ClientError(str(exc), 422) from None
+        except ValueError as exc:  # a tokenizer refusing an input it cannot encode
+            raise ClientError(f"an input could not be encoded: {exc}", 422) from None
         tokens = sum(r.length for r in prepared.regions)
         if tokens > limits.max_output_tokens:
             raise ClientError(f"the response would have {tokens} positions, over the limit of "
                               f"{limits.max_output_tokens} (ask for shorter `lengths`)", 413)
-        return Job(prepared, config, seed, start)
+        total = len(prepared.prompt) + tokens
+        if total > self.max_total_tokens:
+            raise ClientError(f"the prompt ({len(prepared.prompt)} tokens) and the response ({tokens} "
+                              f"positions) make {total}, over the limit of {self.max_total_tokens}", 413)
+        return Job(prepared, config, seed, start, start + limits.request_timeout_s)
 
     def sampler_config(self, request: GenerateRequest) -> tuple[SamplerConfig, int]:
         """The request's sampler options over the deployment's defaults."""
@@ -118,30 +149,54 @@ class Engine:
     # ------------------------------------------------------------------ generation
     def run(self, jobs: list[Job]) -> list[GenerateResponse | Exception]:
         """Generate a batch: one sampler call per group of equal layout and options."""
+        timeout = self.cfg.limits.request_timeout_s
+        results: list[GenerateResponse | Exception] = [RuntimeError("not run")] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
-            groups.setdefault(job.group, []).append(i)
-        results: list[GenerateResponse | Exception] = [RuntimeError("not run")] * len(jobs)
+            if job.wanted:
+                groups.setdefault(job.group, []).append(i)
+            else:  # cancelled or timed out while it waited: never started
+                results[i] = job.refusal(timeout)
+                self.stopped += 1
         for members in groups.values():
             batch = [jobs[i] for i in members]
             try:
-                outputs = self._generate(batch)
+                outputs = self._generate(batch, self._stop_unwanted(batch))
                 for i, out in zip(members, outputs):
-                    results[i] = self.response(jobs[i], out, len(batch))
+                    results[i] = self.response(jobs[i], out, len(batch)) if jobs[i].wanted \
+                        else jobs[i].refusal(timeout)
+            except Stopped:
+                self.stopped += len(batch)
+                for i in members:
+                    results[i] = jobs[i].refusal(timeout)
             except Exception as exc:  # one group's failure is not the others'
                 logger.exception("sampler call failed for %d requests", len(batch))
                 for i in members:
                     results[i] = exc
         return results
 
+    @staticmethod
+    def _stop_unwanted(batch: list[Job]) -> Callable[[int, torch.Tensor], None]:
+        """A sampler step callback that stops the call once none of its jobs is wanted."""
+        def on_step(step: int, ids: torch.Tensor) -> None:
+            if not any(job.wanted for job in batch):
+                raise Stopped(f"stopped after {step} steps: no request in the batch is still wanted")
+        return on_step
+
     def stream(self, job: Job, emit: Callable[[dict], None]) -> GenerateResponse:
         """One request with a progress event per step and `stream_previews` previews."""
+        if not job.wanted:
+            self.stopped += 1
+            raise job.refusal(self.cfg.limits.request_timeout_s)
         layout = self.pipe.layout(job.prepared)
         bound = min(job.config.steps, layout.num_masked)
         previews = max(0, self.cfg.sampler.stream_previews)
         marks = {round(bound * (k + 1) / (previews + 1)) for k in range(previews)}
 
         def on_step(done: int, ids: torch.Tensor) -> None:  # after `done` steps
+            if not job.wanted:
+                self.stopped += 1
+                raise job.refusal(self.cfg.limits.request_timeout_s)
             event = {"step": done, "max_steps": bound,
                      "masked": int((ids[0] == self.pipe.vocab.mask_id).sum())}
             if done in marks:

@@ -190,6 +190,21 @@ def test_semi_autoregressive_blocks_decode_left_to_right(tiny_model, vocab):
     assert out.steps == [8]  # the steps split 3, 3, 2 between the blocks
 
 
+@pytest.mark.parametrize("steps, block_length, size", [(1, 1, 12), (3, 1, 4), (4, 2, 3), (6, 5, 5)])
+def test_steps_bound_the_forward_passes_whatever_the_block_length(tiny_model, vocab, steps, block_length,
+                                                                  size):
+    """One block a step at least: blocks shorter than masks/steps are widened, so a
+    request for 1 step in blocks of 1 makes one pass, not one per position."""
+    layout = make_layout(vocab, [Region("text", 12)])
+    recorder = CallRecorder(tiny_model)
+    out = sample(recorder, torch.tensor([[3, 4]]), layout,
+                 SamplerConfig(steps=steps, block_length=block_length, temperature=1.0))
+    assert len(recorder.inputs) == out.steps[0] <= steps
+    order = out.committed[0]
+    for start in range(size, 12, size):  # still left to right, block by block
+        assert order[:start].max() < order[start:].min()
+
+
 def test_classifier_free_guidance(tiny_model, vocab):
     layout = make_layout(vocab, [Region("text", 4), Region("image", 6)])
     prompt = torch.randint(0, 256, (2, 6))

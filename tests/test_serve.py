@@ -31,6 +31,7 @@ from omni_model.tokenizers.image import MagVitTokenizer
 from serve.config import load_serve_config
 from serve.media import encode_png, encode_wav
 from tests.any2any import IMAGE_TOKENIZER, answer_lengths
+from tests.hostile import iccp_bomb_png, lying_flac, nan_wav, pcx_named_png, pixel_bomb_png, png_bytes, wav_bytes
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(600)
@@ -56,8 +57,9 @@ def server(ray_session, any2any):
         "deployment.num_replicas=1", "deployment.num_cpus=0.5", "deployment.max_ongoing_requests=16",
         "deployment.max_queued_requests=16", "deployment.health_check_period_s=1",
         "batching.max_batch_size=8", "batching.wait_timeout_s=0.05",
-        "limits.max_steps=128", "limits.max_output_tokens=512", "limits.max_request_bytes=400000",
-        "limits.max_image_pixels=65536", "limits.max_audio_seconds=5", f"http.port={port}"])
+        "limits.max_steps=512", "limits.max_output_tokens=512", "limits.max_request_bytes=400000",
+        "limits.max_image_pixels=65536", "limits.max_audio_seconds=5", "limits.max_pending=12",
+        f"http.port={port}"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg), name="omni", route_prefix="/")
     yield f"http://127.0.0.1:{port}", tasks, codec
@@ -184,6 +186,15 @@ def _image_b64(size: int, fmt: str = "PNG") -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _image(raw: bytes) -> dict:
+    return {"inputs": [{"type": "image", "data": base64.b64encode(raw).decode()},
+                       {"type": "text", "text": "Describe the image."}], "outputs": ["text"]}
+
+
+def _audio(raw: bytes) -> dict:
+    return {"inputs": [{"type": "audio", "data": base64.b64encode(raw).decode()}], "outputs": ["text"]}
+
+
 def _bad_requests() -> list[tuple[str, object, int, str]]:
     text = {"type": "text", "text": "Draw a red circle."}
     png = _image_b64(32)
@@ -212,6 +223,16 @@ def _bad_requests() -> list[tuple[str, object, int, str]]:
         ("too many output tokens", {"inputs": [text], "outputs": ["text"], "lengths": {"text": 5000}}, 413,
          "positions"),
         ("body too large", {"inputs": [{"type": "text", "text": "x" * 500_000}], "outputs": ["text"]}, 413, "bytes"),
+        # hostile media and sizes (tests/hostile.py): each refused from its header
+        ("iCCP bomb", _image(iccp_bomb_png()), 422, "Decompressed data too large"),
+        ("pixel bomb", _image(pixel_bomb_png()), 413, "(2500000000 pixels)"),
+        ("PCX image", _image(pcx_named_png()), 415, "PCX"),
+        ("lying FLAC", _audio(lying_flac()), 413, "lasts 4294967.3 s"),
+        ("384 kHz audio", _audio(wav_bytes(seconds=0.05, rate=384_000)), 413, "sample rate of 384000 Hz"),
+        ("16 channels", _audio(wav_bytes(channels=16, seconds=0.1)), 413, "16 channels"),
+        ("NaN audio", _audio(nan_wav()), 422, "non-finite"),
+        ("8 x 2,000 emoji", {"inputs": [{"type": "text", "text": "\U0001F600" * 2000}] * 8, "outputs": ["text"]},
+         413, "the prompt (64019 tokens)"),  # byte-level: 4 tokens an emoji
     ]
 
 
@@ -221,6 +242,44 @@ def test_bad_requests_get_a_4xx_with_a_message(server, name, body, status, messa
     r = _post(url, body)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
+
+
+@pytest.mark.parametrize("width, height", [(1, 1), (3, 200), (200, 3)])
+def test_tiny_and_thin_images_are_served(server, width, height):
+    url, _, _ = server
+    body = {**_image(png_bytes(width, height)), "sampler": {"steps": 4}, "lengths": {"text": 8}}
+    r = _post(url, body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > 64  # the image's 64 codes are in the prompt
+
+
+def test_one_step_in_blocks_of_one_is_one_forward_pass(server):
+    url, _, _ = server
+    r = _post(url, {"inputs": [{"type": "text", "text": "Say something long."}], "outputs": ["text"],
+                    "lengths": {"text": 200}, "sampler": {"steps": 1, "block_length": 1}})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["steps"] == 1
+
+
+def test_a_disconnected_stream_stops_its_generation(server):
+    """Read one progress event of a long stream, hang up: the replica stops generating
+    at its next step (the `stopped` counter) instead of running the remaining steps."""
+    url, _, _ = server
+    body = {"inputs": [{"type": "text", "text": "Tell a long story."}], "outputs": ["text"],
+            "lengths": {"text": 440}, "sampler": {"steps": 440, "cfg_scale": 1.0}}
+    before = _stats(url)["stopped"]
+    with requests.post(url + "/v1/generate/stream", json=body, stream=True, timeout=120) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines(decode_unicode=True)
+        assert next(lines) == "event: progress"
+        first = json.loads(next(lines)[len("data: "):])
+    assert first["step"] == 1 and first["max_steps"] == 440
+    deadline = time.time() + 60
+    while time.time() < deadline and _stats(url)["stopped"] == before:
+        time.sleep(0.2)
+    stats = _stats(url)
+    assert stats["stopped"] == before + 1, stats
+    assert stats["pending"] == 0
 
 
 def test_flac_audio_and_jpeg_images_are_accepted(server):
@@ -286,6 +345,8 @@ def test_overload_gets_503_with_retry_after_then_recovers(server):
     refused = [r for r in responses if r.status_code == 503]
     assert refused and codes.count(200) >= 8
     assert all(r.headers.get("retry-after") == "1" for r in refused)
+    # Serve admits 16 ongoing to the replica, whose own model queue takes 12
+    assert any("limits.max_pending" in r.text for r in refused), [r.text[:100] for r in refused]
     assert _post(url, body).status_code == 200  # recovered
 
 
