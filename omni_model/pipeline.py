@@ -124,9 +124,9 @@ class AnyToAny:
                         presets: LengthPresets | None = None) -> "AnyToAny":
         """A checkpoint folder (model, vocab.json, tokenizers.json) and tokenizer folders.
 
-        The text tokenizer defaults to the path recorded in `tokenizers.json`. Image and
-        speech tokenizer folders are checked against the fingerprints recorded there: a
-        model trained on other codes would answer in the wrong code language. Presets
+        The text tokenizer defaults to the copy in the checkpoint (`tokenizers.json` names
+        it). Every tokenizer is checked against the fingerprint recorded there: a model
+        trained on other ids or codes would answer in the wrong language. Presets
         default to `presets.json` in the folder when present.
         """
         folder = Path(folder)
@@ -134,8 +134,13 @@ class AnyToAny:
         vocab = Vocab.load(folder)
         recorded = json.loads((folder / "tokenizers.json").read_text()) \
             if (folder / "tokenizers.json").exists() else {}
-        text_path = text_tokenizer or recorded.get("text")
-        text = BPETokenizer.from_pretrained(text_path) if text_path else ByteTokenizer()
+        entry = recorded.get("text")
+        if text_tokenizer is None and isinstance(entry, dict):  # the copy inside the checkpoint
+            text_tokenizer = folder / entry["path"]
+        elif text_tokenizer is None:  # older checkpoints recorded the path they were trained with
+            text_tokenizer = entry
+        text = BPETokenizer.from_pretrained(text_tokenizer) if text_tokenizer else ByteTokenizer()
+        _check_fingerprint("text", text, recorded)
         image = speech = None
         if image_tokenizer is not None:
             from omni_model.tokenizers.image import MagVitTokenizer

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 #: Settings that must be in place before `import ray` (see README: running Ray here).
+#: Never `RAY_AUTH_MODE`: a job that joins a cluster keeps the cluster's authentication.
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "HF_HUB_OFFLINE": "1",
@@ -35,11 +35,16 @@ def start_ray(cfg: RayConfig = RayConfig()) -> bool:
     """Connect to or start Ray; returns True when this process started it (and owns it)."""
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray 2.60 asks for a token on every new cluster; ours is private to this process
+        # and listens on 127.0.0.1 only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), so it has
+        # none. Set before `import ray`, which reads it. A joined cluster keeps its own.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     if ray.is_initialized():
         return False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         logger.info("joined the Ray cluster at %s", address)

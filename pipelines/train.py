@@ -16,6 +16,14 @@ files. Checkpoints (model in the layout `Transformer.from_pretrained` reads, voc
 tokenizer references, optimizer and scheduler, step, RNG, data position) are reported
 every N steps; a run restarted with the same config resumes from its latest one, and a
 worker that dies is restarted by Ray from it (`FailureConfig`).
+
+Guards (issue: a mis-sized cluster used to hang silently): before `fit`, `fit_to_cluster`
+compares what the stage asks for with the cluster and either shrinks the data side's
+CPU requests to what is left or fails at once, naming the numbers; during `fit`, a
+watchdog fails the stage when no step completes within `run.stall_timeout_s`, saying
+what is pending. A checkpoint counts only when every file it lists is there at its
+size (`checkpoint_complete`), so a save cut short is never resumed from, and `final/`
+appears whole or not at all. The text tokenizer is copied into every checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -52,6 +61,8 @@ logger = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.json"
 TOKENIZERS_FILE = "tokenizers.json"
 OPTIMIZER_FILE = "optimizer.pt"
+TEXT_TOKENIZER_DIR = "text_tokenizer"  #: the copy of the text tokenizer in a checkpoint
+PROGRESS_FILE = "progress.json"  #: rank 0's last step and its time (the watchdog reads it)
 
 
 # ---------------------------------------------------------------------- config
@@ -159,6 +170,10 @@ class ScalingConfig:
     #: or AMX, 1.7x faster there), bf16, none. DeepSpeed keeps to `bf16`.
     precision: str = "auto"
     threads_per_worker: int = 1
+    #: compare the stage's needs with the cluster before training (shrink the data side's
+    #: CPU requests to what the workers leave, or fail at once); false on a cluster that
+    #: autoscales, whose resources grow on demand
+    check_resources: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -169,6 +184,9 @@ class ScalingConfig:
 class RunConfig:
     dir: str = "runs/stage1"  #: the run folder: config, metrics, checkpoints, final/
     max_failures: int = 2  #: worker-group restarts from the latest checkpoint
+    #: the stage fails, saying what is pending, when no step completes for this long
+    #: (the first step's time includes starting the workers and the data pipeline)
+    stall_timeout_s: float = 900.0
     fail_at_step: int | None = None  #: test hook: rank 1 exits once at this step
 
 
@@ -194,7 +212,7 @@ def resolve_previous(path: str) -> Path:
     if not path.startswith("latest:"):
         return Path(path)
     run = Path(path.split(":", 1)[1])
-    if (run / "final" / "model.safetensors").exists():
+    if (run / "final" / "model.safetensors").exists():  # final/ appears whole (see _export_final)
         return run / "final"
     latest = latest_checkpoint(run)
     if latest is None:
@@ -203,13 +221,34 @@ def resolve_previous(path: str) -> Path:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest step under a run folder (None if there is none)."""
+    """The complete checkpoint with the highest step under a run folder (None if there
+    is none); incomplete ones (a save cut short) are skipped with a warning."""
     best, best_step = None, -1
     for state in Path(run_dir).glob(f"*/checkpoint_*/{TRAIN_STATE}"):
+        if not checkpoint_complete(state.parent):
+            logger.warning("skipping incomplete checkpoint %s", state.parent)
+            continue
         step = json.loads(state.read_text())["step"]
         if step > best_step:
             best, best_step = state.parent, step
     return best
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """Every file the checkpoint's `train_state.json` lists is there at its size, and
+    every rank's state. (Ray copies a reported checkpoint file by file, in no set order:
+    a crash mid-copy leaves a folder with some files and not others.)"""
+    try:
+        state = json.loads((folder / TRAIN_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    files = state.get("files")
+    if files is None:  # written before files were listed: the model is what must be there
+        return (folder / "model.safetensors").exists()
+    ranks = [f"rank_{r}.pt" for r in range(int(state.get("world", 1)))]
+    return (all((folder / name).is_file() and (folder / name).stat().st_size == size
+                for name, size in files.items())
+            and all((folder / name).is_file() for name in ranks))
 
 
 def resolve_vocab(cfg: StageConfig, identity: dict) -> tuple[Vocab, str | None]:
@@ -629,6 +668,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt.step()
         window.time += time.perf_counter() - t_start
         done = step + 1
+        if writer is not None:
+            writer.progress(done)
         is_log = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
         is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps
         if not (is_log or is_ckpt):
@@ -688,14 +729,26 @@ class _Window:
 
 
 class _MetricsWriter:
-    """Rank 0 appends metrics to `metrics.jsonl` and TensorBoard event files."""
+    """Rank 0 appends metrics to `metrics.jsonl` and TensorBoard event files, and keeps
+    `progress.json` (the last step and when) for the driver's watchdog."""
 
     def __init__(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.progress_file = run_dir / PROGRESS_FILE
+        self.progress_written = 0.0
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def progress(self, step: int) -> None:
+        """Record a finished step (at most every 5 s: a small file, rewritten)."""
+        now = time.time()
+        if now - self.progress_written >= 5.0:
+            tmp = self.progress_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step, "time": now}))
+            tmp.replace(self.progress_file)
+            self.progress_written = now
 
     def write(self, metrics: dict[str, float]) -> None:
         self.jsonl.write(json.dumps({**metrics, "time": time.time()}) + "\n")
@@ -727,9 +780,15 @@ def _save_checkpoint(folder: Path, rank: int, opt: _Optimisation, vocab: Vocab, 
         return
     vocab.save(folder)
     (folder / TOKENIZERS_FILE).write_text(json.dumps(config.get("tokenizers", {}), indent=2) + "\n")
+    text_tokenizer = config["stage"]["data"]["text_tokenizer"]
+    if text_tokenizer:  # a checkpoint is self-contained: the text ids' meaning travels with it
+        BPETokenizer.from_pretrained(text_tokenizer).save_pretrained(folder / TEXT_TOKENIZER_DIR)
+    # written last, listing what came before: `checkpoint_complete` checks it
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+             if f.is_file() and not f.name.startswith("rank_")}
     (folder / TRAIN_STATE).write_text(json.dumps({
         "step": step, "samples_seen": {str(r): int(s) for r, s in enumerate(seen)},
-        "stage": config["stage"]["stage"]}) + "\n")
+        "stage": config["stage"]["stage"], "world": world, "files": files}) + "\n")
 
 
 # ---------------------------------------------------------------------- driver
@@ -744,13 +803,17 @@ def run_stage(cfg: StageConfig) -> dict[str, Any]:
     cfg = replace(cfg, data=replace(cfg.data, shards=str(Path(cfg.data.shards).resolve()),
                                     text_tokenizer=cfg.data.text_tokenizer and
                                     str(Path(cfg.data.text_tokenizer).resolve())))
+    if cfg.scaling.check_resources:
+        cfg = fit_to_cluster(cfg)
     identity = check_compatible(shard_sets(cfg))
     vocab, init_path = resolve_vocab(cfg, identity)
     init_path = str(Path(init_path).resolve()) if init_path else None
+    text = text_tokenizer_entry(cfg.data.text_tokenizer)
+    if cfg.model.init == "previous":
+        check_text_tokenizer(Path(init_path), text)
     cfg_dict = asdict(cfg)
     cfg_dict["run"]["dir"] = str(run_dir)
-    tokenizers = {"text": cfg.data.text_tokenizer, "image": identity.get("image"),
-                  "speech": identity.get("speech")}
+    tokenizers = {"text": text, "image": identity.get("image"), "speech": identity.get("speech")}
     dataset = build_dataset(cfg, vocab)
     resume = latest_checkpoint(run_dir)
     if resume is not None:
@@ -776,7 +839,7 @@ def run_stage(cfg: StageConfig) -> dict[str, Any]:
         # No resume_from_checkpoint: Train V2 restores a run started again with the same
         # name and storage_path from that run's newest checkpoint by itself.
     )
-    result = trainer.fit()
+    result = _fit_watched(trainer, cfg, run_dir)
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as src:
@@ -785,8 +848,132 @@ def run_stage(cfg: StageConfig) -> dict[str, Any]:
 
 
 def _export_final(checkpoint: Path, final: Path) -> None:
-    """`final/`: the files `Transformer.from_pretrained` and the sampler read, nothing else."""
-    shutil.rmtree(final, ignore_errors=True)
-    final.mkdir(parents=True)
+    """`final/`: the files `Transformer.from_pretrained` and the sampler read, nothing else.
+    Written to a temporary folder renamed into place, so it is whole or absent."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for name in ("config.json", "model.safetensors", "vocab.json", TOKENIZERS_FILE, TRAIN_STATE):
-        shutil.copy(checkpoint / name, final / name)
+        shutil.copy(checkpoint / name, tmp / name)
+    if (checkpoint / TEXT_TOKENIZER_DIR).is_dir():
+        shutil.copytree(checkpoint / TEXT_TOKENIZER_DIR, tmp / TEXT_TOKENIZER_DIR)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- guards
+class StageStalled(RuntimeError):
+    """No training step completed within `run.stall_timeout_s`."""
+
+
+def text_tokenizer_entry(path: str | None) -> dict | None:
+    """`tokenizers.json`'s text entry: the copy inside the checkpoint and its fingerprint
+    (None: the byte-level tokenizer, which needs no file)."""
+    if not path:
+        return None
+    return {"path": TEXT_TOKENIZER_DIR, "fingerprint": BPETokenizer.from_pretrained(path).fingerprint,
+            "source": path}
+
+
+def check_text_tokenizer(previous: Path, entry: dict | None) -> None:
+    """A stage that continues another must read text with the same tokenizer."""
+    recorded_file = previous / TOKENIZERS_FILE
+    if not recorded_file.exists():
+        return
+    recorded = json.loads(recorded_file.read_text()).get("text")
+    theirs = recorded.get("fingerprint") if isinstance(recorded, dict) else None
+    mine = entry["fingerprint"] if entry else None
+    if isinstance(recorded, dict) and theirs != mine:
+        raise ValueError(f"{previous} was trained with text tokenizer {theirs}; data.text_tokenizer is "
+                         f"{mine}: the text ids would change meaning")
+
+
+def fit_to_cluster(cfg: StageConfig) -> StageConfig:
+    """Compare what the stage asks for with the cluster's resources.
+
+    The training workers must fit (else fail now, naming the numbers). The data side
+    (read tasks and the AssembleSamples actor, `data.task_cpus` each) gets what the
+    workers leave: when that is less than it asks, its requests shrink to fit (down to
+    0 CPU, sharing the workers' cores; its work is light beside training), where it
+    would otherwise wait for CPUs forever.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    s = cfg.scaling
+    need_cpu = s.num_workers * s.cpus_per_worker
+    need_gpu = s.num_workers if s.use_gpu else 0
+    if need_cpu > cpus or need_gpu > gpus:
+        raise ValueError(
+            f"the stage asks for {s.num_workers} workers x {s.cpus_per_worker:g} CPU"
+            + (" + 1 GPU" if s.use_gpu else "") + f" = {need_cpu:g} CPUs" + (f" and {need_gpu} GPUs" if s.use_gpu else "")
+            + f", the cluster has {cpus:g} CPUs and {gpus:g} GPUs: lower scaling.num_workers or "
+            "scaling.cpus_per_worker, or add nodes (scaling.check_resources=false on an autoscaling cluster)")
+    spare = cpus - need_cpu
+    data_tasks = 2  # at least one read task and the AssembleSamples actor run together
+    if spare < data_tasks * cfg.data.task_cpus:
+        task_cpus = math.floor(100 * spare / data_tasks) / 100
+        logger.warning("the workers take %g of %g CPUs: data tasks ask %g CPU each instead of %g, so "
+                       "they can run beside them", need_cpu, cpus, task_cpus, cfg.data.task_cpus)
+        cfg = replace(cfg, data=replace(cfg.data, task_cpus=task_cpus))
+    return cfg
+
+
+def _fit_watched(trainer, cfg: StageConfig, run_dir: Path):
+    """`trainer.fit()` under a watchdog: when no step completes for `run.stall_timeout_s`
+    the stage fails with what is pending. (The fit runs in a daemon thread: a stalled
+    fit cannot be interrupted from outside, and the job's exit ends it and its workers.)"""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = err
+
+    progress = run_dir / PROGRESS_FILE
+    started = time.time()
+    thread = threading.Thread(target=fit, name="fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=min(5.0, cfg.run.stall_timeout_s))
+        if not thread.is_alive():
+            break
+        last = started
+        if progress.exists():
+            last = max(last, progress.stat().st_mtime)
+        if time.time() - last > cfg.run.stall_timeout_s:
+            raise StageStalled(_stall_report(cfg, progress, time.time() - last))
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _stall_report(cfg: StageConfig, progress: Path, idle: float) -> str:
+    import ray
+
+    done = json.loads(progress.read_text())["step"] if progress.exists() else None
+    total, free = ray.cluster_resources(), ray.available_resources()
+    pending = []
+    try:  # the state API needs the dashboard (a `ray start` cluster has one)
+        from ray.util.state import list_actors, list_tasks
+
+        pending += [f"actor {a.class_name}" for a in list_actors(
+            filters=[("state", "=", "PENDING_CREATION")], raise_on_missing_output=False)]
+        pending += [f"task {t.name}" for t in list_tasks(
+            filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], raise_on_missing_output=False)]
+    except Exception as err:  # noqa: BLE001 - the report is best effort
+        pending.append(f"(no state API: {type(err).__name__})")
+    s = cfg.scaling
+    return (f"no training step completed in {idle:.0f} s (run.stall_timeout_s="
+            f"{cfg.run.stall_timeout_s:g}; last step done: {done if done is not None else 'none'}). "
+            f"Pending: {', '.join(sorted(set(pending))) or 'nothing reported'}. The cluster has "
+            f"{total.get('CPU', 0):g} CPUs ({free.get('CPU', 0):g} free) and {total.get('GPU', 0):g} GPUs; "
+            f"the stage asks {s.num_workers} workers x {s.cpus_per_worker:g} CPU"
+            f"{' + 1 GPU' if s.use_gpu else ''} and {cfg.data.task_cpus:g} CPU per data task. "
+            "If data actors or tasks wait for CPUs, lower scaling.cpus_per_worker or data.task_cpus "
+            "(scaling.check_resources=true sizes them), or add nodes")

@@ -1,6 +1,10 @@
 """Ray Train stages on a real local Ray: two CPU workers (DDP over gloo), real shards."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from pipelines.tokenize import TokenizeConfig, tokenize_manifest
 from pipelines.train import (DataConfig, DataSource, FreshModel, ModelConfig, OptimConfig, RunConfig,
                              ScalingConfig, ScheduleConfig, StageConfig, latest_checkpoint, run_stage)
 from pipelines.world_data import Voice, WorldConfig, build_world
+from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -136,3 +141,84 @@ def test_interrupted_deepspeed_run_resumes_from_its_checkpoint(shards, tmp_path)
     start = Transformer.from_pretrained(checkpoint)
     assert any(not torch.equal(a, b) for a, b in zip(final.state_dict().values(),
                                                      start.state_dict().values()))
+
+
+def test_a_checkpoint_cut_short_is_neither_resumed_nor_the_next_start(stage1, tmp_path):
+    """Ray copies a reported checkpoint file by file: a crash mid-copy leaves a folder
+    with some of them. Such a folder (a newer step, its model missing or truncated) is
+    skipped by the resume and by `latest:` of the next stage; `final/` is whole."""
+    from pipelines.train import checkpoint_complete, resolve_previous
+
+    run_dir, _ = stage1
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    good = latest_checkpoint(copy)
+    assert checkpoint_complete(good) and json.loads((good / "train_state.json").read_text())["step"] == 40
+    for name, damage in (("checkpoint_missing", "unlink"), ("checkpoint_truncated", "truncate")):
+        cut = good.parent / name
+        shutil.copytree(good, cut)
+        state = json.loads((cut / "train_state.json").read_text())
+        (cut / "train_state.json").write_text(json.dumps({**state, "step": 50}))
+        if damage == "unlink":
+            (cut / "model.safetensors").unlink()
+        else:
+            (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:1000])
+        assert not checkpoint_complete(cut)
+    assert latest_checkpoint(copy) == good
+    shutil.rmtree(copy / "final")
+    assert resolve_previous(f"latest:{copy}") == good
+    assert not list(run_dir.glob(".final.*"))  # the export's temporary folder is gone
+
+
+def test_the_cluster_is_checked_before_training(ray_session, shards, tmp_path):
+    """The session's Ray has 8 logical CPUs: 9 one-CPU workers fail at once, naming the
+    numbers; 4 two-CPU workers fit, and the data side's requests shrink to what is left."""
+    from pipelines.train import fit_to_cluster
+
+    cfg = _stage(shards, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"9 workers x 1 CPU = 9 CPUs, the cluster has 8 CPUs"):
+        run_stage(replace(cfg, scaling=replace(cfg.scaling, num_workers=9)))
+    full = fit_to_cluster(replace(cfg, scaling=replace(cfg.scaling, num_workers=4, cpus_per_worker=2)))
+    assert full.data.task_cpus == 0
+    assert fit_to_cluster(cfg).data.task_cpus == cfg.data.task_cpus  # 6 CPUs left: unchanged
+
+
+def test_a_stalled_stage_fails_and_says_what_is_pending(shards, tmp_path):
+    """Its own 2-CPU Ray, two one-CPU workers, data tasks asking one CPU each and the
+    cluster check off: the data can never be scheduled. The job fails within the stall
+    timeout instead of waiting forever, naming the resources."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run(
+        [sys.executable, "jobs/stage1.py", "--config", "configs/tiny/stage1.yaml", f"run.dir={tmp_path / 'run'}",
+         f"data.shards={shards}", "data.text_tokenizer=null", "data.max_seq_len=160",
+         "model.fresh={hidden: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64}", "train.max_steps=4",
+         "ray.num_cpus=2", "scaling.check_resources=false", "data.task_cpus=1", "run.stall_timeout_s=20"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "StageStalled: no training step completed in" in result.stderr, result.stderr[-3000:]
+    assert "the stage asks 2 workers x 1 CPU and 1 CPU per data task" in result.stderr
+
+
+def test_the_text_tokenizer_travels_with_the_checkpoint(shards, tmp_path):
+    """Trained with a BPE text tokenizer, `final/` holds its copy and fingerprint: it
+    loads with the original gone, and a next stage with another tokenizer is refused."""
+    from omni_model.pipeline import AnyToAny
+    from omni_model.tokenizers.text import BPETokenizer
+
+    corpus = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "square")
+              for p in ("left", "right")] * 20
+    BPETokenizer.train(corpus, vocab_size=300, min_frequency=1).save_pretrained(tmp_path / "bpe")
+    cfg = _stage(shards, tmp_path / "run", max_steps=4)
+    cfg = replace(cfg, data=replace(cfg.data, text_tokenizer=str(tmp_path / "bpe")),
+                  train=replace(cfg.train, log_every=2, checkpoint_every=4))
+    final = Path(run_stage(cfg)["final"])
+    recorded = json.loads((final / "tokenizers.json").read_text())["text"]
+    assert recorded["path"] == "text_tokenizer" and recorded["fingerprint"].startswith("bpe-")
+    shutil.rmtree(tmp_path / "bpe")
+    pipe = AnyToAny.from_pretrained(final)
+    assert pipe.text_tokenizer.fingerprint == recorded["fingerprint"]
+    BPETokenizer.train(corpus[:40], vocab_size=280, min_frequency=1).save_pretrained(tmp_path / "other")
+    stage2 = _stage(shards, tmp_path / "stage2", stage=2, previous=str(final))
+    with pytest.raises(ValueError, match="text ids would change meaning"):
+        run_stage(replace(stage2, data=replace(stage2.data, text_tokenizer=str(tmp_path / "other"))))
