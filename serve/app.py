@@ -98,6 +98,12 @@ async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
 
+@app.exception_handler(Stopped)
+async def _stopped(request: Request, exc: Stopped) -> JSONResponse:
+    # nobody reads this: the client is gone (499, "client closed request", as nginx logs it)
+    return JSONResponse({"error": str(exc)}, status_code=499)
+
+
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
@@ -176,7 +182,7 @@ class OmniDiffusion:
     async def generate_stream(self, body: GenerateRequest) -> StreamingResponse:
         job = await self._parse(body)  # refused requests get their 4xx before the stream starts
         admission = self._admitted()
-        admission.__enter__()  # left when the stream ends, however it ends
+        admission.__enter__()  # left when the generation ends (below), however it ends
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -194,6 +200,8 @@ class OmniDiffusion:
             except Exception as exc:  # reported in the stream: the 200 is already sent
                 logger.exception("streamed generation failed")
                 emit("error", {"error": f"generation failed: {exc}"})
+            finally:  # on the event loop's thread, like the admission itself
+                loop.call_soon_threadsafe(admission.__exit__, None, None, None)
 
         loop.run_in_executor(self._model_thread, work)
 
@@ -206,7 +214,6 @@ class OmniDiffusion:
                         return
             finally:  # finished, or cancelled by a disconnect: either way nothing more is wanted
                 job.cancelled.set()
-                admission.__exit__(None, None, None)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,124 @@
+"""A bounded soak run against a deployed app (HTTP only, no Ray): closed-loop clients
+send a mix of valid requests of every task, streams (some hung up after their first
+event) and hostile requests for a fixed time, and the replica's memory is read from
+/proc (the replica must run on this machine: loopback only).
+
+    report = soak("http://127.0.0.1:8000", seconds=180, valid=[...], hostile=[...])
+
+Used by `benchmarks/serve_soak.py` (the figures in README's "Reliability") and, briefly,
+by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+
+@dataclass
+class SoakReport:
+    seconds: float = 0.0
+    requests: int = 0
+    by_status: Counter = field(default_factory=Counter)  #: HTTP status -> count
+    by_kind: Counter = field(default_factory=Counter)  #: "valid:t2i", "hostile:...", "stream", ...
+    unexpected: list[str] = field(default_factory=list)  #: a valid request refused, a hostile one served...
+    streams_hung_up: int = 0
+    replica_pids: set[int] = field(default_factory=set)
+    replica_peak_rss_mib: float = 0.0  #: VmHWM of the replica process(es)
+
+    @property
+    def server_errors(self) -> int:
+        """5xx other than 503 (backpressure, with Retry-After) and 504 (request timeout)."""
+        return sum(n for s, n in self.by_status.items() if s >= 500 and s not in (503, 504))
+
+    def to_dict(self) -> dict:
+        return {"seconds": round(self.seconds, 1), "requests": self.requests,
+                "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+                "by_kind": dict(sorted(self.by_kind.items())), "server_errors": self.server_errors,
+                "unexpected": self.unexpected[:20], "streams_hung_up": self.streams_hung_up,
+                "replica_pids": sorted(self.replica_pids),
+                "replica_peak_rss_mib": round(self.replica_peak_rss_mib, 1)}
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory (VmHWM) of a process on this machine, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def soak(url: str, seconds: float, valid: list[tuple[str, dict]], hostile: list[tuple[str, dict, int]],
+         clients: int = 6, hostile_share: float = 0.25, stream_share: float = 0.15,
+         seed: int = 0) -> SoakReport:
+    """Run for `seconds`: each client draws a hostile request (name, body, expected 4xx)
+    with `hostile_share`, a stream of a valid one with `stream_share` (half of them hung
+    up after the first event), else a valid request, which must answer 200."""
+    report = SoakReport()
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def record(kind: str, status: int, problem: str | None = None) -> None:
+        with lock:
+            report.requests += 1
+            report.by_status[status] += 1
+            report.by_kind[kind] += 1
+            if problem:
+                report.unexpected.append(problem)
+
+    def client(c: int) -> None:
+        rng = random.Random(seed * 1000 + c)
+        with requests.Session() as session:
+            while time.perf_counter() < stop_at:
+                draw = rng.random()
+                if draw < hostile_share:
+                    name, body, expected = rng.choice(hostile)
+                    raw = body if isinstance(body, (str, bytes)) else json.dumps(body)  # malformed JSON too
+                    r = session.post(url + "/v1/generate", data=raw, timeout=300,
+                                     headers={"Content-Type": "application/json"})
+                    record(f"hostile:{name}", r.status_code,
+                           None if r.status_code == expected else f"{name}: {r.status_code} {r.text[:120]}")
+                elif draw < hostile_share + stream_share:
+                    name, body = rng.choice(valid)
+                    hang_up = rng.random() < 0.5
+                    events = []
+                    with session.post(url + "/v1/generate/stream", json=body, stream=True, timeout=300) as r:
+                        for line in r.iter_lines(decode_unicode=True) if r.status_code == 200 else ():
+                            if line.startswith("event:"):
+                                events.append(line)
+                                if hang_up:
+                                    break  # leaving the `with` closes the connection
+                    ok = r.status_code == 200 and events and (hang_up or events[-1] == "event: result")
+                    if hang_up:
+                        with lock:
+                            report.streams_hung_up += 1
+                    record("stream", r.status_code, None if ok else f"stream {name}: {r.status_code} {events[-1:]}")
+                else:
+                    name, body = rng.choice(valid)
+                    r = session.post(url + "/v1/generate", json=body, timeout=300)
+                    record(f"valid:{name}", r.status_code,
+                           None if r.status_code == 200 else f"{name}: {r.status_code} {r.text[:120]}")
+                if rng.random() < 0.1:  # the replica (a new one, if it was replaced)
+                    pid = session.get(url + "/v1/stats", timeout=30).json()["pid"]
+                    with lock:
+                        report.replica_pids.add(pid)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report.seconds = time.perf_counter() - start
+    report.replica_pids.add(requests.get(url + "/v1/stats", timeout=30).json()["pid"])
+    report.replica_peak_rss_mib = max(peak_rss_mib(p) for p in report.replica_pids
+                                      if Path(f"/proc/{p}").exists()) if report.replica_pids else 0.0
+    return report
+
