@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -222,3 +224,41 @@ def test_the_text_tokenizer_travels_with_the_checkpoint(shards, tmp_path):
     stage2 = _stage(shards, tmp_path / "stage2", stage=2, previous=str(final))
     with pytest.raises(ValueError, match="text ids would change meaning"):
         run_stage(replace(stage2, data=replace(stage2.data, text_tokenizer=str(tmp_path / "other"))))
+
+
+def test_workers_killed_during_a_save_resume_from_a_complete_checkpoint(shards, tmp_path):
+    """SIGKILL every training worker the moment a checkpoint folder appears (Ray is
+    copying the checkpoint into it, or has just finished): Ray restarts the workers,
+    they resume from a complete checkpoint (or from the start), the run finishes, and
+    the newest checkpoint the run folder offers is a complete one."""
+    import psutil
+
+    from pipelines.train import checkpoint_complete
+
+    cfg = _stage(shards, tmp_path / "run", max_steps=30, max_failures=1)
+    outcome = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = run_stage(cfg)
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    killed = []
+    deadline = time.time() + 300
+    while not killed and thread.is_alive() and time.time() < deadline:
+        if any(p.is_dir() for p in (tmp_path / "run").glob("train/checkpoint_*")):
+            for proc in psutil.process_iter(["cmdline"]):
+                if any("RayTrainWorker" in part for part in proc.info["cmdline"] or ()):
+                    proc.kill()
+                    killed.append(proc.pid)
+        time.sleep(0.001)
+    thread.join(600)
+    assert len(killed) == 2, killed
+    assert "error" not in outcome, outcome.get("error")
+    final = Path(outcome["result"]["final"])
+    assert json.loads((final / "train_state.json").read_text())["step"] == 30
+    latest = latest_checkpoint(tmp_path / "run")
+    assert checkpoint_complete(latest) and json.loads((latest / "train_state.json").read_text())["step"] == 30
