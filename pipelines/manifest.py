@@ -161,9 +161,10 @@ def _nesting(line: str) -> int:
 
 def parse_line(line: str, root: Path | None = None, check_files: bool = True) -> Sample:
     """Parse and validate one JSONL line (raises ManifestError with the reason)."""
-    depth = _nesting(line)
-    if depth > MAX_NESTING:
-        raise ManifestError(f"JSON nested {depth} levels deep, over the limit of {MAX_NESTING}")
+    if line.count("[") + line.count("{") > MAX_NESTING:  # only then can it nest that deep
+        depth = _nesting(line)
+        if depth > MAX_NESTING:
+            raise ManifestError(f"JSON nested {depth} levels deep, over the limit of {MAX_NESTING}")
     try:
         data = json.loads(line)
     except json.JSONDecodeError as err:

@@ -782,7 +782,10 @@ def _save_checkpoint(folder: Path, rank: int, opt: _Optimisation, vocab: Vocab, 
     (folder / TOKENIZERS_FILE).write_text(json.dumps(config.get("tokenizers", {}), indent=2) + "\n")
     text_tokenizer = config["stage"]["data"]["text_tokenizer"]
     if text_tokenizer:  # a checkpoint is self-contained: the text ids' meaning travels with it
-        BPETokenizer.from_pretrained(text_tokenizer).save_pretrained(folder / TEXT_TOKENIZER_DIR)
+        source = Path(text_tokenizer)
+        (folder / TEXT_TOKENIZER_DIR).mkdir()
+        shutil.copy(source / BPETokenizer.FILE if source.is_dir() else source,
+                    folder / TEXT_TOKENIZER_DIR / BPETokenizer.FILE)
     # written last, listing what came before: `checkpoint_complete` checks it
     files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
              if f.is_file() and not f.name.startswith("rank_")}

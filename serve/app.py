@@ -23,7 +23,6 @@ through `build_app({"config": "configs/tiny/serve.yaml", ...overrides})`.
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' types at run time.
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -164,12 +163,14 @@ class OmniDiffusion:
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(self, body: GenerateRequest) -> GenerateResponse:
         job = await self._parse(body)
-        with self._admitted():
-            try:
-                result = await self._generate_batched(job)
-            except asyncio.CancelledError:  # the client went away: Serve cancels the request
-                job.cancelled.set()
-                raise
+        self._admit()
+        try:
+            result = await self._generate_batched(job)
+        except asyncio.CancelledError:  # the client went away: Serve cancels the request
+            job.cancelled.set()
+            raise
+        finally:
+            self._release()
         if isinstance(result, Exception):
             raise result
         return result
@@ -181,8 +182,7 @@ class OmniDiffusion:
                        "with a GenerateResponse, or `event: error`"}})
     async def generate_stream(self, body: GenerateRequest) -> StreamingResponse:
         job = await self._parse(body)  # refused requests get their 4xx before the stream starts
-        admission = self._admitted()
-        admission.__enter__()  # left when the generation ends (below), however it ends
+        self._admit()  # released when the generation ends (below), however it ends
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -201,7 +201,7 @@ class OmniDiffusion:
                 logger.exception("streamed generation failed")
                 emit("error", {"error": f"generation failed: {exc}"})
             finally:  # on the event loop's thread, like the admission itself
-                loop.call_soon_threadsafe(admission.__exit__, None, None, None)
+                loop.call_soon_threadsafe(self._release)
 
         loop.run_in_executor(self._model_thread, work)
 
@@ -219,19 +219,17 @@ class OmniDiffusion:
                                  headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------ internals
-    @contextlib.contextmanager
-    def _admitted(self):
-        """Count a request into the model queue, or refuse it with 503 when it is full."""
-        limit = self.cfg.limits.max_pending
-        if self._pending >= limit:
+    def _admit(self) -> None:
+        """Count a request into the model queue, or refuse it with 503 when it is full.
+        (Called on the event loop's thread only, as `_release` is.)"""
+        if self._pending >= self.cfg.limits.max_pending:
             raise ClientError(f"this replica has {self._pending} requests waiting for the model, its "
                               f"limit (limits.max_pending); retry later", 503,
                               retry_after_s=self.cfg.deployment.retry_after_s)
         self._pending += 1
-        try:
-            yield
-        finally:
-            self._pending -= 1
+
+    def _release(self) -> None:
+        self._pending -= 1
 
     async def _parse(self, body: GenerateRequest):
         return await asyncio.get_running_loop().run_in_executor(self._parse_threads, self.engine.parse, body)
