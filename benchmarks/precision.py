@@ -11,18 +11,14 @@ after the same steps on the same data (weights and optimizer stay float32 in bot
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from omni_model.precision import autocast, cpu_has_native_bf16  # noqa: E402
-from omni_model.tokenizers.codec import CodeToMel, CodeToMelConfig  # noqa: E402
-from omni_model.transformer import Transformer, TransformerConfig  # noqa: E402
+from omni_model.precision import autocast, cpu_has_native_bf16
+from omni_model.tokenizers.codec import CodeToMel, CodeToMelConfig
+from omni_model.transformer import Transformer, TransformerConfig
 
 
 def _time(make, step, steps: int, mode: str) -> tuple[float, float]:

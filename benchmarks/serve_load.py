@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import requests
 
-import requests  # noqa: E402
-
-from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
-from serve.config import load_serve_config  # noqa: E402
+from pipelines.ray_setup import RayConfig, start_ray, stop_ray
+from serve.config import load_serve_config
 
 BODIES = {  # one request per task kind, each client varies the prompt and the seed
     "t2i": lambda i: {"inputs": [{"type": "text", "text": f"Generate an image of {['a red circle', 'two blue squares', 'a small green triangle on the left'][i % 3]}."}],

@@ -19,14 +19,15 @@ import socket
 import sys
 from pathlib import Path
 
+# The hostile inputs are the tests' own (tests/hostile.py): the project root, not
+# benchmarks/, must lead sys.path for `tests` to import.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pipelines.manifest import parse_line, read_lines  # noqa: E402
 from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
 from serve.config import load_serve_config  # noqa: E402
 from serve.soak import soak  # noqa: E402
-from tests.hostile import (iccp_bomb_png, lying_flac, nan_wav, pcx_named_png, pixel_bomb_png,  # noqa: E402
-                           png_bytes, wav_bytes)
+from tests.hostile import iccp_bomb_png, lying_flac, nan_wav, pcx_named_png, pixel_bomb_png, png_bytes, wav_bytes  # noqa: E402
 
 OUTPUTS = {"t2i": ["image"], "s2i": ["image"], "caption": ["text"], "vqa": ["text"], "asr": ["text"],
            "tts": ["speech"], "svqa": ["text", "speech"]}

@@ -18,24 +18,20 @@ training rows; the held-out evaluation is `jobs/evaluate.py`.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
-
-from omni_model.batching import pack  # noqa: E402
-from omni_model.config import load_config  # noqa: E402
-from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training  # noqa: E402
-from pipelines.shards import check_compatible, shard_files  # noqa: E402
-from pipelines.train import AssembleSamples, StageConfig, _build_model, _lr_lambda, resolve_vocab  # noqa: E402
+from omni_model.batching import pack
+from omni_model.config import load_config
+from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training
+from pipelines.shards import check_compatible, shard_files
+from pipelines.train import AssembleSamples, StageConfig, _build_model, _lr_lambda, resolve_vocab
 
 SETTINGS = {  # name: optim overrides
     "lr 1e-3, t uniform": {"lr": 1e-3, "t_schedule": "uniform"},

@@ -12,18 +12,15 @@ invocation.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from pipelines.ray_setup import RayConfig, start_ray, stop_ray
+from pipelines.tokenize import TokenizeConfig, tokenize_manifest
+from pipelines.world_data import Voice, WorldConfig, build_world
 
-from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
-from pipelines.tokenize import TokenizeConfig, tokenize_manifest  # noqa: E402
-from pipelines.world_data import Voice, WorldConfig, build_world  # noqa: E402
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 def main() -> int:

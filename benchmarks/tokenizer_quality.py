@@ -10,19 +10,16 @@ and Whisper WER of decoded speech against the WER of the original audio).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import soundfile as sf
 
-import soundfile as sf  # noqa: E402
-
-from pipelines.tts import get_engine  # noqa: E402
-from pipelines.world import captions, make_scene, render  # noqa: E402
-from pipelines.world_data import WorldConfig  # noqa: E402
+from pipelines.tts import get_engine
+from pipelines.world import captions, make_scene, render
+from pipelines.world_data import WorldConfig
 
 
 def build(root: Path, scenes: int, utterances: int, seed: int = 0) -> None:

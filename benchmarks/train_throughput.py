@@ -12,27 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pyarrow.parquet as pq
+import torch
 
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
+from omni_model.batching import StreamPacker
+from omni_model.config import load_config
+from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training
+from pipelines.ray_setup import RayConfig, start_ray, stop_ray
+from pipelines.shards import check_compatible, shard_files
+from pipelines.train import AssembleSamples, DataSource, StageConfig, _build_model, resolve_vocab, run_stage
 
-from omni_model.batching import StreamPacker  # noqa: E402
-from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training  # noqa: E402
-from omni_model.config import load_config  # noqa: E402
-from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
-from pipelines.shards import check_compatible, shard_files  # noqa: E402
-from pipelines.train import (AssembleSamples, DataSource, StageConfig, _build_model, resolve_vocab,  # noqa: E402
-                             run_stage)
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 def make_shards(root: Path) -> Path:

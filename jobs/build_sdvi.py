@@ -5,19 +5,13 @@
 
 from __future__ import annotations
 
-import os
+import json
 import sys
+from dataclasses import dataclass, field
 
-# Run as a script, Python puts jobs/ first on sys.path, where jobs/tokenize.py would shadow
-# the standard library's tokenize: put the project root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import json  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-from pipelines.ray_setup import RayConfig  # noqa: E402
-from pipelines.sdvi import SDVIConfig, build_sdvi  # noqa: E402
-from jobs.ray_job import run_ray_job  # noqa: E402
+from jobs.ray_job import run_ray_job
+from pipelines.ray_setup import RayConfig
+from pipelines.sdvi import SDVIConfig, build_sdvi
 
 
 @dataclass(frozen=True)

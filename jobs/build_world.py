@@ -5,14 +5,8 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, Python puts jobs/ first on sys.path, where jobs/tokenize.py would shadow
-# the standard library's tokenize: put the project root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import json
+import sys
 from dataclasses import dataclass, field
 
 from jobs.ray_job import run_ray_job

@@ -7,26 +7,19 @@ let the sampler regenerate every response from its prompt.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, Python puts jobs/ first on sys.path, where jobs/tokenize.py would shadow
-# the standard library's tokenize: put the project root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from omni_model.config import parse_job_args, save_config
 from omni_model.sampler import SamplerConfig
 from omni_model.tokenizers.text import ByteTokenizer
-from omni_model.toy import (FitConfig, fit, regenerate, same_parts, toy_model, toy_samples,
-                            toy_vocab)
+from omni_model.toy import FitConfig, fit, regenerate, same_parts, toy_model, toy_samples, toy_vocab
 from omni_model.transformer import Transformer
 from omni_model.vocab import Vocab
-from omni_model.config import parse_job_args, save_config
 
 
 @dataclass(frozen=True)

@@ -12,20 +12,15 @@ waits until it answers, and returns; the application keeps running on the cluste
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
+import time
+import urllib.request
 
-# Run as a script, Python puts jobs/ first on sys.path, where jobs/tokenize.py would shadow
-# the standard library's tokenize: put the project root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-
-from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
-from serve.config import load_serve_config  # noqa: E402
+from pipelines.ray_setup import RayConfig, start_ray, stop_ray
+from serve.config import load_serve_config
 
 logger = logging.getLogger("deploy")
 

@@ -8,18 +8,12 @@ Writes metrics.json, report.md, t2i_grid.png, loss.png, presets.json and a few W
 
 from __future__ import annotations
 
-import os
+import logging
 import sys
+from dataclasses import dataclass, field
 
-# Run as a script, Python puts jobs/ first on sys.path, where jobs/tokenize.py would shadow
-# the standard library's tokenize: put the project root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-from omni_model.config import parse_job_args, save_config  # noqa: E402
-from pipelines.evaluate import EvalConfig, evaluate, format_report  # noqa: E402
+from omni_model.config import parse_job_args, save_config
+from pipelines.evaluate import EvalConfig, evaluate, format_report
 
 
 @dataclass(frozen=True)

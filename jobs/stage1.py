@@ -5,14 +5,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-# Run as a script, Python puts jobs/ first on sys.path, where jobs/tokenize.py would shadow
-# the standard library's tokenize: put the project root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from jobs.stage_common import stage_main  # noqa: E402
+from jobs.stage_common import stage_main
 
 if __name__ == "__main__":
     sys.exit(stage_main(1, __doc__, sys.argv[1:]))

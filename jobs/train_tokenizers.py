@@ -6,14 +6,8 @@ architecture + code-to-mel decoder) tokenizers from a folder of media; print the
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, Python puts jobs/ first on sys.path, where jobs/tokenize.py would shadow
-# the standard library's tokenize: put the project root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import logging
+import sys
 
 import torch
 

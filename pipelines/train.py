@@ -93,7 +93,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataSource:
-    shards: str  #: a shard set folder (jobs/tokenize.py output), relative to data.shards
+    shards: str  #: a shard set folder (jobs/tokenize_manifest.py output), relative to data.shards
     weight: float = 1.0  #: share of the mixture
     tasks: tuple[str, ...] = ()  #: keep only these tasks (empty: all)
     #: relative weight of a task's rows within the source (unlisted tasks: 1), e.g.

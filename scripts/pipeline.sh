@@ -60,9 +60,9 @@ step tokenizers $PY jobs/train_tokenizers.py --config configs/tiny/tokenizers.ya
   data.voice_root="$W" "data.voice_manifests=[$W/manifests/train/tts.jsonl, $W/manifests/sdvi/svqa.jsonl]" \
   "${TOKENIZERS[@]}"
 TOK=(--image-tokenizer "$RUNS/tokenizers/image" --speech-tokenizer "$RUNS/tokenizers/speech")
-step tokenize $PY jobs/tokenize.py --config configs/tiny/tokenize.yaml --data-root "$W" \
+step tokenize $PY jobs/tokenize_manifest.py --config configs/tiny/tokenize.yaml --data-root "$W" \
   --manifest "$W/manifests/train/all.jsonl" --out "$RUNS/shards/train" "${TOK[@]}"
-step tokenize_sdvi $PY jobs/tokenize.py --config configs/tiny/tokenize.yaml --data-root "$W" \
+step tokenize_sdvi $PY jobs/tokenize_manifest.py --config configs/tiny/tokenize.yaml --data-root "$W" \
   --manifest "$W/manifests/sdvi/all.jsonl" --out "$RUNS/shards/sdvi" "${TOK[@]}"
 DATA=(data.shards="$RUNS/shards" data.text_tokenizer="$RUNS/tokenizers/text")
 step stage1 $PY jobs/stage1.py --config configs/tiny/stage1.yaml run.dir="$RUNS/stage1" "${DATA[@]}" \

@@ -1,5 +1,5 @@
-"""Shared test fixtures. Reference checkpoints live in ../shared/fixtures beside the
-checkout (see its README); a missing folder is an error, never a skip."""
+"""Shared test fixtures. Reference checkpoints live in tests/fixtures (see its README);
+a missing folder is an error, never a skip."""
 
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ from omni_model.tokenizers.text import ByteTokenizer
 from omni_model.toy import toy_model, toy_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        raise FileNotFoundError(f"reference fixtures not found at {FIXTURES}: "
-                                "clone the project next to the shared/ folder")
+        raise FileNotFoundError(f"reference fixtures not found at {FIXTURES}")
     return FIXTURES
 
 
@@ -57,7 +56,7 @@ def any2any(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session, with more logical CPUs than cores so
-    actor pools and trainers fit side by side (RUNTIME.md)."""
+    actor pools and trainers fit side by side (see README, "Installing: notes")."""
     from pipelines.ray_setup import RayConfig, start_ray, stop_ray
 
     owned = start_ray(RayConfig(num_cpus=8))

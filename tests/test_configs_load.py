@@ -6,7 +6,7 @@ from jobs.build_sdvi import BuildSDVIJob
 from jobs.build_world import BuildWorldJob
 from jobs.demo import DemoConfig
 from jobs.evaluate import EvaluateJob
-from jobs.tokenize import TokenizeJob
+from jobs.tokenize_manifest import TokenizeJob
 from omni_model.config import load_config
 from pipelines.tokenizer_training import TokenizersConfig
 from pipelines.train import StageConfig

@@ -1,6 +1,6 @@
 """The Ray Data pipelines end to end on a real local Ray: build a small world (rendering
 and real TTS), then tokenize a manifest mixing good, awkward and broken rows into real
-Parquet shards with the reference tokenizers from ../shared/fixtures."""
+Parquet shards with the reference tokenizers from tests/fixtures."""
 
 import json
 import shutil

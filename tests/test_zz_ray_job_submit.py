@@ -60,7 +60,7 @@ def test_ray_job_submit_runs_world_tokenize_and_stage1(tmp_path):
         assert (out / "manifests" / "train" / "all.jsonl").read_text().count("\n") == 4 * 7
 
         shards = tmp_path / "shards"
-        _submit(env, "jobs/tokenize.py", "--manifest", str(out / "manifests/train/all.jsonl"),
+        _submit(env, "jobs/tokenize_manifest.py", "--manifest", str(out / "manifests/train/all.jsonl"),
                 "--data-root", str(out), "--out", str(shards / "train"),
                 "--image-tokenizer", str(FIXTURES / "magvit_tiny_a"),
                 "--speech-tokenizer", str(FIXTURES / "glm4voice_tiny_a"))

@@ -1,26 +1,20 @@
 """Tokenize a manifest into Parquet token shards (bad rows to quarantine), on Ray Data.
 
-    python jobs/tokenize.py --config configs/tiny/tokenize.yaml \\
+    python jobs/tokenize_manifest.py --config configs/tiny/tokenize.yaml \\
         --manifest runs/world/manifests/train/all.jsonl --data-root runs/world \\
         --out runs/shards/train --image-tokenizer runs/tokenizers/image \\
         --speech-tokenizer runs/tokenizers/speech [tokenize.image_workers=2 ...]
 
 The tokenizer folders are anything `from_pretrained` reads: the small trained ones, the
-real checkpoints, or the fixtures in ../shared/fixtures. Pass `none` to skip a modality.
+real checkpoints, or the reference checkpoints in tests/fixtures. Pass `none` to skip a modality.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, Python puts jobs/ first on sys.path, where jobs/tokenize.py would shadow
-# the standard library's tokenize: put the project root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 
 from omni_model.config import load_config, save_config
