@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 
-from pipelines.ray_setup import RayConfig, start_ray, stop_ray
+from pipelines.ray_setup import start_ray, stop_ray
 from serve.config import load_serve_config
 
 logger = logging.getLogger("deploy")
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_serve_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    owned = start_ray(RayConfig(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus))
+    owned = start_ray(cfg.ray)
     from ray import serve
 
     from serve.app import build

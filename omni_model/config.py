@@ -21,6 +21,16 @@ import yaml
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class RayConfig:
+    """Which Ray a job or a deployment runs on (the `ray:` section of every job's YAML
+    and of serve.yaml). Plain settings: `pipelines/ray_setup.py` starts or joins it."""
+
+    address: str | None = None  #: a cluster to join; None: RAY_ADDRESS, else a new local Ray
+    num_cpus: int = 4  #: logical CPUs of a local Ray (more than cores is fine: stages are light)
+    num_gpus: int | None = None  #: GPUs of a local Ray (None: detect)
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 

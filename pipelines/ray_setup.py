@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+
+from omni_model.config import RayConfig
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +23,6 @@ RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "HF_HUB_OFFLINE": "1",
 }
-
-
-@dataclass(frozen=True)
-class RayConfig:
-    address: str | None = None  #: a cluster to join; None: RAY_ADDRESS, else a new local Ray
-    num_cpus: int = 4  #: logical CPUs of a local Ray (more than cores is fine: stages are light)
-    num_gpus: int | None = None  #: GPUs of a local Ray (None: detect)
 
 
 def start_ray(cfg: RayConfig = RayConfig()) -> bool:

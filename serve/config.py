@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from omni_model.config import load_config, to_dict
+from omni_model.config import RayConfig, load_config, to_dict
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,6 @@ class Http:
 
 
 @dataclass(frozen=True)
-class LocalRay:
-    """The Ray a deployment started outside a cluster brings up (jobs/deploy.py)."""
-
-    num_cpus: int = 4
-    num_gpus: int | None = None
-
-
-@dataclass(frozen=True)
 class ServeConfig:
     model: ModelPaths = field(default_factory=ModelPaths)
     limits: Limits = field(default_factory=Limits)
@@ -116,7 +108,8 @@ class ServeConfig:
     sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
     deployment: Deployment = field(default_factory=Deployment)
     http: Http = field(default_factory=Http)
-    ray: LocalRay = field(default_factory=LocalRay)
+    #: the Ray jobs/deploy.py joins or, outside a cluster, starts
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments of `Deployment.options`: replicas or autoscaling, resources,
