@@ -29,9 +29,10 @@ import torch
 
 from omni_model.batching import pack
 from omni_model.config import load_config
-from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training
+from omni_model.masking import add_tail_pad
+from omni_model.objective import diffusion_loss_of_batch
 from pipelines.shards import check_compatible, shard_files
-from pipelines.train import AssembleSamples, StageConfig, _build_model, _lr_lambda, resolve_vocab
+from pipelines.train import AssembleSamples, StageConfig, build_model, lr_schedule, objective_of, resolve_vocab
 
 SETTINGS = {  # name: optim overrides
     "lr 1e-3, t uniform": {"lr": 1e-3, "t_schedule": "uniform"},
@@ -70,10 +71,11 @@ def first_guess(model, samples, vocab) -> tuple[float, float]:
 def train(cfg: StageConfig, vocab, samples, probe, steps: int, every: int) -> list[tuple]:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    model = _build_model(cfg, vocab, None, None).train()
+    model = build_model(cfg, vocab, None, None).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))
+    objective = objective_of(cfg)
     per_step = cfg.data.rows_per_step * (cfg.data.max_seq_len // (len(samples[0][0]) + cfg.data.max_pads))
     order: list[int] = []
     out, start = [], time.perf_counter()
@@ -85,11 +87,7 @@ def train(cfg: StageConfig, vocab, samples, probe, steps: int, every: int) -> li
             ids, response = samples[order.pop()]
             batch.append(add_tail_pad(ids, response, vocab.pad_id, cfg.data.max_pads, gen))
         b = pack(batch, cfg.data.max_seq_len, vocab.pad_id)
-        noisy = mask_for_training(b.input_ids, b.response_mask, vocab.mask_id, vocab.pad_id,
-                                  cfg.data.pad_ratio, cfg.optim.eps_t, b.doc_ids, generator=gen,
-                                  schedule=cfg.optim.t_schedule)
-        logits = model(noisy.noisy_ids, attention_mask=b.attention_mask, doc_ids=b.doc_ids)
-        loss = diffusion_loss(logits, b.input_ids, noisy.target_mask, noisy.t, cfg.optim.weighting)
+        loss = diffusion_loss_of_batch(model, b, vocab, objective, generator=gen).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

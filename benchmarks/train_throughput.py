@@ -23,10 +23,12 @@ import torch
 
 from omni_model.batching import StreamPacker
 from omni_model.config import load_config
-from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training
+from omni_model.masking import add_tail_pad
+from omni_model.objective import diffusion_loss_of_batch
 from pipelines.ray_setup import RayConfig, start_ray, stop_ray
 from pipelines.shards import check_compatible, shard_files
-from pipelines.train import AssembleSamples, DataSource, StageConfig, _build_model, resolve_vocab, run_stage
+from pipelines.train import (AssembleSamples, DataSource, StageConfig, build_model, lr_schedule, objective_of,
+                             resolve_vocab, run_stage)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
@@ -59,22 +61,22 @@ def plain_loop(cfg: StageConfig, steps: int) -> float:
                 yield (*add_tail_pad(torch.tensor(ids), torch.tensor(mask, dtype=torch.bool),
                                      vocab.pad_id, cfg.data.max_pads, gen), 0)
 
-    model = _build_model(cfg, vocab, None, None)
+    model = build_model(cfg, vocab, None, None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))
     packer, samples = StreamPacker(cfg.data.max_seq_len, cfg.data.rows_per_step, vocab.pad_id), stream()
+    objective = objective_of(cfg)
     tokens, start = 0, None
     for step in range(steps):
         if step == 5:  # skip warm-up
             tokens, start = 0, time.perf_counter()
         batch, _, _ = packer.next_batch(samples)
-        noisy = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
-                                  cfg.data.pad_ratio, doc_ids=batch.doc_ids)
-        logits = model(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids)
-        loss = diffusion_loss(logits, batch.input_ids, noisy.target_mask, noisy.t)
+        loss = diffusion_loss_of_batch(model, batch, vocab, objective).loss  # the trainer's step
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
+        sched.step()
         tokens += int(batch.attention_mask.sum())
     return tokens / (time.perf_counter() - start)
 

@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 
 from omni_model.batching import collate
-from omni_model.masking import add_tail_pad, diffusion_loss, mask_for_training
+from omni_model.masking import add_tail_pad
+from omni_model.objective import Objective, diffusion_loss_of_batch
 from omni_model.sampler import Region, SamplerConfig, generate, make_layout
 from omni_model.templates import (Image, Message, Part, Speech, Text, decode_response,
                                   encode_parts, encode_prompt, encode_sample)
@@ -110,6 +111,7 @@ def fit(model: Transformer, samples: Sequence[list[Message]], tokenizer: TextTok
                             weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / config.steps))
+    objective = Objective(pad_ratio=config.pad_ratio, weighting=config.weighting)
     model.train()
     losses = []
     start = time.perf_counter()
@@ -117,11 +119,7 @@ def fit(model: Transformer, samples: Sequence[list[Message]], tokenizer: TextTok
         padded = [add_tail_pad(ids, resp, vocab.pad_id, config.max_pads, gen)
                   for ids, resp in encoded]
         batch = collate(padded, vocab.pad_id)
-        noisy = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id,
-                                  vocab.pad_id, config.pad_ratio, generator=gen)
-        logits = model(noisy.noisy_ids, attention_mask=batch.attention_mask)
-        loss = diffusion_loss(logits, batch.input_ids, noisy.target_mask, noisy.t,
-                              config.weighting)
+        loss = diffusion_loss_of_batch(model, batch, vocab, objective, generator=gen).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from omni_model.batching import StreamPacker
-from omni_model.masking import SCHEDULES, WEIGHTINGS, add_tail_pad, diffusion_loss, mask_for_training
+from omni_model.masking import SCHEDULES, WEIGHTINGS, add_tail_pad
+from omni_model.objective import Objective, diffusion_loss_of_batch, warmup_cosine
 from omni_model.precision import MODES as PRECISIONS, autocast
 from omni_model.templates import encode_sample
 from omni_model.tokenizers.text import BPETokenizer, ByteTokenizer
@@ -434,17 +435,14 @@ def _passes_needed(cfg: StageConfig, vocab: Vocab, folders: list[Path], epoch_ro
 
 
 # ---------------------------------------------------------------------- worker
-def _lr_lambda(cfg: StageConfig):
-    total = cfg.train.max_steps
-    warmup = max(1, int(total * cfg.optim.warmup_ratio))
-    floor = cfg.optim.min_lr_ratio
+def lr_schedule(cfg: StageConfig):
+    """The stage's learning-rate factor per step: warmup then cosine."""
+    return warmup_cosine(cfg.train.max_steps, int(cfg.train.max_steps * cfg.optim.warmup_ratio),
+                         cfg.optim.min_lr_ratio)
 
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return fn
+
+def objective_of(cfg: StageConfig) -> Objective:
+    return Objective(cfg.data.pad_ratio, cfg.optim.eps_t, cfg.optim.t_schedule, cfg.optim.weighting)
 
 
 def _sample_stream(shard, skip: int, buffer: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -468,7 +466,7 @@ def _padded(stream, pad_id: int, max_pads: int, gen: torch.Generator):
         yield ids, mask, tag
 
 
-def _build_model(cfg: StageConfig, vocab: Vocab, init_path: str | None,
+def build_model(cfg: StageConfig, vocab: Vocab, init_path: str | None,
                  resume: Path | None) -> Transformer:
     if resume is not None:
         return Transformer.from_pretrained(resume)
@@ -530,7 +528,7 @@ class _Optimisation:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
                                            betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
         self.engine = None
         if _use_deepspeed(cfg):
             import deepspeed
@@ -626,7 +624,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resume_dir, state = _restore(ray.train.get_checkpoint())
     torch.manual_seed(cfg.data.seed * 1000 + rank)
     gen = torch.Generator().manual_seed(cfg.data.seed * 1000 + rank + 7 * state["step"])
-    model = _build_model(cfg, vocab, config.get("init_path"), resume_dir)
+    model = build_model(cfg, vocab, config.get("init_path"), resume_dir)
     model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
     opt = _Optimisation(cfg, model, device, world, resume_dir)
     if resume_dir is not None and (resume_dir / f"rank_{rank}.pt").exists():
@@ -645,6 +643,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = _Window(n_tasks, device)
     fail_once = _FailOnce(cfg, rank)
     precision = "none" if opt.engine is not None else cfg.scaling.precision  # DeepSpeed: its own bf16
+    objective = objective_of(cfg)
     model.train()
     for step in range(state["step"], cfg.train.max_steps):
         fail_once(step)
@@ -655,16 +654,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             samples_seen += consumed
             batch, tags = batch.to(device), tags.to(device)
             window.wait += time.perf_counter() - t0
-            noisy = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
-                                      cfg.data.pad_ratio, cfg.optim.eps_t, batch.doc_ids,
-                                      schedule=cfg.optim.t_schedule)
-            with autocast(device, precision):
-                logits = opt.net(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids)
-            per_pos = diffusion_loss(logits, batch.input_ids, noisy.target_mask, noisy.t,
-                                     cfg.optim.weighting, reduction="none")
-            opt.backward(per_pos.sum() / noisy.target_mask.sum().clamp(min=1))
-            window.add(per_pos.detach(), logits.detach(), batch.input_ids, noisy.target_mask, tags,
-                       batch.attention_mask)
+            out = diffusion_loss_of_batch(opt.net, batch, vocab, objective, autocast=autocast(device, precision))
+            opt.backward(out.loss)
+            window.add(out.per_position.detach(), out.logits.detach(), batch.input_ids, out.noisy.target_mask,
+                       tags, batch.attention_mask)
         opt.step()
         window.time += time.perf_counter() - t_start
         done = step + 1

@@ -12,7 +12,6 @@ colour in every code of an object.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from omni_model.tokenizers.image import MagVitTokenizer
+from omni_model.objective import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +85,7 @@ def train_image_tokenizer(model: MagVitTokenizer, images: torch.Tensor,
         colour_head = torch.nn.Conv2d(model.quantize.dim, 3, 1).to(device)
         params += list(colour_head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    warmup = max(1, cfg.steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, cfg.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, cfg.steps // 20, 0.1))
     model.train()
     history = []
     start = time.perf_counter()

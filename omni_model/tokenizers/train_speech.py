@@ -240,7 +240,11 @@ def train_code_decoder(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
 
 
 def _warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over 5% of `steps`, then cosine from the peak down to 10% of it."""
+    """Linear warmup over 5% of `steps`, then cosine from the peak down to 10% of it.
+
+    The same curve as `omni_model.objective.warmup_cosine`, but its cosine's argument is
+    rounded in another order (a last-bit difference): kept so that the speech codec the
+    quickstart trains stays bit for bit the one its measured report came from."""
     warmup = max(1, steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else
