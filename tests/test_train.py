@@ -54,8 +54,7 @@ def _stage(shards, run_dir, stage=1, **kw) -> StageConfig:
     model = (ModelConfig(init="fresh", fresh=FreshModel(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128))
              if stage == 1 else ModelConfig(init="previous", path=kw.pop("previous")))
     cfg = StageConfig(
-        stage=stage, run=RunConfig(dir=str(run_dir), max_failures=kw.pop("max_failures", 0),
-                                   fail_at_step=kw.pop("fail_at_step", None)),
+        stage=stage, run=RunConfig(dir=str(run_dir), max_failures=kw.pop("max_failures", 0)),
         model=model,
         data=DataConfig(shards=str(shards), mixture=mixture, max_seq_len=160, rows_per_step=4, max_pads=4),
         optim=OptimConfig(lr=kw.pop("lr", 3e-3), warmup_ratio=0.1),
@@ -117,7 +116,7 @@ def test_stage3_mixes_sdvi_with_replay(stage1, shards, tmp_path):
 
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes(shards, tmp_path):
-    result = run_stage(_stage(shards, tmp_path / "run", max_steps=20, fail_at_step=15, max_failures=2))
+    result = run_stage(_stage(shards, tmp_path / "run", max_steps=20, max_failures=2), fail_at_step=15)
     assert (tmp_path / "run" / ".failed_once").exists()
     assert json.loads((Path(result["final"]) / "train_state.json").read_text())["step"] == 20
 
@@ -127,13 +126,13 @@ def test_interrupted_deepspeed_run_resumes_from_its_checkpoint(shards, tmp_path)
     format for optimizer shards. A run that died at step 15 (no restarts allowed) and is
     started again resumes at step 10 through `engine.load_checkpoint`, not from zero.
     (The DDP path's resume is exercised by the killed-worker test above.)"""
-    cfg = _stage(shards, tmp_path / "ds", max_steps=20, fail_at_step=15, backend="deepspeed")
+    cfg = _stage(shards, tmp_path / "ds", max_steps=20, backend="deepspeed")
     with pytest.raises(Exception):
-        run_stage(cfg)
+        run_stage(cfg, fail_at_step=15)
     checkpoint = latest_checkpoint(tmp_path / "ds")
     assert json.loads((checkpoint / "train_state.json").read_text())["step"] == 10
     assert list((checkpoint / "deepspeed" / "state").glob("*optim_states.pt"))  # ZeRO shards
-    result = run_stage(replace(cfg, run=replace(cfg.run, fail_at_step=None)))
+    result = run_stage(cfg)
     metrics = _metrics(tmp_path / "ds")
     steps = [m["step"] for m in metrics]
     assert steps[:3] == [5, 10, 15] and steps[-2:] == [15, 20] and steps.count(5) == 1

@@ -1,0 +1,186 @@
+"""Checkpoints: what a worker saves and restores, which checkpoint counts (complete or
+invisible), `final/`, and the tokenizers a checkpoint records (the text tokenizer is
+copied in, so a checkpoint is self-contained)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from omni_model.tokenizers.text import BPETokenizer
+from omni_model.vocab import Vocab
+
+if TYPE_CHECKING:
+    from pipelines.train.parallelism import Optimisation
+
+logger = logging.getLogger(__name__)
+
+
+TRAIN_STATE = "train_state.json"
+
+
+TOKENIZERS_FILE = "tokenizers.json"
+
+
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+TEXT_TOKENIZER_DIR = "text_tokenizer"  #: the copy of the text tokenizer in a checkpoint
+
+
+def resolve_previous(path: str) -> Path:
+    """`latest:RUN_DIR` -> that run's `final/`, else its newest checkpoint; else `path`."""
+    if not path.startswith("latest:"):
+        return Path(path)
+    run = Path(path.split(":", 1)[1])
+    if (run / "final" / "model.safetensors").exists():  # final/ appears whole (see export_final)
+        return run / "final"
+    latest = latest_checkpoint(run)
+    if latest is None:
+        raise FileNotFoundError(f"{run} has no final model and no checkpoint")
+    return latest
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under a run folder (None if there
+    is none); incomplete ones (a save cut short) are skipped with a warning."""
+    best, best_step = None, -1
+    for state in Path(run_dir).glob(f"*/checkpoint_*/{TRAIN_STATE}"):
+        if not checkpoint_complete(state.parent):
+            logger.warning("skipping incomplete checkpoint %s", state.parent)
+            continue
+        step = json.loads(state.read_text())["step"]
+        if step > best_step:
+            best, best_step = state.parent, step
+    return best
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """Every file the checkpoint's `train_state.json` lists is there at its size, and
+    every rank's state. (Ray copies a reported checkpoint file by file, in no set order:
+    a crash mid-copy leaves a folder with some files and not others.)"""
+    try:
+        state = json.loads((folder / TRAIN_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    files = state.get("files")
+    if files is None:  # written before files were listed: the model is what must be there
+        return (folder / "model.safetensors").exists()
+    ranks = [f"rank_{r}.pt" for r in range(int(state.get("world", 1)))]
+    return (all((folder / name).is_file() and (folder / name).stat().st_size == size
+                for name, size in files.items())
+            and all((folder / name).is_file() for name in ranks))
+
+
+def restore_checkpoint(checkpoint) -> tuple[Path | None, dict[str, Any]]:
+    if checkpoint is None:
+        return None, {"step": 0}
+    resume_dir = Path(tempfile.mkdtemp(prefix="resume-"))
+    checkpoint.to_directory(str(resume_dir))
+    return resume_dir, json.loads((resume_dir / TRAIN_STATE).read_text())
+
+
+@dataclass
+class TrainState:
+    """A worker's own progress, saved in every checkpoint beside the model and optimizer."""
+
+    rank: int
+    world: int
+    device: torch.device
+    step: int  #: steps done
+    samples_seen: int  #: samples this rank has taken from its stream (skipped on resume)
+    generator: torch.Generator  #: the tail pads' draws
+
+    @classmethod
+    def begin(cls, rank: int, world: int, device: torch.device, recorded: dict[str, Any],
+              seed: int) -> "TrainState":
+        """The state at the start of a run, or where `recorded` (a checkpoint's
+        `train_state.json`) left it; `restore_rng` then restores the random streams."""
+        step = int(recorded.get("step", 0))
+        generator = torch.Generator().manual_seed(seed * 1000 + rank + 7 * step)
+        samples = int(recorded.get("samples_seen", {}).get(str(rank), 0))
+        return cls(rank, world, device, step, samples, generator)
+
+    def restore_rng(self, resume_dir: Path | None) -> None:
+        """Torch's and the generator's states as this rank saved them (when it did)."""
+        if resume_dir is None or not (resume_dir / f"rank_{self.rank}.pt").exists():
+            return
+        saved = torch.load(resume_dir / f"rank_{self.rank}.pt", weights_only=True)
+        torch.set_rng_state(saved["torch_rng"])
+        self.generator.set_state(saved["generator"])
+        logger.info("rank %d resumes at step %d", self.rank, self.step)
+
+
+def save_checkpoint(folder: Path, state: TrainState, opt: Optimisation, vocab: Vocab, config: dict) -> None:
+    """Every rank writes its own state; rank 0 also the model, vocab and optimizer."""
+    rank, world, device = state.rank, state.world, state.device
+    torch.save({"torch_rng": torch.get_rng_state(), "generator": state.generator.get_state(),
+                "samples_seen": state.samples_seen}, folder / f"rank_{rank}.pt")
+    seen = [torch.tensor(state.samples_seen)]
+    if world > 1 and torch.distributed.is_initialized():
+        seen = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
+        torch.distributed.all_gather(seen, torch.tensor(state.samples_seen, device=device))
+    opt.save(folder, rank)
+    if rank != 0:
+        return
+    vocab.save(folder)
+    (folder / TOKENIZERS_FILE).write_text(json.dumps(config.get("tokenizers", {}), indent=2) + "\n")
+    text_tokenizer = config["stage"]["data"]["text_tokenizer"]
+    if text_tokenizer:  # a checkpoint is self-contained: the text ids' meaning travels with it
+        source = Path(text_tokenizer)
+        (folder / TEXT_TOKENIZER_DIR).mkdir()
+        shutil.copy(source / BPETokenizer.FILE if source.is_dir() else source,
+                    folder / TEXT_TOKENIZER_DIR / BPETokenizer.FILE)
+    # written last, listing what came before: `checkpoint_complete` checks it
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+             if f.is_file() and not f.name.startswith("rank_")}
+    (folder / TRAIN_STATE).write_text(json.dumps({
+        "step": state.step, "samples_seen": {str(r): int(s) for r, s in enumerate(seen)},
+        "stage": config["stage"]["stage"], "world": world, "files": files}) + "\n")
+
+
+def export_final(checkpoint: Path, final: Path) -> None:
+    """`final/`: the files `Transformer.from_pretrained` and the sampler read, nothing else.
+    Written to a temporary folder renamed into place, so it is whole or absent."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "vocab.json", TOKENIZERS_FILE, TRAIN_STATE):
+        shutil.copy(checkpoint / name, tmp / name)
+    if (checkpoint / TEXT_TOKENIZER_DIR).is_dir():
+        shutil.copytree(checkpoint / TEXT_TOKENIZER_DIR, tmp / TEXT_TOKENIZER_DIR)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def text_tokenizer_entry(path: str | None) -> dict | None:
+    """`tokenizers.json`'s text entry: the copy inside the checkpoint and its fingerprint
+    (None: the byte-level tokenizer, which needs no file)."""
+    if not path:
+        return None
+    return {"path": TEXT_TOKENIZER_DIR, "fingerprint": BPETokenizer.from_pretrained(path).fingerprint,
+            "source": path}
+
+
+def check_text_tokenizer(previous: Path, entry: dict | None) -> None:
+    """A stage that continues another must read text with the same tokenizer."""
+    recorded_file = previous / TOKENIZERS_FILE
+    if not recorded_file.exists():
+        return
+    recorded = json.loads(recorded_file.read_text()).get("text")
+    theirs = recorded.get("fingerprint") if isinstance(recorded, dict) else None
+    mine = entry["fingerprint"] if entry else None
+    if isinstance(recorded, dict) and theirs != mine:
+        raise ValueError(f"{previous} was trained with text tokenizer {theirs}; data.text_tokenizer is "
+                         f"{mine}: the text ids would change meaning")

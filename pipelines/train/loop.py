@@ -1,0 +1,136 @@
+"""The loop every Ray Train worker runs: stream its dataset shard, add tail pads, pack
+samples into rows with a document mask, draw the masking, optimise, report metrics and
+checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from omni_model.batching import StreamPacker
+from omni_model.config import from_dict
+from omni_model.masking import add_tail_pad
+from omni_model.objective import Objective, diffusion_loss_of_batch
+from omni_model.precision import autocast
+from omni_model.vocab import Vocab
+from pipelines.manifest import TASKS
+from pipelines.train.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from pipelines.train.config import StageConfig
+from pipelines.train.metrics import MetricsWindow, MetricsWriter
+from pipelines.train.parallelism import Optimisation
+from pipelines.train.start import build_model
+
+logger = logging.getLogger(__name__)
+
+
+def objective_of(cfg: StageConfig) -> Objective:
+    return Objective(cfg.data.pad_ratio, cfg.optim.eps_t, cfg.optim.t_schedule, cfg.optim.weighting)
+
+
+def _sample_stream(shard, skip: int, buffer: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The worker's samples in one pass (see DataConfig.epochs), skipping `skip` first."""
+    task_index = {t: i for i, t in enumerate(TASKS)}
+    seen = 0
+    for batch in shard.iter_batches(batch_size=64, batch_format="numpy", local_shuffle_buffer_size=buffer,
+                                    local_shuffle_seed=seed):
+        for ids, mask, task in zip(batch["input_ids"], batch["response_mask"], batch["task"]):
+            seen += 1
+            if seen <= skip:
+                continue
+            yield (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.bool),
+                   task_index.get(str(task), len(TASKS)))
+    raise RuntimeError(f"this worker's data ran out after {seen} samples: raise data.epochs")
+
+
+def _padded(stream, pad_id: int, max_pads: int, gen: torch.Generator):
+    for ids, mask, tag in stream:
+        ids, mask = add_tail_pad(ids, mask, pad_id, max_pads, gen)
+        yield ids, mask, tag
+
+
+class _FailOnce:
+    """Test hook (`run_stage(..., fail_at_step=N)`, never in a stage's config): rank 1
+    exits once at that step, as a crashed worker."""
+
+    def __init__(self, step: int | None, run_dir: str, rank: int) -> None:
+        self.step = step if rank == 1 else None
+        self.marker = Path(run_dir) / ".failed_once"
+
+    def __call__(self, step: int) -> None:
+        if step == self.step and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text("rank 1 exited on purpose (fail_at_step)")
+            os._exit(1)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(StageConfig, config["stage"])
+    torch.set_num_threads(cfg.scaling.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    vocab = Vocab.from_dict(config["vocab"])
+
+    resume_dir, recorded = restore_checkpoint(ray.train.get_checkpoint())
+    torch.manual_seed(cfg.data.seed * 1000 + rank)
+    state = TrainState.begin(rank, world, device, recorded, cfg.data.seed)
+    model = build_model(cfg, vocab, config.get("init_path"), resume_dir)
+    model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    opt = Optimisation(cfg, model, device, world, resume_dir)
+    state.restore_rng(resume_dir)
+
+    stream = _padded(_sample_stream(ray.train.get_dataset_shard("train"), state.samples_seen,
+                                    cfg.data.shuffle_buffer, cfg.data.seed * 1000 + rank),
+                     vocab.pad_id, cfg.data.max_pads, state.generator)
+    packer = StreamPacker(cfg.data.max_seq_len, cfg.data.rows_per_step, vocab.pad_id)
+    n_tasks = len(TASKS) + 1
+    writer = MetricsWriter(Path(cfg.run.dir)) if rank == 0 else None
+    window = MetricsWindow(n_tasks, device)
+    fail_once = _FailOnce(config.get("fail_at_step"), cfg.run.dir, rank)
+    precision = "none" if opt.engine is not None else cfg.scaling.precision  # DeepSpeed: its own bf16
+    objective = objective_of(cfg)
+    model.train()
+    for step in range(state.step, cfg.train.max_steps):
+        fail_once(step)
+        t_start = time.perf_counter()
+        for _ in range(cfg.optim.grad_accum):
+            t0 = time.perf_counter()
+            batch, tags, consumed = packer.next_batch(stream)
+            state.samples_seen += consumed
+            batch, tags = batch.to(device), tags.to(device)
+            window.wait += time.perf_counter() - t0
+            out = diffusion_loss_of_batch(opt.net, batch, vocab, objective, autocast=autocast(device, precision))
+            opt.backward(out.loss)
+            window.add(out.per_position.detach(), out.logits.detach(), batch.input_ids, out.noisy.target_mask,
+                       tags, batch.attention_mask)
+        opt.step()
+        window.time += time.perf_counter() - t_start
+        done = state.step = step + 1
+        if writer is not None:
+            writer.progress(done)
+        is_log = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
+        is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps
+        if not (is_log or is_ckpt):
+            continue
+        metrics = window.reduce(world) | {"step": done, "lr": opt.lr, "epoch_samples": state.samples_seen}
+        window = MetricsWindow(n_tasks, device)
+        if writer is not None:
+            writer.write(metrics)
+        if is_ckpt:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp), state, opt, vocab, config)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+    if writer is not None:
+        writer.close()

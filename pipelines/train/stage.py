@@ -1,0 +1,79 @@
+"""One training stage on a started Ray: resolve its start, fit it to the cluster,
+stream its data into a `TorchTrainer` under the watchdog, export `final/`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from pipelines.shards import check_compatible
+from pipelines.train.checkpoint import (TRAIN_STATE, check_text_tokenizer, export_final, latest_checkpoint,
+                                        text_tokenizer_entry)
+from pipelines.train.config import StageConfig
+from pipelines.train.guards import fit_to_cluster, fit_watched
+from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.mixture import build_dataset, shard_sets
+from pipelines.train.start import resolve_vocab
+
+logger = logging.getLogger(__name__)
+
+
+def run_stage(cfg: StageConfig, *, fail_at_step: int | None = None) -> dict[str, Any]:
+    """Train one stage on a started Ray; returns the final metrics and the final model path.
+
+    `fail_at_step` is a test hook (rank 1 exits once at that step, as a crashed worker),
+    kept out of the stage's config."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(cfg.run.dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Workers and Ray Data tasks do not run in this directory: every path they open is absolute.
+    cfg = replace(cfg, data=replace(cfg.data, shards=str(Path(cfg.data.shards).resolve()),
+                                    text_tokenizer=cfg.data.text_tokenizer and
+                                    str(Path(cfg.data.text_tokenizer).resolve())))
+    if cfg.scaling.check_resources:
+        cfg = fit_to_cluster(cfg)
+    identity = check_compatible(shard_sets(cfg))
+    vocab, init_path = resolve_vocab(cfg, identity)
+    init_path = str(Path(init_path).resolve()) if init_path else None
+    text = text_tokenizer_entry(cfg.data.text_tokenizer)
+    if cfg.model.init == "previous":
+        check_text_tokenizer(Path(init_path), text)
+    cfg_dict = asdict(cfg)
+    cfg_dict["run"]["dir"] = str(run_dir)
+    tokenizers = {"text": text, "image": identity.get("image"), "speech": identity.get("speech")}
+    dataset = build_dataset(cfg, vocab)
+    resume = latest_checkpoint(run_dir)
+    if resume is not None:
+        done = json.loads((resume / TRAIN_STATE).read_text())["step"]
+        logger.info("resuming from %s (step %d)", resume, done)
+        if done >= cfg.train.max_steps:
+            export_final(resume, run_dir / "final")
+            return {"metrics": None, "final": str(run_dir / "final"), "vocab_size": vocab.size,
+                    "resumed_finished_run": True}
+    use_gpu = cfg.scaling.use_gpu
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"stage": cfg_dict, "vocab": vocab.to_dict(), "init_path": init_path,
+                           "tokenizers": tokenizers, "fail_at_step": fail_at_step},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=str(run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+        datasets={"train": dataset},
+        # No resume_from_checkpoint: Train V2 restores a run started again with the same
+        # name and storage_path from that run's newest checkpoint by itself.
+    )
+    result = fit_watched(trainer, cfg, run_dir)
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as src:
+        export_final(Path(src), run_dir / "final")
+    return {"metrics": result.metrics, "final": str(run_dir / "final"), "vocab_size": vocab.size}
