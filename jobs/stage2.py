@@ -1,4 +1,4 @@
-"""Training stage 2 of Omni-Diffusion on Ray Train (the loop is shared: pipelines/train.py).
+"""Training stage 2 of Omni-Diffusion on Ray Train (the loop is shared: pipelines/train/).
 
     python jobs/stage2.py --config configs/tiny/stage2.yaml [train.max_steps=20 run.dir=DIR]
 """

@@ -1,4 +1,4 @@
-"""Training stage 3 of Omni-Diffusion on Ray Train (the loop is shared: pipelines/train.py).
+"""Training stage 3 of Omni-Diffusion on Ray Train (the loop is shared: pipelines/train/).
 
     python jobs/stage3.py --config configs/tiny/stage3.yaml [train.max_steps=20 run.dir=DIR]
 """

@@ -4,7 +4,7 @@ The smallest honest end-to-end check of the core: train a tiny model with the di
 objective until it has memorised a few caption / text-to-image / TTS / ASR samples, then
 let the sampler regenerate every response from its prompt alone. The "image" and
 "speech" codes are random (seeded) stand-ins for tokenizer output. The distributed
-training loop of the real stages lives in `pipelines/train.py`.
+training loop of the real stages lives in `pipelines/train/`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ folder (`config.json` + `model*.safetensors`) loads strictly and `save_pretraine
 writes a folder the same loaders read.
 
 Written for one device; data/model parallelism (DDP, DeepSpeed) is applied by
-`pipelines/train.py`, never here.
+`pipelines/train/`, never here.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import soundfile as sf
 import torch
+from tqdm import tqdm
 from PIL import Image, ImageDraw
 
 from omni_model.metrics import normalize_text, word_error_rate
@@ -246,13 +247,15 @@ def run_cases(pipe: AnyToAny, cases: Sequence[Case], sampler: SamplerConfig,
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(prepared):
         groups.setdefault(p.regions, []).append(i)
-    for indices in groups.values():
-        for k in range(0, len(indices), batch_size):
-            chunk = indices[k:k + batch_size]
-            results = pipe.generate_batch([prepared[i] for i in chunk], sampler,
-                                          seeds=[sampler.seed + i for i in chunk])
-            for i, out in zip(chunk, results):
-                outputs[i] = out
+    with tqdm(total=len(cases), desc=cases[0].task if cases else "cases", unit="case", leave=False) as bar:
+        for indices in groups.values():
+            for k in range(0, len(indices), batch_size):
+                chunk = indices[k:k + batch_size]
+                results = pipe.generate_batch([prepared[i] for i in chunk], sampler,
+                                              seeds=[sampler.seed + i for i in chunk])
+                for i, out in zip(chunk, results):
+                    outputs[i] = out
+                bar.update(len(chunk))
     return outputs, time.perf_counter() - start  # type: ignore[return-value]
 
 
@@ -275,7 +278,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         recognizer = recognizer_factory()
     metrics: dict[str, Any] = {"model": cfg.model, "tasks": {}}
     examples: dict[str, list] = {}
-    for task in cfg.tasks:
+    for task in tqdm(cfg.tasks, desc="evaluate", unit="task"):
         cases = load_cases(cfg, task)
         if not cases:
             continue

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from omni_model.tokenizers.image import MagVitTokenizer
 from omni_model.objective import warmup_cosine
@@ -89,7 +90,7 @@ def train_image_tokenizer(model: MagVitTokenizer, images: torch.Tensor,
     model.train()
     history = []
     start = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in tqdm(range(cfg.steps), desc="image tokenizer", unit="step", mininterval=5):
         idx = torch.randint(0, images.shape[0], (min(cfg.batch_size, images.shape[0]),), generator=gen)
         batch = images[idx].to(device)
         if cfg.flip:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 from torch import nn
 
 from omni_model.precision import autocast
@@ -137,7 +138,7 @@ def train_speech_codec(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
     history: list[dict[str, float]] = []
     codec.train()
     start = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in tqdm(range(cfg.steps), desc="speech codec", unit="step", mininterval=5):
         idx = torch.randint(0, len(waveforms), (min(cfg.batch_size, len(waveforms)),), generator=gen).tolist()
         feats, mask, _ = tok.features([waveforms[i] for i in idx], tok.mel.sample_rate)
         h, valid = encoder.hidden_states(feats, mask.to(feats.device))
@@ -214,7 +215,7 @@ def train_code_decoder(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     dec.train()
-    for step in range(cfg.steps):
+    for step in tqdm(range(cfg.steps), desc="codec decoder", unit="step", mininterval=5):
         idx = torch.randint(0, len(pairs), (min(cfg.batch_size, len(pairs)),), generator=gen).tolist()
         n = max(len(pairs[i][0]) for i in idx)
         codes = torch.zeros(len(idx), n, dtype=torch.long, device=tok.device)
