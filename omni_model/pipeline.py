@@ -30,6 +30,7 @@ from PIL import Image as PILImage
 
 from omni_model.sampler import Layout, Region, SamplerConfig, make_layout, sample, spoken_layout
 from omni_model.templates import Image, Message, Part, Speech, Text, encode_prompt
+from omni_model.tokenizers import ImageTokenizer, SpeechTokenizer, load_image_tokenizer, load_speech_tokenizer
 from omni_model.tokenizers.text import BPETokenizer, ByteTokenizer, TextTokenizer
 from omni_model.transformer import Transformer
 from omni_model.vocab import Vocab
@@ -113,8 +114,8 @@ class AnyToAny:
     model: Transformer
     vocab: Vocab
     text_tokenizer: TextTokenizer
-    image_tokenizer: Any | None = None  #: MagVitTokenizer
-    speech_codec: Any | None = None  #: SpeechCodec (encode + decode) or a GLM4VoiceTokenizer
+    image_tokenizer: ImageTokenizer | None = None
+    speech_codec: SpeechTokenizer | None = None  #: speech out only when it `can_decode`
     presets: LengthPresets = field(default_factory=LengthPresets)
 
     @classmethod
@@ -143,12 +144,10 @@ class AnyToAny:
         _check_fingerprint("text", text, recorded)
         image = speech = None
         if image_tokenizer is not None:
-            from omni_model.tokenizers.image import MagVitTokenizer
-
-            image = MagVitTokenizer.from_pretrained(image_tokenizer, device).eval()
+            image = load_image_tokenizer(image_tokenizer, device)
             _check_fingerprint("image", image, recorded)
         if speech_tokenizer is not None:
-            speech = _load_speech(Path(speech_tokenizer), device)
+            speech = load_speech_tokenizer(speech_tokenizer, device)
             _check_fingerprint("speech", speech, recorded)
         if presets is None and (folder / "presets.json").exists():
             presets = LengthPresets.from_dict(json.loads((folder / "presets.json").read_text()))
@@ -215,9 +214,9 @@ class AnyToAny:
                 codes = _until(region_ids, (self.vocab.eoa_id, self.vocab.im_end_id, self.vocab.pad_id,
                                             self.vocab.mask_id))
                 out.speech_codes = self.vocab.ids_to_speech(codes).tolist() if codes else []
-                if codes and hasattr(self.speech_codec, "decode"):
+                if codes and self.speech_codec is not None and self.speech_codec.can_decode:
                     out.speech = self.speech_codec.decode([torch.tensor(out.speech_codes)])[0].numpy()
-                elif hasattr(self.speech_codec, "decode"):
+                elif self.speech_codec is not None and self.speech_codec.can_decode:
                     out.speech = np.zeros(0, dtype=np.float32)
         return out
 
@@ -285,19 +284,6 @@ def _until(ids: list[int], stops: tuple[int, ...]) -> list[int]:
         if t in stops:
             return ids[:i]
     return ids
-
-
-def _load_speech(path: Path, device: str):
-    """A SpeechCodec folder (tokenizer/ + decoder/: speech in and out) or a bare
-    GLM-4-Voice tokenizer folder (speech in; speech out as codes only)."""
-    if (path / "decoder").is_dir():
-        from omni_model.tokenizers.codec import SpeechCodec
-
-        return SpeechCodec.from_pretrained(path, device).eval()
-    from omni_model.tokenizers.speech import GLM4VoiceTokenizer
-
-    return GLM4VoiceTokenizer.from_pretrained(path / "tokenizer" if (path / "tokenizer").is_dir() else path,
-                                              device).eval()
 
 
 def _check_fingerprint(kind: str, tokenizer: Any, recorded: dict) -> None:

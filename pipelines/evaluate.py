@@ -287,7 +287,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
             sampler = replace(sampler, cfg_scale=cfg.s2i_cfg_scale)
         outputs, seconds = run_cases(pipe, cases, sampler, cfg.batch_size)
         result = _score(task, cases, outputs, recognizer)
-        if task == "svqa" and recognizer is not None and hasattr(pipe.speech_codec, "decode"):
+        if task == "svqa" and recognizer is not None and pipe.speech_codec is not None and pipe.speech_codec.can_decode:
             result.update(_spoken_ceilings(pipe, recognizer, cases))
         result.update(n=len(cases), seconds=round(seconds, 1),
                       mean_steps=float(np.mean([o.steps for o in outputs])))

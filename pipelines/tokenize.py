@@ -43,9 +43,8 @@ import pyarrow.parquet as pq
 import torch
 
 from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
-from omni_model.tokenizers.image import MagVitTokenizer
+from omni_model.tokenizers import load_image_tokenizer, load_speech_tokenizer
 from omni_model.tokenizers.mel import resample, to_mono
-from omni_model.tokenizers.speech import GLM4VoiceTokenizer
 from pipelines.manifest import ManifestError, parse_line, read_bounded_lines, resolve_media, sample_id
 from pipelines.media import MediaError, load_audio, load_image
 from pipelines.shards import (PARTS_DIR, SHARD_SCHEMA, SUCCESS_FILE, atomic_write_text, image_part,
@@ -143,13 +142,6 @@ def _encode_or_isolate(encode, groups: list, sizes: list[int]) -> list:
     return out
 
 
-def load_speech_tokenizer(path: str | Path, device: str = "cpu") -> GLM4VoiceTokenizer:
-    """A GLM-4-Voice tokenizer folder, or the `tokenizer/` inside a SpeechCodec folder."""
-    path = Path(path)
-    folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-    return GLM4VoiceTokenizer.from_pretrained(folder, device)
-
-
 class _TokenizerStage:
     """Shared plumbing: which rows are still good, how failures are recorded."""
 
@@ -176,7 +168,7 @@ class ImageStage(_TokenizerStage):
     def __init__(self, data_root: str, tokenizer_path: str, device: str = "cpu",
                  max_pixels: int = 40_000_000) -> None:
         super().__init__(data_root)
-        self.tokenizer = MagVitTokenizer.from_pretrained(tokenizer_path, device)
+        self.tokenizer = load_image_tokenizer(tokenizer_path, device)
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -216,7 +208,7 @@ class SpeechStage(_TokenizerStage):
                  max_seconds: float = 600.0, max_sample_rate: int = 192_000,
                  max_channels: int = 8) -> None:
         super().__init__(data_root)
-        self.tokenizer = load_speech_tokenizer(tokenizer_path, device)
+        self.tokenizer = load_speech_tokenizer(tokenizer_path, device, decoder=False)
         self.limits = {"max_seconds": max_seconds, "max_sample_rate": max_sample_rate,
                        "max_channels": max_channels}
 
@@ -427,8 +419,8 @@ def tokenize_manifest(cfg: TokenizeConfig) -> dict[str, Any]:
     manifest = Path(cfg.manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
-    image_tok = MagVitTokenizer.from_pretrained(cfg.image_tokenizer) if cfg.image_tokenizer else None
-    speech_tok = load_speech_tokenizer(cfg.speech_tokenizer) if cfg.speech_tokenizer else None
+    image_tok = load_image_tokenizer(cfg.image_tokenizer) if cfg.image_tokenizer else None
+    speech_tok = load_speech_tokenizer(cfg.speech_tokenizer, decoder=False) if cfg.speech_tokenizer else None
     identity = tokenizer_identity(image_tok, speech_tok)
     frame_rate = speech_tok.codes_per_second if speech_tok is not None else 0.0
     del image_tok, speech_tok

@@ -78,11 +78,15 @@ class Engine:
         self.max_total_tokens = min(cfg.limits.max_total_tokens,
                                     self.pipe.model.config.max_position_embeddings)
 
+    @property
+    def _speaks(self) -> bool:
+        return self.pipe.speech_codec is not None and self.pipe.speech_codec.can_decode
+
     # ------------------------------------------------------------------ model card
     def card(self) -> ModelCard:
         outputs = [list(k) for k in OUTPUTS
                    if ("image" not in k or self.pipe.image_tokenizer is not None)
-                   and ("speech" not in k or self.pipe.speech_codec is not None)]
+                   and ("speech" not in k or self._speaks)]
         inputs = ["text"] + (["image"] if self.pipe.image_tokenizer is not None else []) \
             + (["audio"] if self.pipe.speech_codec is not None else [])
         return ModelCard(id=self.cfg.model.name, outputs=outputs, inputs=inputs)
@@ -110,6 +114,9 @@ class Engine:
             else:
                 inputs.append(decode_audio(part.data, limits.max_audio_seconds, i, limits.max_sample_rate,
                                            limits.max_channels))
+        if "speech" in request.outputs and not self._speaks:
+            raise ClientError("this deployment cannot produce speech: its speech tokenizer has no "
+                              "decoder (see GET /v1/models)", 422)
         config, seed = self.sampler_config(request)
         lengths = {k: v for k, v in (request.lengths.model_dump() if request.lengths else {}).items()
                    if v is not None}

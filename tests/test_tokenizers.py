@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from omni_model.tokenizers import ImageTokenizer, SpeechTokenizer, load_image_tokenizer, load_speech_tokenizer
 from omni_model.tokenizers.codec import SpeechCodec
 from omni_model.tokenizers.image import MagVitConfig, MagVitTokenizer, TrunkConfig
 from omni_model.tokenizers.mel import log_mel
@@ -170,8 +171,25 @@ def test_glm4voice_rejects_bad_audio(glm, bad, message):
 
 
 def test_glm4voice_without_decoder_says_so(glm, glm_ref):
+    assert not glm.can_decode
     with pytest.raises(RuntimeError, match="no decoder"):
         glm.decode([glm_ref["codes"][0]])
+
+
+def test_one_loader_per_kind_and_the_protocols(fixtures_dir, tmp_path):
+    """A folder becomes a tokenizer one way: a codec folder decodes, a bare GLM-4-Voice
+    tokenizer does not; the codec's tokenizer alone (the tokenize job) encodes alike."""
+    image = load_image_tokenizer(fixtures_dir / "magvit_tiny_a")
+    assert isinstance(image, ImageTokenizer) and image.can_decode and not image.training
+    glm = load_speech_tokenizer(fixtures_dir / "glm4voice_tiny_a")
+    assert isinstance(glm, SpeechTokenizer) and not glm.can_decode
+    small_codec(codebook_size=16, d_model=64, layers=2).save_pretrained(tmp_path / "codec")
+    codec = load_speech_tokenizer(tmp_path / "codec")
+    alone = load_speech_tokenizer(tmp_path / "codec", decoder=False)
+    assert isinstance(codec, SpeechCodec) and codec.can_decode and isinstance(codec, SpeechTokenizer)
+    assert isinstance(alone, GLM4VoiceTokenizer) and alone.fingerprint == codec.fingerprint
+    wave = torch.sin(torch.arange(16000) / 7.0)
+    assert torch.equal(codec.encode([wave], 16000)[0], alone.encode([wave], 16000)[0])
 
 
 # ---------------------------------------------------------------- text

@@ -6,7 +6,11 @@ A tokenizer turns media into local codes `0..codebook_size-1` and back:
 * `codebook_size`;
 * `fingerprint`: `name-<sha256 of config and weights>`, recorded beside every shard set,
   so shards made by different tokenizers are never mixed;
-* `from_pretrained(folder)` / `save_pretrained(folder)`: `config.json` + `model.safetensors`.
+* `from_pretrained(folder)` / `save_pretrained(folder)`: `config.json` + `model.safetensors`;
+* `can_decode`: whether codes can be turned back into media.
+
+`ImageTokenizer` and `SpeechTokenizer` below say it as protocols; `omni_model.tokenizers.
+load_image_tokenizer` / `load_speech_tokenizer` turn a folder into one.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -75,3 +79,33 @@ def read_config(folder: str | Path) -> dict[str, Any]:
 def check_finite(x: torch.Tensor, what: str) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(f"{what} contains NaN or infinite values")
+
+
+@runtime_checkable
+class ImageTokenizer(Protocol):
+    """What the project asks of an image tokenizer (MAGVIT-v2's `MagVitTokenizer`)."""
+
+    codebook_size: int
+    fingerprint: str
+    can_decode: bool  #: codes -> pixels is available
+
+    def encode(self, images: Any) -> torch.Tensor: ...  # `[B, 3, H, W]` or PIL images -> `[B, h*w]`
+
+    def decode_images(self, codes: Any, grid: tuple[int, int]) -> list: ...  # -> PIL images
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]: ...
+
+
+@runtime_checkable
+class SpeechTokenizer(Protocol):
+    """What the project asks of a speech tokenizer: GLM-4-Voice's (`GLM4VoiceTokenizer`,
+    which decodes only with a decoder attached) or the embedded `SpeechCodec`."""
+
+    codebook_size: int
+    fingerprint: str
+    codes_per_second: float
+    can_decode: bool  #: codes -> waveform is available (`decode` raises otherwise)
+
+    def encode(self, waveforms: Any, sample_rate: int) -> list[torch.Tensor]: ...
+
+    def decode(self, codes: Any) -> list[torch.Tensor]: ...

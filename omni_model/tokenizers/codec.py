@@ -101,6 +101,8 @@ class SpeechCodec(nn.Module, SpeechDecoder):
         """The tokenizer's fingerprint: shards depend on the codes, not on the decoder."""
         return self.tokenizer.fingerprint
 
+    can_decode = True  #: the code-to-mel decoder and Griffin-Lim
+
     def encode(self, waveforms: Waveforms, sample_rate: int = SAMPLE_RATE) -> list[torch.Tensor]:
         return self.tokenizer.encode(waveforms, sample_rate)
 

@@ -335,6 +335,9 @@ class MagVitTokenizer(nn.Module):
     def fingerprint(self) -> str:
         return fingerprint(self.name, self.config.to_dict(), self.state_dict())
 
+    #: MAGVIT-v2 carries its decoder: codes always turn back into pixels
+    can_decode = True
+
     # ------------------------------------------------------------------ input handling
     def preprocess(self, images: Sequence[PILImage.Image]) -> torch.Tensor:
         """PIL images (any mode, any aspect) -> `[B, 3, R, R]` in [-1, 1].

@@ -248,6 +248,11 @@ class GLM4VoiceTokenizer(nn.Module):
         return fingerprint(self.name, {**self.config.to_dict(), "mel": dataclasses.asdict(self.mel)},
                            self.encoder.state_dict())
 
+    @property
+    def can_decode(self) -> bool:
+        """Only with a decoder attached (GLM-4-Voice's own is not shipped here)."""
+        return self.decoder is not None
+
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
     def encode_features(self, input_features: torch.Tensor,
