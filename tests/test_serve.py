@@ -324,7 +324,7 @@ def test_fuzzed_requests_never_get_a_5xx(server, body):
 
 
 def test_a_short_soak_of_mixed_streamed_and_hostile_requests(server):
-    """`serve.soak` for 20 s (benchmarks/serve_soak.py runs it for minutes): every valid
+    """`serve.soak` for 12 s (benchmarks/serve_soak.py runs it for minutes): every valid
     request answered 200, every hostile one its 4xx, no 5xx, streams hung up, one replica
     process throughout, its memory bounded."""
     from serve.soak import soak
@@ -333,8 +333,8 @@ def test_a_short_soak_of_mixed_streamed_and_hostile_requests(server):
     valid = [(task, _body(tasks, task, steps=16)) for task in ("t2i", "vqa", "asr", "tts", "s2i", "svqa")]
     hostile = [(name, body, status) for name, body, status, _ in _bad_requests()]
     pid = _stats(url)["pid"]
-    report = soak(url, 20, valid, hostile, clients=4)
-    assert report.requests > 20 and report.server_errors == 0, report.to_dict()
+    report = soak(url, 12, valid, hostile, clients=4)
+    assert report.requests > 12 and report.server_errors == 0, report.to_dict()
     assert not report.unexpected, report.unexpected
     assert report.by_kind["stream"] > 0 and any(k.startswith("hostile:") for k in report.by_kind)
     assert report.replica_pids == {pid}

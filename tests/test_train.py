@@ -194,7 +194,7 @@ def test_a_stalled_stage_fails_and_says_what_is_pending(shards, tmp_path):
         [sys.executable, "jobs/stage1.py", "--config", "configs/tiny/stage1.yaml", f"run.dir={tmp_path / 'run'}",
          f"data.shards={shards}", "data.text_tokenizer=null", "data.max_seq_len=160",
          "model.fresh={hidden: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64}", "train.max_steps=4",
-         "ray.num_cpus=2", "scaling.check_resources=false", "data.task_cpus=1", "run.stall_timeout_s=20"],
+         "ray.num_cpus=2", "scaling.check_resources=false", "data.task_cpus=1", "run.stall_timeout_s=10"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "StageStalled: no training step completed in" in result.stderr, result.stderr[-3000:]
