@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from omni_model.config import parse_job_args, save_config
-from pipelines.evaluate import EvalConfig, evaluate, format_report
+from pipelines.evaluation import EvalConfig, evaluate, format_report
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,18 @@ text, as in the training data); the response layout comes from the wanted output
 `LengthPresets`: TTS length from the input text's length, ASR length from the audio's
 duration, an image from the tokenizer's grid, a spoken answer as text then speech with
 `boa` pre-infilled at `boa_fraction`. `prepare` and `decode` are separate so a server
-can batch requests whose layouts are equal into one sampler call (`generate_batch`).
+can batch requests whose layouts are equal into one sampler call (`generate_batch`);
+`batch_key` and `batches` say which requests can share a call (the server and the
+evaluation group with them), `generate_many` runs any list of requests that way.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Hashable, Sequence, Union
 
 import numpy as np
 import torch
@@ -197,6 +199,22 @@ class AnyToAny:
         return [self.decode(r, layout, ids, steps)
                 for r, ids, steps in zip(requests, result.ids, result.steps)]
 
+    def generate_many(self, requests: Sequence[Prepared], config: SamplerConfig = SamplerConfig(),
+                      seeds: Sequence[int] | None = None, batch_size: int = 16,
+                      on_batch: Callable[[int], None] | None = None) -> list[Output]:
+        """Any prepared requests, in sampler calls of at most `batch_size` requests that
+        share a `batch_key`; outputs in the order of `requests`. `on_batch(n)` after each
+        call of `n` requests (a progress bar)."""
+        seeds = list(seeds) if seeds is not None else [config.seed + i for i in range(len(requests))]
+        outputs: list[Output | None] = [None] * len(requests)
+        for chunk in batches([batch_key(r, config) for r in requests], batch_size):
+            results = self.generate_batch([requests[i] for i in chunk], config, seeds=[seeds[i] for i in chunk])
+            for i, out in zip(chunk, results):
+                outputs[i] = out
+            if on_batch is not None:
+                on_batch(len(chunk))
+        return outputs  # type: ignore[return-value]
+
     def decode(self, prepared: Prepared, layout: Layout, ids: torch.Tensor, steps: int = 0) -> Output:
         """Response ids -> output fields, region by region."""
         out = Output(steps=steps, tokens=layout.num_masked, prompt_tokens=len(prepared.prompt))
@@ -278,6 +296,22 @@ class AnyToAny:
         return tuple(regions)
 
 
+def batch_key(prepared: Prepared, config: SamplerConfig) -> tuple:
+    """Requests with equal keys can share a sampler call: equal response layouts and
+    sampler options (the seed aside: every row has its own generator)."""
+    return prepared.regions, prepared.outputs, replace(config, seed=0)
+
+
+def batches(keys: Sequence[Hashable], max_size: int | None = None) -> list[list[int]]:
+    """Indices of equal keys together, groups in the order their first member comes,
+    each cut into runs of at most `max_size` (None: whole groups)."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    step = max_size or max(1, len(keys))
+    return [members[k:k + step] for members in groups.values() for k in range(0, len(members), step)]
+
+
 def _until(ids: list[int], stops: tuple[int, ...]) -> list[int]:
     """The ids before the first stop id."""
     for i, t in enumerate(ids):
@@ -294,4 +328,5 @@ def _check_fingerprint(kind: str, tokenizer: Any, recorded: dict) -> None:
                          f"{expected} the model was trained with (tokenizers.json)")
 
 
-__all__ = ["AnyToAny", "Audio", "LengthPresets", "Output", "Prepared", "RequestError", "OUTPUTS"]
+__all__ = ["AnyToAny", "Audio", "LengthPresets", "Output", "Prepared", "RequestError", "OUTPUTS", "batch_key",
+           "batches"]

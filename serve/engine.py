@@ -3,7 +3,8 @@ its media, prepare it (`AnyToAny.prepare`), run batches of prepared requests thr
 sampler, and turn outputs into response bodies.
 
 A batch from `@serve.batch` may mix requests; `run` groups those whose layout and
-sampler options (the seed aside) are equal and makes one sampler call per group. Every
+sampler options (the seed aside) are equal (`omni_model.pipeline.batch_key`, the grouping
+the evaluation uses too) and makes one sampler call per group. Every
 request keeps its own seed (per-row generators in the sampler), so its result does not
 depend on what it was batched with.
 
@@ -26,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from omni_model.pipeline import OUTPUTS, AnyToAny, Input, Output, Prepared, RequestError
+from omni_model.pipeline import OUTPUTS, AnyToAny, Input, Output, Prepared, RequestError, batch_key, batches
 from omni_model.sampler import Layout, SamplerConfig
 from serve.config import ServeConfig
 from serve.errors import ClientError, Stopped
@@ -46,11 +47,6 @@ class Job:
     start: float
     deadline: float = float("inf")  #: perf_counter time after which it answers 504
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    @property
-    def group(self) -> tuple:
-        """Requests with equal groups share a sampler call."""
-        return self.prepared.regions, self.prepared.outputs, dataclasses.replace(self.config, seed=0)
 
     @property
     def wanted(self) -> bool:
@@ -158,14 +154,15 @@ class Engine:
         """Generate a batch: one sampler call per group of equal layout and options."""
         timeout = self.cfg.limits.request_timeout_s
         results: list[GenerateResponse | Exception] = [RuntimeError("not run")] * len(jobs)
-        groups: dict[tuple, list[int]] = {}
+        wanted = []
         for i, job in enumerate(jobs):
             if job.wanted:
-                groups.setdefault(job.group, []).append(i)
+                wanted.append(i)
             else:  # cancelled or timed out while it waited: never started
                 results[i] = job.refusal(timeout)
                 self.stopped += 1
-        for members in groups.values():
+        for group in batches([batch_key(jobs[i].prepared, jobs[i].config) for i in wanted]):
+            members = [wanted[k] for k in group]
             batch = [jobs[i] for i in members]
             try:
                 outputs = self._generate(batch, self._stop_unwanted(batch))

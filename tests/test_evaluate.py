@@ -16,8 +16,8 @@ from omni_model.tokenizers.text import ByteTokenizer
 from omni_model.tokenizers.train_speech import small_codec
 from omni_model.toy import toy_model
 from omni_model.vocab import Vocab
-from pipelines.evaluate import (EvalConfig, evaluate, exact_match, format_report, load_cases,
-                                prior_guess, says, score_images)
+from pipelines.evaluation import (TASKS, Case, EvalConfig, Prediction, evaluate, exact_match, format_report,
+                                  load_cases, prior_guess, says, score_images)
 from pipelines.sdvi import SDVIConfig, build_sdvi
 from pipelines.world import ANSWERS, captions, make_scene, questions, render
 from pipelines.world_data import Voice, WorldConfig, build_world
@@ -132,12 +132,26 @@ def test_an_untrained_model_scores_near_chance_and_the_report_is_written(held_ou
     assert set(metrics["prior_guess"]["t2i"]) >= {"colour", "overall"}
     assert "prior guess" in format_report(metrics)
     assert Image.open(report / "t2i_grid.png").size[0] > 0 and Image.open(report / "loss.png").size == (640, 360)
+    assert Image.open(report / "t2i_steps.png").size == (640, 360)
     assert list(report.glob("tts_*.wav")) and list(report.glob("svqa_*.wav"))
     assert format_report(metrics).startswith("# Evaluation")
 
 
+def test_tasks_are_a_table_and_an_unknown_task_is_refused_by_name():
+    assert set(TASKS) == {"t2i", "s2i", "caption", "vqa", "asr", "tts", "svqa"}
+    assert TASKS["svqa"].outputs == ("text", "speech") and TASKS["svqa"].speaks and not TASKS["vqa"].speaks
+    with pytest.raises(ValueError, match="no evaluation task 'mme'.*known"):
+        EvalConfig(tasks=("vqa", "mme"))
+    # the same scorer reads the model's answers and the prior guess's
+    cases = [Case("svqa", [], "three"), Case("svqa", [], "red")]
+    heard = TASKS["svqa"].score(cases, [Prediction("three", heard="I see three"), Prediction("blue", heard="")])
+    assert heard == {"exact_match": 0.5, "spoken_answer_says_it": 0.5}
+    assert TASKS["svqa"].score(cases, [Prediction("three"), Prediction("red")]) == {"exact_match": 1.0}
+    assert prior_guess("svqa", cases) == {"exact_match": 0.0, "spoken_answer_says_it": 0.0}
+
+
 def test_presets_are_calibrated_from_training_shards(tmp_path):
-    from pipelines.evaluate import calibrate_presets
+    from pipelines.evaluation import calibrate_presets
     from pipelines.shards import write_shard
 
     def row(task, user, answer):

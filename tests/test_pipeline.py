@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from omni_model.pipeline import AnyToAny, Audio, LengthPresets, RequestError
+from omni_model.pipeline import AnyToAny, Audio, LengthPresets, RequestError, batch_key, batches
 from omni_model.sampler import SamplerConfig
 from omni_model.templates import Image, Text
 from omni_model.tokenizers.text import ByteTokenizer
@@ -50,6 +50,28 @@ def test_a_batch_of_requests_matches_one_by_one(trained):
     batched = pipe.generate_batch(requests, cfg, seeds=[3, 4])
     for request, seed, out in zip(requests, (3, 4), batched):
         assert pipe.generate_batch([request], cfg, seeds=[seed])[0].image_codes == out.image_codes
+
+
+def test_batches_keep_equal_keys_together_in_arrival_order():
+    assert batches(["a", "b", "a", "a", "c", "b"]) == [[0, 2, 3], [1, 5], [4]]
+    assert batches(["a", "b", "a", "a", "c", "b"], max_size=2) == [[0, 2], [3], [1, 5], [4]]
+    assert batches([]) == []
+
+
+def test_mixed_requests_run_in_shared_calls_and_match_one_by_one(trained):
+    folder, codec, tasks = trained
+    pipe = AnyToAny.from_pretrained(folder, image_tokenizer=IMAGE_TOKENIZER, speech_tokenizer=codec)
+    requests = [pipe.prepare(tasks[t][0], tasks[t][1]) for t in ("t2i", "vqa", "s2i", "asr", "t2i")]
+    cfg = SamplerConfig(steps=8, temperature=1.0, seed=5)
+    keys = [batch_key(r, cfg) for r in requests]
+    assert keys[0] == keys[2] == keys[4] and keys[0] != keys[1]
+    assert batch_key(requests[0], cfg) == batch_key(requests[0], SamplerConfig(steps=8, temperature=1.0, seed=9))
+    calls = []
+    outputs = pipe.generate_many(requests, cfg, batch_size=2, on_batch=calls.append)
+    assert sorted(calls) == [1, 1, 1, 2] and sum(calls) == len(requests)
+    for i, (request, out) in enumerate(zip(requests, outputs)):
+        alone = pipe.generate_batch([request], cfg, seeds=[cfg.seed + i])[0]
+        assert (alone.text, alone.image_codes) == (out.text, out.image_codes)
 
 
 def test_presets_size_the_response_from_the_input(trained):

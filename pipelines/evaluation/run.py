@@ -1,0 +1,145 @@
+"""The evaluation's driver: load the model once, then per task load its cases, generate
+their answers in batches (`AnyToAny.generate_many`), score them and the prior guess, and
+write the report folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from omni_model.pipeline import AnyToAny, LengthPresets, Output
+from omni_model.sampler import SamplerConfig
+from pipelines.evaluation.calibrate import calibrate_presets
+from pipelines.evaluation.cases import load_cases
+from pipelines.evaluation.report import write_report
+from pipelines.evaluation.scores import chance_levels, score_images
+from pipelines.evaluation.tasks import TASKS, Case, Prediction, prior_guess, spec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = "runs/stage3/final"  #: a checkpoint folder (final/ of a stage)
+    image_tokenizer: str = "runs/tokenizers/image"
+    speech_tokenizer: str = "runs/tokenizers/speech"
+    data_root: str = "runs/world"
+    #: held-out manifests: {task}.jsonl for t2i, caption, vqa, asr, tts, svqa, s2i
+    manifests: tuple[str, ...] = ("runs/world/manifests/eval", "runs/world/manifests/sdvi_eval")
+    out: str = "runs/report"
+    tasks: tuple[str, ...] = ("t2i", "s2i", "caption", "vqa", "asr", "tts", "svqa")
+    max_per_task: int = 48
+    batch_size: int = 16
+    sampler: SamplerConfig = SamplerConfig(steps=16)
+    #: the sampler of image outputs (t2i, s2i and the steps curve); None: `sampler`
+    image_sampler: SamplerConfig | None = None
+    presets: LengthPresets = LengthPresets()
+    #: t2i accuracy at these step counts, with and without the position penalty
+    step_curve: tuple[int, ...] = (8, 16, 32, 64)
+    position_penalty: float = 2.0
+    position_penalty_start: int = 0
+    s2i_cfg_scale: float = 0.0  #: classifier-free guidance for speech-to-image
+    transcribe: bool = True  #: Whisper for TTS intelligibility and spoken answers
+    runs: tuple[str, ...] = ("runs/stage1", "runs/stage2", "runs/stage3")  #: loss curves
+    #: training shard sets to size the responses from (`calibrate_presets`); empty: `presets`
+    calibrate_from: tuple[str, ...] = ("runs/shards/train", "runs/shards/sdvi")
+    grid: int = 12  #: generated images in t2i_grid.png
+    wavs: int = 3  #: generated WAVs per speech task
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for task in self.tasks:
+            spec(task)  # an unknown task fails here, naming the known ones
+
+
+def run_cases(pipe: AnyToAny, cases: Sequence[Case], sampler: SamplerConfig,
+              batch_size: int) -> tuple[list[Output], float]:
+    """Every case's answer (case i with seed `sampler.seed + i`); returns outputs, seconds."""
+    start = time.perf_counter()
+    prepared = [pipe.prepare(c.inputs, spec(c.task).outputs) for c in cases]
+    with tqdm(total=len(cases), desc=cases[0].task if cases else "cases", unit="case", leave=False) as bar:
+        outputs = pipe.generate_many(prepared, sampler, batch_size=batch_size, on_batch=bar.update)
+    return outputs, time.perf_counter() - start
+
+
+def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = None) -> dict:
+    """Run the evaluation and write the report folder; returns the metrics."""
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = AnyToAny.from_pretrained(cfg.model, image_tokenizer=cfg.image_tokenizer,
+                                    speech_tokenizer=cfg.speech_tokenizer, presets=cfg.presets)
+    if cfg.calibrate_from:
+        rate = getattr(pipe.speech_codec, "codes_per_second", 12.5)
+        pipe.presets = calibrate_presets(cfg.calibrate_from, pipe.text_tokenizer, cfg.presets, rate)
+    (out_dir / "presets.json").write_text(json.dumps(pipe.presets.to_dict(), indent=2) + "\n")
+    recognizer = None
+    if cfg.transcribe and any(TASKS[t].speaks for t in cfg.tasks):
+        if recognizer_factory is None:
+            from pipelines.asr import WhisperRecognizer
+
+            recognizer_factory = WhisperRecognizer
+        recognizer = recognizer_factory()
+    metrics: dict[str, Any] = {"model": cfg.model, "tasks": {}}
+    examples: dict[str, list] = {}
+    for task in tqdm(cfg.tasks, desc="evaluate", unit="task"):
+        cases = load_cases(cfg, task)
+        if not cases:
+            continue
+        task_spec = TASKS[task]
+        outputs, seconds = run_cases(pipe, cases, sampler_for(cfg, task), cfg.batch_size)
+        answers = [prediction(o, recognizer if task_spec.speaks else None) for o in outputs]
+        result = task_spec.score(cases, answers)
+        if task_spec.extra is not None:
+            result.update(task_spec.extra(pipe, recognizer, cases))
+        result.update(n=len(cases), seconds=round(seconds, 1),
+                      mean_steps=float(np.mean([o.steps for o in outputs])))
+        metrics["tasks"][task] = result
+        metrics.setdefault("prior_guess", {})[task] = prior_guess(task, cases, cfg.seed)
+        examples[task] = list(zip(cases, outputs))
+        logger.info("%s: %s", task, result)
+    if "t2i" in cfg.tasks and cfg.step_curve:
+        metrics["t2i_steps"] = step_curve(pipe, cfg, load_cases(cfg, "t2i"))
+    metrics["chance"] = chance_levels()
+    write_report(out_dir, metrics, examples, cfg.runs, cfg.grid, cfg.wavs)
+    return metrics
+
+
+def sampler_for(cfg: EvalConfig, task: str) -> SamplerConfig:
+    """Image outputs get `image_sampler`; s2i adds its guidance scale."""
+    sampler = cfg.image_sampler or cfg.sampler if "image" in TASKS[task].outputs else cfg.sampler
+    if task == "s2i" and cfg.s2i_cfg_scale > 0:
+        sampler = replace(sampler, cfg_scale=cfg.s2i_cfg_scale)
+    return sampler
+
+
+def prediction(output: Output, recognizer=None) -> Prediction:
+    """A model output as its scorer reads it; speech heard by `recognizer` when given
+    ("" for no speech)."""
+    heard = None
+    if recognizer is not None:
+        speech = output.speech
+        heard = recognizer.transcribe(speech, output.sample_rate) if speech is not None and len(speech) else ""
+    return Prediction(text=output.text or "", image=output.image, heard=heard,
+                      speech_codes=len(output.speech_codes or []))
+
+
+def step_curve(pipe: AnyToAny, cfg: EvalConfig, cases: list[Case]) -> list[dict]:
+    """t2i agreement at each of `cfg.step_curve`, without and with the position penalty."""
+    curve = []
+    scenes = [c.scene for c in cases]
+    for steps in cfg.step_curve:
+        for penalty in (1.0, cfg.position_penalty):
+            sampler = replace(cfg.image_sampler or cfg.sampler, steps=steps, position_penalty=penalty,
+                              position_penalty_start=cfg.position_penalty_start)
+            outputs, seconds = run_cases(pipe, cases, sampler, cfg.batch_size)
+            rates = score_images(scenes, [o.image for o in outputs])
+            curve.append({"steps": steps, "position_penalty": penalty, "overall": rates["overall"],
+                          "colour": rates["colour"], "shape": rates["shape"], "seconds": round(seconds, 1)})
+    return curve
