@@ -1,6 +1,6 @@
 """Soak the Serve app: mixed tasks, streams (half hung up) and hostile requests against one
 replica for a bounded time, on loopback; prints requests served, statuses, unexpected
-answers and the replica's peak memory (the figures of README's "Reliability").
+answers and the replica's peak memory (the figures of docs/reliability.md).
 
     .venv/bin/python benchmarks/serve_soak.py --runs runs --seconds 180
 

@@ -14,7 +14,7 @@ from omni_model.config import RayConfig
 
 logger = logging.getLogger(__name__)
 
-#: Settings that must be in place before `import ray` (see README: running Ray here).
+#: Settings that must be in place before `import ray` (see README, "Installing: notes").
 #: Never `RAY_AUTH_MODE`: a job that joins a cluster keeps the cluster's authentication.
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",

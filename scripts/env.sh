@@ -1,4 +1,4 @@
-# Environment for every command of this project (sourced by the scripts; see RUNTIME notes
+# Environment for every command of this project (sourced by the scripts; see "Installing: notes"
 # in README.md). Safe to source twice.
 export RAY_USAGE_STATS_ENABLED=0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0   # every Ray listener on 127.0.0.1 when local

@@ -5,7 +5,7 @@ event) and hostile requests for a fixed time, and the replica's memory is read f
 
     report = soak("http://127.0.0.1:8000", seconds=180, valid=[...], hostile=[...])
 
-Used by `benchmarks/serve_soak.py` (the figures in README's "Reliability") and, briefly,
+Used by `benchmarks/serve_soak.py` (the figures in README's "Measured" and docs/reliability.md) and, briefly,
 by the tests.
 """
 
