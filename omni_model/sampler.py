@@ -29,7 +29,20 @@ Strategies (all in `SamplerConfig`, all vectorised over the batch):
 - confidence-threshold parallel decoding (Fast-dLLM): every masked position whose
   top-1 probability exceeds `threshold` is committed in the same step, at least as many as the
   linear schedule asks, so confident content takes fewer steps; `steps` stays the
-  upper bound.
+  upper bound. `text_threshold`, `image_threshold`, `speech_threshold` set it per region
+  modality (the model is surer of some than of others); `factor` is Fast-dLLM's factor
+  rule instead: the n most confident positions are committed while the n-th confidence
+  is at least `1 - factor / (n + 1)`;
+- early stop: once the final text or speech region commits its end (`im_end`, or `eoa`
+  then `im_end`), its masked positions after the end become the tail pads the model
+  learned, at once, and the steps the block had left shrink in proportion: no passes
+  are spent on padding;
+- key-value caches (Fast-dLLM): `cache="prefix"` computes the keys and values of the
+  prompt (and of the blocks before the current one) in a full pass, then recomputes only
+  the rest of the response against them; `cache="dual"` recomputes only the current
+  block, caching what lies after it too. A full pass refreshes the cache every
+  `cache_refresh` steps and whenever a row enters a new block; `cache_refresh=1` is the
+  uncached sampler exactly.
 
 Every random draw comes from a generator seeded per row (`seeds`), so a row's output does
 not depend on the rows it was batched with.
@@ -83,6 +96,9 @@ class Layout:
     region_index: torch.Tensor  #: `[R]` region of each position, -1 for fixed tokens
     allowed: torch.Tensor  #: `[n_regions, V]` bool, ids each region may hold
     mask_id: int
+    pad_id: int = -1  #: the tail pad, im_end and eoa (for early stop)
+    im_end_id: int = -1
+    eoa_id: int = -1
 
     @property
     def length(self) -> int:
@@ -113,10 +129,12 @@ def make_layout(vocab: Vocab, regions: Sequence[Region]) -> Layout:
     allowed = torch.stack([vocab.allowed_mask(r.modality, _REGION_EXTRA_SPECIALS[r.modality])
                            for r in regions])
     return Layout(tuple(regions), torch.tensor(ids, dtype=torch.long),
-                  torch.tensor(index, dtype=torch.long), allowed, vocab.mask_id)
+                  torch.tensor(index, dtype=torch.long), allowed, vocab.mask_id, vocab.pad_id,
+                  vocab.im_end_id, vocab.eoa_id)
 
 
 CONFIDENCES = ("probability", "margin", "entropy", "random")
+CACHES = ("none", "prefix", "dual")
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,13 @@ class SamplerConfig:
     block_length: int | None = None  #: semi-autoregressive blocks of masked positions
     cfg_scale: float = 0.0  #: classifier-free guidance; 0 = off (needs unconditional prompts)
     threshold: float | None = None  #: commit every position above this confidence (Fast-dLLM)
+    text_threshold: float | None = None  #: `threshold` for text regions; None: `threshold`
+    image_threshold: float | None = None
+    speech_threshold: float | None = None
+    factor: float | None = None  #: Fast-dLLM's factor rule (e.g. 1.0); None: off
+    early_stop: bool = False  #: fill a final text/speech region with pads once its end is committed
+    cache: str = "none"  #: none | prefix | dual
+    cache_refresh: int = 4  #: steps between full passes that refresh the cache (1: exact)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -149,8 +174,21 @@ class SamplerConfig:
             raise ValueError("block_length must be at least 1")
         if self.cfg_scale < 0:
             raise ValueError("cfg_scale must be >= 0")
-        if self.threshold is not None and not 0 < self.threshold <= 1:
-            raise ValueError("threshold must be in (0, 1]")
+        for name in ("threshold", "text_threshold", "image_threshold", "speech_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1]")
+        if self.factor is not None and self.factor <= 0:
+            raise ValueError("factor must be > 0")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, not {self.cache!r}")
+        if self.cache_refresh < 1:
+            raise ValueError("cache_refresh must be at least 1")
+
+    def threshold_for(self, modality: str) -> float | None:
+        """The confidence threshold of a region of `modality` (None: none)."""
+        own = getattr(self, f"{modality}_threshold")
+        return own if own is not None else self.threshold
 
 
 def spoken_layout(vocab: Vocab, length: int, boa_fraction: float = 0.2) -> Layout:
@@ -232,6 +270,23 @@ class _Plan:
             span = max(1, region.length - config.position_penalty_start)
             ramp[layout.region_index == r] = ((pos - config.position_penalty_start) / span).clamp(0, 1)
         self.ramp = ramp.to(device)  # [R] 0..1
+        # where each block starts and ends (response positions), for the caches' spans
+        pos = torch.arange(layout.length, device=device)
+        self.block_start = torch.stack([pos[self.block == b].min() for b in range(self.n_blocks)])
+        self.block_end = torch.stack([pos[self.block == b].max() + 1 for b in range(self.n_blocks)])
+        # the confidence above which a position is committed at once (inf: none)
+        limits = [config.threshold_for(r.modality) for r in layout.regions]
+        self.thresholds = None
+        if any(t is not None for t in limits):
+            per_region = torch.tensor([t if t is not None else float("inf") for t in limits])
+            self.thresholds = torch.where(layout.region_index >= 0, per_region[layout.region_index.clamp(min=0)],
+                                          float("inf")).to(device)  # [R]
+        # the final region, when it is text or speech, may end early (early stop)
+        last = len(layout.regions) - 1
+        self.end_region = None
+        if config.early_stop and layout.regions[-1].modality in ("text", "speech"):
+            self.end_region = (layout.region_index == last).to(device)  # [R] bool
+            self.end_modality = layout.regions[-1].modality
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -286,8 +341,10 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], 
     plan = _Plan(layout, config, device)
     committed = torch.full((batch, layout.length), -1, dtype=torch.long, device=device)
     block_step = torch.zeros(batch, dtype=torch.long, device=device)  # steps spent in the block
-    current = torch.zeros(batch, dtype=torch.long, device=device)
+    budget = torch.zeros(batch, dtype=torch.long, device=device)  # steps the block may take
+    current = torch.full((batch,), -1, dtype=torch.long, device=device)
     steps = torch.zeros(batch, dtype=torch.long, device=device)
+    cache = _Cache(model, config, plen, layout.length)
     was_training = model.training
     model.eval()
     try:
@@ -301,32 +358,52 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], 
             # each row works on its first block that still has masks
             block_of = torch.where(masked, plan.block, plan.n_blocks)
             new_block = block_of.min(1).values
-            block_step = torch.where(new_block != current, 0, block_step)
+            entered = new_block != current
+            block_step = torch.where(entered, 0, block_step)
+            budget = torch.where(entered, plan.block_steps[new_block.clamp(max=plan.n_blocks - 1)], budget)
             current = new_block
             eligible = masked & (plan.block[None] == current[:, None])
             inputs = x if not guided else torch.cat([x, torch.cat([prompt[batch:], response], 1)])
-            logits = model(inputs, attention_mask=attn)[:, plen:].float()
+            a, b = cache.window(plan, current[active], entered[active].any())
+            logits = cache.logits(inputs, attn, a, b).float()
             if guided:
                 cond, uncond = logits[:batch], logits[batch:]
                 logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
-            logits = logits.masked_fill(~allowed, float("-inf"))
+            logits = logits.masked_fill(~allowed[a:b], float("-inf"))
             if config.repetition_penalty != 1:
                 logits = _repetition_penalty(logits, response, ~masked & (plan.block[None] >= 0),
                                              config.repetition_penalty)
-            x0, confidence, prob = _predict(logits, config, gens)
-            score = _position_penalty(confidence, plan.ramp, masked, layout, config)
-            score = score.masked_fill(~eligible, float("-inf"))
+            x0, confidence, prob = _predict(logits, config, gens, a, layout.length)
+            score = _position_penalty(confidence, plan.ramp[a:b], masked, layout, config)
+            window = eligible[:, a:b]
+            score = score.masked_fill(~window, float("-inf"))
             # the linear schedule's share of this block for this row ...
-            steps_left = (plan.block_steps[current.clamp(max=plan.n_blocks - 1)] - block_step).clamp(min=1)
+            steps_left = (budget - block_step).clamp(min=1)
             n = torch.ceil(eligible.sum(1).float() / steps_left.float()).long()
             # ... or more, every position the model is sure enough of
-            if config.threshold is not None:
-                n = torch.maximum(n, (eligible & (prob > config.threshold)).sum(1))
+            if plan.thresholds is not None:
+                n = torch.maximum(n, (window & (prob > plan.thresholds[a:b])).sum(1))
+            if config.factor is not None:
+                n = torch.maximum(n, _factor_count(prob, window, config.factor))
             n = torch.where(active, n.clamp(min=1), 0)
             rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
-            commit = (rank < n[:, None]) & eligible
-            x[:, plen:] = torch.where(commit, x0, response)
+            commit = torch.zeros_like(masked)
+            commit[:, a:b] = (rank < n[:, None]) & window
+            filled = response.clone()
+            filled[:, a:b] = x0
+            x[:, plen:] = torch.where(commit, filled, response)
             committed = torch.where(commit, step, committed)
+            if plan.end_region is not None:
+                ended = _end_early(x[:, plen:], plan, layout)
+                if ended.any():
+                    x[:, plen:] = torch.where(ended, _tail(x[:, plen:], plan, layout), x[:, plen:])
+                    committed = torch.where(ended, step, committed)
+                    # the block's remaining steps shrink with its remaining masks
+                    before = (eligible & ~commit).sum(1)
+                    after = (eligible & ~commit & ~ended).sum(1)
+                    left = budget - block_step - 1
+                    shrunk = block_step + 1 + torch.ceil(left * after / before.clamp(min=1)).long()
+                    budget = torch.where(ended.any(1), shrunk, budget)
             block_step += active.long()
             steps += active.long()
             step += 1
@@ -335,6 +412,70 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], 
     finally:
         model.train(was_training)
     return Generated(x[:, plen:], steps.tolist(), committed)
+
+
+class _Cache:
+    """Which positions a step computes, and the keys and values it reuses."""
+
+    def __init__(self, model: nn.Module, config: SamplerConfig, plen: int, length: int) -> None:
+        self.model, self.mode, self.refresh = model, config.cache, config.cache_refresh
+        self.plen, self.length = plen, length
+        self.kv = None
+        self.since = 0  #: steps since the last full pass
+
+    def window(self, plan: _Plan, blocks: torch.Tensor, new_block: bool) -> tuple[int, int]:
+        """The response positions `[a, b)` this step predicts: all without a cache; the
+        active rows' current blocks and what follows them with the prefix cache; the
+        current blocks alone with the dual cache. Decides whether this step refreshes."""
+        self.full = self.mode == "none" or self.kv is None or new_block or self.since >= self.refresh
+        self.since = 1 if self.full else self.since + 1
+        if self.mode == "none":
+            return 0, self.length
+        a = int(plan.block_start[blocks].min())
+        b = int(plan.block_end[blocks].max()) if self.mode == "dual" else self.length
+        return a, b
+
+    def logits(self, inputs: torch.Tensor, attn: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Logits of response positions `[a, b)`: a full pass (refreshing the cache when
+        there is one) or only those positions against the cache."""
+        if self.mode == "none":
+            return self.model(inputs, attention_mask=attn)[:, self.plen + a:self.plen + b]
+        if self.full:
+            logits, self.kv = self.model(inputs, attention_mask=attn, return_cache=True)
+            return logits[:, self.plen + a:self.plen + b]
+        return self.model.forward_span(inputs, self.kv, self.plen + a, self.plen + b)
+
+
+def _factor_count(prob: torch.Tensor, eligible: torch.Tensor, factor: float) -> torch.Tensor:
+    """Fast-dLLM's factor rule: the largest n such that each of the n most confident
+    eligible positions has probability >= 1 - factor / (its rank + 1), at least one."""
+    ranked = prob.masked_fill(~eligible, -1.0).sort(dim=1, descending=True).values
+    ranks = torch.arange(1, prob.shape[1] + 1, device=prob.device, dtype=prob.dtype)
+    ok = ranked >= 1 - factor / (ranks + 1)
+    ok[:, 0] = True
+    return torch.cumprod(ok.long(), dim=1).sum(1)
+
+
+def _end_early(response: torch.Tensor, plan: _Plan, layout: Layout) -> torch.Tensor:
+    """`[B, R]` bool: the masked positions of the final region after its committed end."""
+    ends = (response == layout.im_end_id)
+    if plan.end_modality == "speech":
+        ends |= response == layout.eoa_id
+    ends &= plan.end_region[None]
+    pos = torch.arange(response.shape[1], device=response.device)
+    first = torch.where(ends, pos, response.shape[1]).min(1).values  # [B]
+    return plan.end_region[None] & (pos[None] > first[:, None]) & (response == layout.mask_id)
+
+
+def _tail(response: torch.Tensor, plan: _Plan, layout: Layout) -> torch.Tensor:
+    """What follows an end: pads, after an `eoa` first the turn's `im_end` (as trained)."""
+    tail = torch.full_like(response, layout.pad_id)
+    if plan.end_modality == "speech":
+        eoa = (response == layout.eoa_id) & plan.end_region[None]
+        after_eoa = torch.zeros_like(eoa)
+        after_eoa[:, 1:] = eoa[:, :-1]
+        tail = torch.where(after_eoa, layout.im_end_id, tail)
+    return tail
 
 
 def generate(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor],
@@ -366,19 +507,23 @@ def _position_penalty(confidence: torch.Tensor, ramp: torch.Tensor, masked: torc
     return torch.where(confidence >= 0, confidence / factor, confidence * factor)
 
 
-def _predict(logits: torch.Tensor, config: SamplerConfig,
-             gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _predict(logits: torch.Tensor, config: SamplerConfig, gens: list[torch.Generator], offset: int = 0,
+             length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Predicted ids, their confidence (by `config.confidence`) and their probability.
 
     Confidence is measured on the model's own (modality-restricted) distribution, before
     temperature and top-k/p: those shape which id is drawn, not how sure the model is of
-    it (as in LLaDA's sampler).
+    it (as in LLaDA's sampler). `logits` may cover positions `offset:` of a response of
+    `length`: random draws are made for the whole response and sliced, so a row draws
+    the same numbers whichever positions a step computes.
     """
+    width = logits.shape[1]
+    length = length or width
     if config.temperature > 0:
         filtered = filter_logits(logits / config.temperature, config.top_k, config.top_p)
         # Gumbel-max draws one id per position from softmax(filtered), reproducibly per row.
-        u = torch.stack([torch.rand(filtered.shape[1:], generator=g, device=filtered.device)
-                         for g in gens]).clamp_(1e-20, 1.0)
+        u = torch.stack([torch.rand((length, filtered.shape[2]), generator=g, device=filtered.device)
+                         for g in gens])[:, offset:offset + width].clamp_(1e-20, 1.0)
         x0 = (filtered - torch.log(-torch.log(u))).argmax(-1)
     else:
         x0 = logits.argmax(-1)
@@ -393,6 +538,6 @@ def _predict(logits: torch.Tensor, config: SamplerConfig,
         logp = logits.log_softmax(-1)
         confidence = (probs * logp.masked_fill(probs == 0, 0)).sum(-1)  # -H <= 0
     else:
-        confidence = torch.stack([torch.rand(logits.shape[1], generator=g, device=logits.device)
-                                  for g in gens])
+        confidence = torch.stack([torch.rand(length, generator=g, device=logits.device)
+                                  for g in gens])[:, offset:offset + width]
     return x0, confidence, prob

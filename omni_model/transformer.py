@@ -9,6 +9,13 @@ writes a folder the same loaders read.
 
 Written for one device; data/model parallelism (DDP, DeepSpeed) is applied by
 `pipelines/train/`, never here.
+
+For sampling, `forward(..., return_cache=True)` also returns every layer's keys and
+values (`KVCache`), and `forward_span` recomputes only a span of positions against
+them: the span's queries attend to the cached keys and values of every other position
+and to the span's own fresh ones (which replace the cached ones in place). In a
+bidirectional model the cached entries go stale as the rest of the sequence changes;
+the sampler decides how often to refresh them (Fast-dLLM's prefix and dual caches).
 """
 
 from __future__ import annotations
@@ -119,6 +126,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@dataclass
+class KVCache:
+    """Keys and values of every layer for a whole sequence, with what a span needs."""
+
+    keys: list[torch.Tensor]  #: per layer `[B, kv_heads, L, head_dim]`, after RoPE
+    values: list[torch.Tensor]
+    mask: torch.Tensor | None  #: `[B, 1, L, L]` bool, the full sequence's attention mask
+    cos: torch.Tensor  #: `[B, 1, L, head_dim]` RoPE tables of the full sequence
+    sin: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -130,13 +152,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None, kv: list | None = None,
+                span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Self-attention of `x`. With `kv` and no `span`, the keys and values are
+        appended to `kv`; with both, `x` holds positions `span` of a cached sequence:
+        their keys and values replace the cached ones there and the queries attend to
+        the whole cached sequence."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if kv is not None and span is None:
+            kv.append((k, v))
+        elif kv is not None:
+            keys, values = kv
+            keys[:, :, span[0]:span[1]] = k
+            values[:, :, span[0]:span[1]] = v
+            k, v = keys, values
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False,
                                              enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
@@ -162,8 +196,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+                attn_mask: torch.Tensor | None, kv: list | None = None,
+                span: tuple[int, int] | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv, span)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -222,9 +257,9 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for every position.
+                doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_cache: bool = False) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+        """Logits for every position (and, with `return_cache`, a `KVCache`).
 
         Args:
             input_ids: `[batch, length]` int64.
@@ -247,16 +282,37 @@ class Transformer(nn.Module):
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                   x.dtype)
         mask = attention_mask_4d(attention_mask, doc_ids)
+        kv: list = []
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, kv if return_cache else None)
         logits = self.lm_head(self.model.norm(x))
         if self.config.shift_logits:
             # Dream: the logit for position i comes from position i-1; position 0 keeps
             # its own (it is always a prompt token, never predicted).
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        if not return_cache:
+            return logits
+        if mask is None:
+            mask = torch.ones(1, 1, input_ids.shape[1], input_ids.shape[1], dtype=torch.bool, device=x.device)
+        return logits, KVCache([k for k, _ in kv], [v for _, v in kv], mask, cos, sin)
+
+    def forward_span(self, input_ids: torch.Tensor, cache: KVCache, start: int, end: int) -> torch.Tensor:
+        """Logits of positions `start:end` of `input_ids` (`[B, L]`, the cached sequence's
+        length), computing only those positions (one more before them with
+        `shift_logits`) against `cache`, whose entries for them are replaced."""
+        first = start - 1 if self.config.shift_logits and start > 0 else start
+        span = (first, end)
+        x = self.model.embed_tokens(input_ids[:, first:end])
+        cos, sin = cache.cos[:, :, first:end], cache.sin[:, :, first:end]
+        mask = cache.mask[:, :, first:end]
+        for layer, keys, values in zip(self.model.layers, cache.keys, cache.values):
+            x = layer(x, cos, sin, mask, [keys, values], span)
+        logits = self.lm_head(self.model.norm(x))
+        if self.config.shift_logits:
+            logits = logits[:, :-1] if first < start else torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> "Transformer":

@@ -246,3 +246,130 @@ def test_bad_sampler_options_raise():
                 {"threshold": 1.5}, {"cfg_scale": -1.0}, {"top_p": 0.0}, {"block_length": 0}):
         with pytest.raises(ValueError):
             SamplerConfig(**bad)
+
+
+# ---------------------------------------------------------------- caches and adaptive decoding
+def _copy(model, shift: bool = False):
+    """A copy of the same weights, with Dream's logit shift (position i predicted from
+    i-1) when `shift`."""
+    from omni_model.transformer import Transformer
+
+    copy = Transformer(model.config.replace(shift_logits=shift))
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("options", [
+    {"temperature": 1.0, "top_p": 0.9, "confidence": "entropy"},
+    {"block_length": 4, "confidence": "random"},
+    {"cfg_scale": 1.5, "temperature": 0.7, "block_length": 5},
+    {"threshold": 0.2, "position_penalty": 2.0, "repetition_penalty": 1.3},
+])
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_cache_refreshed_every_step_is_the_uncached_sampler_exactly(tiny_model, vocab, cache, options, shift):
+    model = _copy(tiny_model, shift) if shift else tiny_model
+    layout = make_layout(vocab, [Region("text", 5), Region("image", 6), Region("speech", 4)])
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 9, 6)]
+    plain = sample(model, prompts, layout, SamplerConfig(steps=6, **options), pad_id=vocab.pad_id, seeds=[1, 2, 3])
+    cached = sample(model, prompts, layout, SamplerConfig(steps=6, cache=cache, cache_refresh=1, **options),
+                    pad_id=vocab.pad_id, seeds=[1, 2, 3])
+    assert torch.equal(plain.ids, cached.ids) and plain.steps == cached.steps
+    assert torch.equal(plain.committed, cached.committed)
+
+
+def _positions_computed(model):
+    """Records how many positions each forward computes (a hook on the real embedding)."""
+    widths = []
+    model.model.embed_tokens.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    return widths
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_the_prefix_cache_computes_the_prompt_only_on_refresh(tiny_model, vocab, shift):
+    model = _copy(tiny_model, shift)
+    widths = _positions_computed(model)
+    layout = make_layout(vocab, [Region("text", 8)])
+    prompt = torch.randint(0, 256, (1, 20))
+    out = sample(model, prompt, layout, SamplerConfig(steps=8, cache="prefix", cache_refresh=3))
+    full, span = 20 + 8, 8 + shift  # with the shift, one position before the response too
+    assert widths == [full, span, span, full, span, span, full, span]
+    assert out.steps == [8] and not (out.ids == vocab.mask_id).any()
+
+
+def test_the_dual_cache_computes_only_the_current_block_and_refreshes_at_each_new_block(tiny_model, vocab):
+    model = _copy(tiny_model)
+    widths = _positions_computed(model)
+    layout = make_layout(vocab, [Region("text", 12)])
+    sample(model, torch.randint(0, 256, (1, 10)), layout,
+           SamplerConfig(steps=6, block_length=4, cache="dual", cache_refresh=8))
+    # three blocks of four, two steps each: a full pass entering each block, then the block alone
+    assert widths == [22, 4, 22, 4, 22, 4]
+    widths.clear()
+    sample(model, torch.randint(0, 256, (1, 10)), layout,
+           SamplerConfig(steps=6, block_length=4, cache="prefix", cache_refresh=8))
+    assert widths == [22, 12, 22, 8, 22, 4]  # the prefix cache: the block and all after it
+
+
+def _mixed_table(vocab, text: list[float], speech: list[float]) -> torch.Tensor:
+    """Text positions sure of id 0 with the given probabilities, then speech positions sure
+    of the first speech id (the rest of each position's mass on one other id)."""
+    s0, s1 = vocab.speech_to_ids([0, 1]).tolist()
+    table = torch.full((len(text) + 1 + len(speech), vocab.size), -1e4)
+    for i, p in enumerate(text):
+        table[i, 0], table[i, 1] = torch.log(torch.tensor(p)), torch.log(torch.tensor(1 - p))
+    for i, p in enumerate(speech):
+        row = len(text) + 1 + i
+        table[row, s0], table[row, s1] = torch.log(torch.tensor(p)), torch.log(torch.tensor(1 - p))
+    return table
+
+
+def test_thresholds_apply_per_region_modality(vocab):
+    layout = make_layout(vocab, [Region("text", 4), Region("speech", 4)])
+    model = Scripted(_mixed_table(vocab, [0.8] * 4, [0.8] * 4))
+    text_only = sample(model, torch.tensor([[1]]), layout, SamplerConfig(steps=8, text_threshold=0.7))
+    assert (text_only.committed[0, :4] == 0).all()  # every text position in step one
+    assert (text_only.committed[0, 5:] > 0).sum() >= 3  # speech at the schedule's pace
+    both = sample(model, torch.tensor([[1]]), layout,
+                  SamplerConfig(steps=8, threshold=0.7, speech_threshold=0.9))
+    assert (both.committed[0, :4] == 0).all() and (both.committed[0, 5:] > 0).sum() >= 3
+    assert SamplerConfig(threshold=0.5, image_threshold=0.9).threshold_for("image") == 0.9
+    assert SamplerConfig(threshold=0.5).threshold_for("speech") == 0.5
+
+
+def test_the_factor_rule_commits_while_the_nth_confidence_clears_one_minus_factor_over_n_plus_one(vocab):
+    layout = make_layout(vocab, [Region("text", 6)])
+    # sorted: 0.97, 0.85, 0.78, 0.7, ...: thresholds 0.5, 0.667, 0.75, 0.8 -> three pass
+    model = Scripted(_table(vocab, [[0.97, 0.03], [0.78, 0.22], [0.85, 0.15], [0.7, 0.3], [0.6, 0.4], [0.6, 0.4]]))
+    out = sample(model, torch.tensor([[1]]), layout, SamplerConfig(steps=6, factor=1.0))
+    assert sorted(out.committed[0, :3].tolist()) == [0, 0, 0] and (out.committed[0, 3:] > 0).all()
+    strict = sample(model, torch.tensor([[1]]), layout, SamplerConfig(steps=6, factor=0.1))
+    assert (strict.committed[0] == 0).sum() == 1  # only the schedule's one
+
+
+def test_early_stop_fills_the_tail_after_the_end_and_spends_no_passes_on_it(vocab):
+    layout = make_layout(vocab, [Region("text", 8)])
+    rows = [[0.9, 0.1], [0.1, 0.9]] + [[0.0] * vocab.im_end_id + [0.99]] + [[0.3, 0.3, 0.4]] * 5
+    model = Scripted(_table(vocab, rows))
+    plain = sample(model, torch.tensor([[1]]), layout, SamplerConfig(steps=8))
+    early = sample(model, torch.tensor([[1]]), layout, SamplerConfig(steps=8, early_stop=True))
+    assert plain.steps == [8] and early.steps == [3]
+    assert early.ids[0].tolist() == [0, 1, vocab.im_end_id] + [vocab.pad_id] * 5
+    assert (early.committed[0, 3:] == 0).all()  # the tail, in the step the end was committed
+    # speech: after `eoa` the turn's im_end, then pads
+    layout = make_layout(vocab, [Region("speech", 6)])
+    s0 = vocab.speech_to_ids([0]).item()
+    table = torch.full((7, vocab.size), -1e4)
+    table[1, s0] = table[2, s0] = 0.0
+    table[3, vocab.eoa_id] = 0.0
+    table[4:, s0] = -1.0
+    table[4:, vocab.pad_id] = -1.2
+    out = sample(Scripted(table), torch.tensor([[1]]), layout, SamplerConfig(steps=6, early_stop=True))
+    assert out.ids[0].tolist() == [vocab.boa_id, s0, s0, vocab.eoa_id, vocab.im_end_id, vocab.pad_id, vocab.pad_id]
+    assert out.steps[0] < 6
+
+
+def test_new_sampler_options_are_checked():
+    for bad in ({"text_threshold": 0.0}, {"factor": 0.0}, {"cache": "everything"}, {"cache_refresh": 0}):
+        with pytest.raises(ValueError):
+            SamplerConfig(**bad)
