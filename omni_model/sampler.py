@@ -294,6 +294,164 @@ def _split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+class Denoiser:
+    """The state of one sampling call between steps: rows that share a layout and
+    sampler options, each with its own prompt and seed.
+
+    A step is `begin()` (which positions this step predicts, `[a, b)` of the response,
+    and whether it is a full pass), a forward pass over `inputs()` made by the caller,
+    then `advance(logits)` with the logits of those positions (conditional rows, then the
+    unconditional ones with `cfg_scale > 0`). `sample` drives one; a scheduler can drive
+    many, sharing forward passes between them.
+    """
+
+    def __init__(self, prompt_ids: torch.Tensor | Sequence[torch.Tensor], layout: Layout,
+                 config: SamplerConfig, pad_id: int | None, device: torch.device,
+                 uncond_prompt_ids: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                 seeds: Sequence[int] | None = None) -> None:
+        if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 1:
+            prompt_ids = prompt_ids[None]
+        self.batch = batch = len(prompt_ids)
+        if not isinstance(prompt_ids, torch.Tensor) and pad_id is None:
+            raise ValueError("prompts of different lengths need pad_id for left padding")
+        self.layout, self.config = layout, config
+        self.guided = config.cfg_scale > 0
+        if self.guided:  # the unconditional rows run in the same forward batch, after the others
+            if uncond_prompt_ids is None:
+                uncond_prompt_ids = [torch.full_like(torch.as_tensor(p), layout.mask_id) for p in prompt_ids]
+            if len(uncond_prompt_ids) != batch:
+                raise ValueError("one unconditional prompt per row")
+            prompt_ids = [*prompt_ids, *uncond_prompt_ids]
+        self.prompt, attn = _left_pad(prompt_ids, pad_id if pad_id is not None else layout.mask_id, device)
+        self.plen = self.prompt.shape[1]
+        template = layout.template.to(device)
+        self.x = torch.cat([self.prompt[:batch], template.expand(batch, -1)], dim=1)
+        self.attn = torch.cat([attn, torch.ones(self.prompt.shape[0], layout.length, dtype=attn.dtype,
+                                                device=device)], 1)
+        self.allowed = layout.allowed.to(device)[layout.region_index.clamp(min=0).to(device)]  # [R, V]
+        self.gens = [torch.Generator(device=device).manual_seed(int(s))
+                     for s in (seeds if seeds is not None else [config.seed] * batch)]
+        if len(self.gens) != batch:
+            raise ValueError("one seed per row")
+        self.plan = _Plan(layout, config, device)
+        self.committed = torch.full((batch, layout.length), -1, dtype=torch.long, device=device)
+        self.block_step = torch.zeros(batch, dtype=torch.long, device=device)  # steps spent in the block
+        self.budget = torch.zeros(batch, dtype=torch.long, device=device)  # steps the block may take
+        self.current = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.steps = torch.zeros(batch, dtype=torch.long, device=device)
+        self.step = 0
+        self.kv = None  #: the cache (`KVCache`) of the last full pass, when `config.cache` uses one
+        self.since = 0  #: steps since the last full pass
+        self._masked_now()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def response(self) -> torch.Tensor:
+        """`[B, R]` the response ids so far (mask id where still to fill)."""
+        return self.x[:, self.plen:]
+
+    @property
+    def done(self) -> bool:
+        return not bool(self.active.any())
+
+    @property
+    def rows(self) -> int:
+        """Rows of the forward batch (twice `batch` with guidance)."""
+        return self.prompt.shape[0]
+
+    def _masked_now(self) -> None:
+        self.masked = self.response == self.layout.mask_id
+        self.active = self.masked.any(1)
+
+    def result(self) -> Generated:
+        return Generated(self.response, self.steps.tolist(), self.committed)
+
+    # ------------------------------------------------------------------ a step
+    def begin(self) -> tuple[int, int, bool]:
+        """Start a step: each row moves to its first block with masks; returns the
+        response positions `[a, b)` to predict and whether this is a full pass (always
+        without a cache; with one, every `cache_refresh` steps and on entering a block)."""
+        plan, config = self.plan, self.config
+        block_of = torch.where(self.masked, plan.block, plan.n_blocks)
+        new_block = block_of.min(1).values
+        entered = new_block != self.current
+        self.block_step = torch.where(entered, 0, self.block_step)
+        self.budget = torch.where(entered, plan.block_steps[new_block.clamp(max=plan.n_blocks - 1)], self.budget)
+        self.current = new_block
+        self.eligible = self.masked & (plan.block[None] == self.current[:, None])
+        self.full = (config.cache == "none" or self.kv is None or bool(entered[self.active].any())
+                     or self.since >= config.cache_refresh)
+        self.since = 1 if self.full else self.since + 1
+        if config.cache == "none":
+            self.window = (0, self.layout.length)
+        else:
+            blocks = self.current[self.active]
+            a = int(plan.block_start[blocks].min())
+            b = int(plan.block_end[blocks].max()) if config.cache == "dual" else self.layout.length
+            self.window = (a, b)
+        return (*self.window, self.full)
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward pass's ids `[rows, P + R]` (the unconditional rows after the
+        others) and attention mask."""
+        if not self.guided:
+            return self.x, self.attn
+        return torch.cat([self.x, torch.cat([self.prompt[self.batch:], self.response], 1)]), self.attn
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Commit this step's positions from the logits of the window `[rows, b - a, V]`."""
+        plan, config, layout = self.plan, self.config, self.layout
+        a, b = self.window
+        response, masked, eligible, active = self.response, self.masked, self.eligible, self.active
+        logits = logits.float()
+        if self.guided:
+            cond, uncond = logits[:self.batch], logits[self.batch:]
+            logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+        logits = logits.masked_fill(~self.allowed[a:b], float("-inf"))
+        if config.repetition_penalty != 1:
+            logits = _repetition_penalty(logits, response, ~masked & (plan.block[None] >= 0),
+                                         config.repetition_penalty)
+        x0, confidence, prob = _predict(logits, config, self.gens, a, layout.length)
+        score = _position_penalty(confidence, plan.ramp[a:b], masked, layout, config)
+        window = eligible[:, a:b]
+        score = score.masked_fill(~window, float("-inf"))
+        # the linear schedule's share of this block for this row ...
+        steps_left = (self.budget - self.block_step).clamp(min=1)
+        n = torch.ceil(eligible.sum(1).float() / steps_left.float()).long()
+        # ... or more, every position the model is sure enough of
+        if plan.thresholds is not None:
+            n = torch.maximum(n, (window & (prob > plan.thresholds[a:b])).sum(1))
+        if config.factor is not None:
+            n = torch.maximum(n, _factor_count(prob, window, config.factor))
+        n = torch.where(active, n.clamp(min=1), 0)
+        rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
+        commit = torch.zeros_like(masked)
+        commit[:, a:b] = (rank < n[:, None]) & window
+        filled = response.clone()
+        filled[:, a:b] = x0
+        self.x[:, self.plen:] = torch.where(commit, filled, response)
+        self.committed = torch.where(commit, self.step, self.committed)
+        if plan.end_region is not None:
+            self._end_early(eligible & ~commit)
+        self.block_step += active.long()
+        self.steps += active.long()
+        self.step += 1
+        self._masked_now()
+
+    def _end_early(self, remaining: torch.Tensor) -> None:
+        """Early stop: the tail after a committed end filled at once; the block's
+        remaining steps shrink with its remaining masks."""
+        ended = _end_early(self.response, self.plan, self.layout)
+        if not ended.any():
+            return
+        self.x[:, self.plen:] = torch.where(ended, _tail(self.response, self.plan, self.layout), self.response)
+        self.committed = torch.where(ended, self.step, self.committed)
+        before, after = remaining.sum(1), (remaining & ~ended).sum(1)
+        left = self.budget - self.block_step - 1
+        shrunk = self.block_step + 1 + torch.ceil(left * after / before.clamp(min=1)).long()
+        self.budget = torch.where(ended.any(1), shrunk, self.budget)
+
+
 @torch.no_grad()
 def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], layout: Layout,
            config: SamplerConfig = SamplerConfig(), pad_id: int | None = None,
@@ -304,7 +462,8 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], 
 
     Args:
         model: maps `(input_ids, attention_mask=...)` to logits `[B, L, V]` aligned
-            with positions (the Transformer applies the Dream shift itself).
+            with positions (the Transformer applies the Dream shift itself); with a
+            cache, a `Transformer` (`return_cache`, `forward_span`).
         prompt_ids: `[B, P]`, or a list of 1-D prompts of different lengths (left-padded
             with `pad_id` and masked out of attention).
         layout: the response skeleton from `make_layout` or `spoken_layout`.
@@ -315,135 +474,32 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], 
         on_step: called after every step with `(step, response ids [B, R])` (progress).
     """
     device = next(model.parameters()).device
-    if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids[None]
-    batch = len(prompt_ids)
-    if not isinstance(prompt_ids, torch.Tensor) and pad_id is None:
-        raise ValueError("prompts of different lengths need pad_id for left padding")
-    guided = config.cfg_scale > 0
-    if guided:  # the unconditional rows run in the same forward batch, after the others
-        if uncond_prompt_ids is None:
-            uncond_prompt_ids = [torch.full_like(torch.as_tensor(p), layout.mask_id) for p in prompt_ids]
-        if len(uncond_prompt_ids) != batch:
-            raise ValueError("one unconditional prompt per row")
-        prompt_ids = [*prompt_ids, *uncond_prompt_ids]
-    prompt, attn = _left_pad(prompt_ids, pad_id if pad_id is not None else layout.mask_id, device)
-    plen = prompt.shape[1]
-    template = layout.template.to(device)
-    x = torch.cat([prompt[:batch], template.expand(batch, -1)], dim=1)
-    rows = prompt.shape[0]
-    attn = torch.cat([attn, torch.ones(rows, layout.length, dtype=attn.dtype, device=device)], 1)
-    allowed = layout.allowed.to(device)[layout.region_index.clamp(min=0).to(device)]  # [R, V]
-    gens = [torch.Generator(device=device).manual_seed(int(s))
-            for s in (seeds if seeds is not None else [config.seed] * batch)]
-    if len(gens) != batch:
-        raise ValueError("one seed per row")
-    plan = _Plan(layout, config, device)
-    committed = torch.full((batch, layout.length), -1, dtype=torch.long, device=device)
-    block_step = torch.zeros(batch, dtype=torch.long, device=device)  # steps spent in the block
-    budget = torch.zeros(batch, dtype=torch.long, device=device)  # steps the block may take
-    current = torch.full((batch,), -1, dtype=torch.long, device=device)
-    steps = torch.zeros(batch, dtype=torch.long, device=device)
-    cache = _Cache(model, config, plen, layout.length)
+    state = Denoiser(prompt_ids, layout, config, pad_id, device, uncond_prompt_ids, seeds)
     was_training = model.training
     model.eval()
     try:
-        step = 0
-        while True:
-            response = x[:, plen:]
-            masked = response == layout.mask_id
-            active = masked.any(1)
-            if not active.any():
-                break
-            # each row works on its first block that still has masks
-            block_of = torch.where(masked, plan.block, plan.n_blocks)
-            new_block = block_of.min(1).values
-            entered = new_block != current
-            block_step = torch.where(entered, 0, block_step)
-            budget = torch.where(entered, plan.block_steps[new_block.clamp(max=plan.n_blocks - 1)], budget)
-            current = new_block
-            eligible = masked & (plan.block[None] == current[:, None])
-            inputs = x if not guided else torch.cat([x, torch.cat([prompt[batch:], response], 1)])
-            a, b = cache.window(plan, current[active], entered[active].any())
-            logits = cache.logits(inputs, attn, a, b).float()
-            if guided:
-                cond, uncond = logits[:batch], logits[batch:]
-                logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
-            logits = logits.masked_fill(~allowed[a:b], float("-inf"))
-            if config.repetition_penalty != 1:
-                logits = _repetition_penalty(logits, response, ~masked & (plan.block[None] >= 0),
-                                             config.repetition_penalty)
-            x0, confidence, prob = _predict(logits, config, gens, a, layout.length)
-            score = _position_penalty(confidence, plan.ramp[a:b], masked, layout, config)
-            window = eligible[:, a:b]
-            score = score.masked_fill(~window, float("-inf"))
-            # the linear schedule's share of this block for this row ...
-            steps_left = (budget - block_step).clamp(min=1)
-            n = torch.ceil(eligible.sum(1).float() / steps_left.float()).long()
-            # ... or more, every position the model is sure enough of
-            if plan.thresholds is not None:
-                n = torch.maximum(n, (window & (prob > plan.thresholds[a:b])).sum(1))
-            if config.factor is not None:
-                n = torch.maximum(n, _factor_count(prob, window, config.factor))
-            n = torch.where(active, n.clamp(min=1), 0)
-            rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
-            commit = torch.zeros_like(masked)
-            commit[:, a:b] = (rank < n[:, None]) & window
-            filled = response.clone()
-            filled[:, a:b] = x0
-            x[:, plen:] = torch.where(commit, filled, response)
-            committed = torch.where(commit, step, committed)
-            if plan.end_region is not None:
-                ended = _end_early(x[:, plen:], plan, layout)
-                if ended.any():
-                    x[:, plen:] = torch.where(ended, _tail(x[:, plen:], plan, layout), x[:, plen:])
-                    committed = torch.where(ended, step, committed)
-                    # the block's remaining steps shrink with its remaining masks
-                    before = (eligible & ~commit).sum(1)
-                    after = (eligible & ~commit & ~ended).sum(1)
-                    left = budget - block_step - 1
-                    shrunk = block_step + 1 + torch.ceil(left * after / before.clamp(min=1)).long()
-                    budget = torch.where(ended.any(1), shrunk, budget)
-            block_step += active.long()
-            steps += active.long()
-            step += 1
+        while not state.done:
+            a, b, full = state.begin()
+            ids, attn = state.inputs()
+            state.advance(forward_window(model, state, ids, attn, a, b, full))
             if on_step is not None:
-                on_step(step, x[:, plen:])
+                on_step(state.step, state.response)
     finally:
         model.train(was_training)
-    return Generated(x[:, plen:], steps.tolist(), committed)
+    return state.result()
 
 
-class _Cache:
-    """Which positions a step computes, and the keys and values it reuses."""
-
-    def __init__(self, model: nn.Module, config: SamplerConfig, plen: int, length: int) -> None:
-        self.model, self.mode, self.refresh = model, config.cache, config.cache_refresh
-        self.plen, self.length = plen, length
-        self.kv = None
-        self.since = 0  #: steps since the last full pass
-
-    def window(self, plan: _Plan, blocks: torch.Tensor, new_block: bool) -> tuple[int, int]:
-        """The response positions `[a, b)` this step predicts: all without a cache; the
-        active rows' current blocks and what follows them with the prefix cache; the
-        current blocks alone with the dual cache. Decides whether this step refreshes."""
-        self.full = self.mode == "none" or self.kv is None or new_block or self.since >= self.refresh
-        self.since = 1 if self.full else self.since + 1
-        if self.mode == "none":
-            return 0, self.length
-        a = int(plan.block_start[blocks].min())
-        b = int(plan.block_end[blocks].max()) if self.mode == "dual" else self.length
-        return a, b
-
-    def logits(self, inputs: torch.Tensor, attn: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """Logits of response positions `[a, b)`: a full pass (refreshing the cache when
-        there is one) or only those positions against the cache."""
-        if self.mode == "none":
-            return self.model(inputs, attention_mask=attn)[:, self.plen + a:self.plen + b]
-        if self.full:
-            logits, self.kv = self.model(inputs, attention_mask=attn, return_cache=True)
-            return logits[:, self.plen + a:self.plen + b]
-        return self.model.forward_span(inputs, self.kv, self.plen + a, self.plen + b)
+def forward_window(model: nn.Module, state: Denoiser, ids: torch.Tensor, attn: torch.Tensor,
+                   a: int, b: int, full: bool) -> torch.Tensor:
+    """Logits of response positions `[a, b)` for one `Denoiser`: a full pass (keeping
+    its cache when it uses one) or only those positions against its cache."""
+    plen = state.plen
+    if state.config.cache == "none":
+        return model(ids, attention_mask=attn)[:, plen + a:plen + b]
+    if full:
+        logits, state.kv = model(ids, attention_mask=attn, return_cache=True)
+        return logits[:, plen + a:plen + b]
+    return model.forward_span(ids, state.kv, plen + a, plen + b)
 
 
 def _factor_count(prob: torch.Tensor, eligible: torch.Tensor, factor: float) -> torch.Tensor:

@@ -142,6 +142,16 @@ def test_tasks_are_a_table_and_an_unknown_task_is_refused_by_name():
     assert TASKS["svqa"].outputs == ("text", "speech") and TASKS["svqa"].speaks and not TASKS["vqa"].speaks
     with pytest.raises(ValueError, match="no evaluation task 'mme'.*known"):
         EvalConfig(tasks=("vqa", "mme"))
+    # sampler options per task, over the image sampler where the task draws images
+    from pipelines.evaluation.run import sampler_for
+
+    cfg = EvalConfig(image_sampler=SamplerConfig(steps=32), task_sampler={"svqa": {"cache": "prefix"},
+                                                                           "t2i": {"threshold": 0.9}})
+    assert sampler_for(cfg, "svqa").cache == "prefix" and sampler_for(cfg, "vqa").cache == "none"
+    assert sampler_for(cfg, "t2i").threshold == 0.9 and sampler_for(cfg, "t2i").steps == 32
+    for bad in ({"svqa": {"cahce": "prefix"}}, {"vqa": {"cache": "all"}}, {"mme": {}}):
+        with pytest.raises(ValueError):
+            EvalConfig(task_sampler=bad)
     # the same scorer reads the model's answers and the prior guess's
     cases = [Case("svqa", [], "three"), Case("svqa", [], "red")]
     heard = TASKS["svqa"].score(cases, [Prediction("three", heard="I see three"), Prediction("blue", heard="")])

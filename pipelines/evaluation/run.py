@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,6 +40,8 @@ class EvalConfig:
     sampler: SamplerConfig = SamplerConfig(steps=16)
     #: the sampler of image outputs (t2i, s2i and the steps curve); None: `sampler`
     image_sampler: SamplerConfig | None = None
+    #: sampler options per task over the above, e.g. {svqa: {cache: prefix, early_stop: true}}
+    task_sampler: dict = field(default_factory=dict)
     presets: LengthPresets = LengthPresets()
     #: t2i accuracy at these step counts, with and without the position penalty
     step_curve: tuple[int, ...] = (8, 16, 32, 64)
@@ -55,8 +57,10 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for task in self.tasks:
+        for task in (*self.tasks, *self.task_sampler):
             spec(task)  # an unknown task fails here, naming the known ones
+        for task in self.task_sampler:
+            sampler_for(self, task)  # so do unknown or out-of-range options
 
 
 def run_cases(pipe: AnyToAny, cases: Sequence[Case], sampler: SamplerConfig,
@@ -112,11 +116,19 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
 
 
 def sampler_for(cfg: EvalConfig, task: str) -> SamplerConfig:
-    """Image outputs get `image_sampler`; s2i adds its guidance scale."""
+    """Image outputs get `image_sampler`; s2i adds its guidance scale; then the task's
+    own options (`task_sampler`)."""
     sampler = cfg.image_sampler or cfg.sampler if "image" in TASKS[task].outputs else cfg.sampler
     if task == "s2i" and cfg.s2i_cfg_scale > 0:
         sampler = replace(sampler, cfg_scale=cfg.s2i_cfg_scale)
-    return sampler
+    options = cfg.task_sampler.get(task) or {}
+    known = set(SamplerConfig.__dataclass_fields__)
+    if not isinstance(options, dict) or set(options) - known:
+        raise ValueError(f"task_sampler.{task}: expected sampler options ({sorted(known)}), got {options!r}")
+    try:
+        return replace(sampler, **options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"task_sampler.{task}: {exc}") from None
 
 
 def prediction(output: Output, recognizer=None) -> Prediction:
