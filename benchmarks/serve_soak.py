@@ -15,58 +15,19 @@ import argparse
 import base64
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
-# The hostile inputs are the tests' own (tests/hostile.py): the project root, not
-# benchmarks/, must lead sys.path for `tests` to import.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The hostile inputs are the tests' own (tests/hostile.py): the project root must be on
+# sys.path for `tests` to import (benchmarks/, first, keeps `_requests` importable).
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.manifest import parse_line, read_lines  # noqa: E402
+from _requests import free_port, world_requests  # noqa: E402
+
 from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
 from serve.config import load_serve_config  # noqa: E402
 from serve.soak import soak  # noqa: E402
 from tests.hostile import iccp_bomb_png, lying_flac, nan_wav, pcx_named_png, pixel_bomb_png, png_bytes, wav_bytes  # noqa: E402
-
-OUTPUTS = {"t2i": ["image"], "s2i": ["image"], "caption": ["text"], "vqa": ["text"], "asr": ["text"],
-           "tts": ["speech"], "svqa": ["text", "speech"]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def valid_requests(world: Path, per_task: int = 4) -> list[tuple[str, dict]]:
-    """Requests built from the held-out manifests: the user turn's text and media, in order."""
-    bodies = []
-    for manifest in sorted((world / "manifests").glob("*eval*/*.jsonl")):
-        taken: dict[str, int] = {}
-        for _, line in read_lines(manifest):
-            sample = parse_line(line, world)
-            if sample.task not in OUTPUTS or taken.get(sample.task, 0) >= per_task:
-                continue
-            taken[sample.task] = taken.get(sample.task, 0) + 1
-            images, audios = iter(sample.images), iter(sample.audios)
-            inputs = []
-            for piece in sample.messages[0]["content"].replace("<|image|>", "\0<|image|>\0") \
-                    .replace("<|audio|>", "\0<|audio|>\0").split("\0"):
-                if piece == "<|image|>":
-                    inputs.append({"type": "image", "data": _b64(world / next(images))})
-                elif piece == "<|audio|>":
-                    inputs.append({"type": "audio", "data": _b64(world / next(audios))})
-                elif piece.strip():
-                    inputs.append({"type": "text", "text": piece})
-            bodies.append((sample.task, {"inputs": inputs, "outputs": OUTPUTS[sample.task],
-                                         "sampler": {"steps": 16, "seed": len(bodies)}}))
-    return bodies
-
-
-def _b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
 
 def hostile_requests() -> list[tuple[str, object, int]]:
     """(name, body, the status it must get)."""
@@ -105,12 +66,12 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides of configs/tiny/serve.yaml")
     args = parser.parse_args()
     runs = Path(args.runs)
-    port = _free_port()
+    port = free_port()
     cfg = load_serve_config("configs/tiny/serve.yaml", [
         f"model.model={runs / 'stage3/final'}", f"model.image_tokenizer={runs / 'tokenizers/image'}",
         f"model.speech_tokenizer={runs / 'tokenizers/speech'}", "deployment.num_replicas=1",
         f"http.port={port}", *args.overrides])
-    valid = valid_requests(runs / "world")
+    valid = world_requests(runs / "world")
     owned = start_ray(RayConfig(num_cpus=4))
     from ray import serve
 

@@ -140,6 +140,12 @@ class KVCache:
     def length(self) -> int:
         return self.keys[0].shape[2]
 
+    def rows(self, rows: slice) -> "KVCache":
+        """The cache of some rows of the batch (views: a span pass writes through)."""
+        mask = self.mask if self.mask is None or self.mask.shape[0] == 1 else self.mask[rows]
+        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], mask,
+                       self.cos[rows], self.sin[rows])
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:

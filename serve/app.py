@@ -8,9 +8,11 @@
     GET  /healthz              200 once the model is loaded
     GET  /docs, /openapi.json  the schema
 
-Concurrent `/v1/generate` requests are collected by `@serve.batch`; the engine makes one
-sampler call per group of equal layout and options. The model runs on one thread per
-replica (the event loop keeps accepting and batching meanwhile). Overload: beyond
+Concurrent requests share the model step by step (`batching.mode: step`, the default: a
+scheduler thread runs one denoising step at a time over every active request, whatever
+its layout; `serve/scheduler.py`), or are collected by `@serve.batch` (`batching.mode:
+batch`: one sampler call per group of equal layout and options, on one model thread).
+The event loop keeps accepting meanwhile. Overload: beyond
 `max_ongoing_requests` per replica and `max_queued_requests` Serve's proxy answers 503
 with `Retry-After` (`serve.yaml`, `deployment`); the replica itself admits at most
 `limits.max_pending` requests to its model queue (503 beyond). A request whose client
@@ -156,15 +158,18 @@ class OmniDiffusion:
 
     @app.get("/v1/stats")
     async def stats(self) -> dict:
-        return {"pid": os.getpid(), "requests": self.engine.requests,
-                "sampler_calls": self.engine.sampler_calls, "stopped": self.engine.stopped,
-                "pending": self._pending, "max_batch_size": self.cfg.batching.max_batch_size}
+        return {"pid": os.getpid(), **self.engine.stats(), "pending": self._pending,
+                "max_batch_size": self.cfg.batching.max_batch_size}
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(self, body: GenerateRequest) -> GenerateResponse:
         job = await self._parse(body)
         self._admit()
         try:
+            if self.engine.scheduler is not None:
+                ticket = self.engine.ticket(job)
+                output = await asyncio.wrap_future(self.engine.scheduler.submit(ticket))
+                return self.engine.response(job, output, ticket.shared)
             result = await self._generate_batched(job)
         except asyncio.CancelledError:  # the client went away: Serve cancels the request
             job.cancelled.set()
@@ -189,6 +194,26 @@ class OmniDiffusion:
         def emit(kind: str, data: dict) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, data))
 
+        if self.engine.scheduler is not None:
+            ticket = self.engine.ticket(job, lambda event: emit("progress", event))
+
+            def finished(future) -> None:  # on the scheduler's or the decoder's thread
+                try:
+                    emit("result", self.engine.response(job, future.result(), ticket.shared).model_dump())
+                except ClientError as exc:
+                    emit("error", {"error": exc.message, "status": exc.status})
+                except Stopped:
+                    emit("error", {"error": "stopped: the client went away"})
+                except Exception as exc:
+                    logger.exception("streamed generation failed")
+                    emit("error", {"error": f"generation failed: {exc}"})
+                finally:
+                    loop.call_soon_threadsafe(self._release)
+
+            self.engine.scheduler.submit(ticket).add_done_callback(finished)
+            return StreamingResponse(self._events(queue, job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
         def work() -> None:
             try:
                 result = self.engine.stream(job, lambda event: emit("progress", event))
@@ -204,19 +229,20 @@ class OmniDiffusion:
                 loop.call_soon_threadsafe(self._release)
 
         loop.run_in_executor(self._model_thread, work)
-
-        async def events():
-            try:
-                while True:
-                    kind, data = await queue.get()
-                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-                    if kind != "progress":
-                        return
-            finally:  # finished, or cancelled by a disconnect: either way nothing more is wanted
-                job.cancelled.set()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(self._events(queue, job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    @staticmethod
+    async def _events(queue: asyncio.Queue, job):
+        """Server-sent events from the queue until the result or an error."""
+        try:
+            while True:
+                kind, data = await queue.get()
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                if kind != "progress":
+                    return
+        finally:  # finished, or cancelled by a disconnect: either way nothing more is wanted
+            job.cancelled.set()
 
     # ------------------------------------------------------------------ internals
     def _admit(self) -> None:

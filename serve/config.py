@@ -49,13 +49,30 @@ class Limits:
     max_pending: int = 64
 
 
+BATCHING_MODES = ("step", "batch")
+
+
 @dataclass(frozen=True)
 class Batching:
-    """`@serve.batch`: concurrent requests are collected for up to `wait_timeout_s`, then
-    those with the same layout and sampler options share one sampler call."""
+    """How concurrent requests share the model.
 
-    max_batch_size: int = 16  #: 1 = no batching
+    `step` (the default): a scheduler runs one denoising step at a time over every
+    active request, whatever its layout and options; a request joins at the next step
+    and leaves as soon as it is done (`max_rows` rows in flight, a guided request counts
+    two). `batch`: `@serve.batch` collects requests for up to `wait_timeout_s`, then
+    those with the same layout and sampler options share one whole sampler call.
+    """
+
+    mode: str = "step"  #: step | batch
+    max_rows: int = 64  #: step mode: rows in flight per replica; more requests wait
+    max_batch_size: int = 16  #: batch mode: 1 = no batching
     wait_timeout_s: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.mode not in BATCHING_MODES:
+            raise ValueError(f"batching.mode must be one of {BATCHING_MODES}, not {self.mode!r}")
+        if self.max_rows < 2:
+            raise ValueError("batching.max_rows must be at least 2 (a guided request has two rows)")
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,8 @@ class SamplerDefaults:
     confidence: str = "probability"
     image_confidence: str = "random"  #: for requests with an image output (see evaluation)
     stream_previews: int = 4  #: intermediate previews a streaming request gets
+    #: any other sampler options for every request, e.g. {cache: prefix, early_stop: true}
+    options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

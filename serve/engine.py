@@ -8,6 +8,9 @@ the evaluation uses too) and makes one sampler call per group. Every
 request keeps its own seed (per-row generators in the sampler), so its result does not
 depend on what it was batched with.
 
+In step mode (`batching.mode: step`) jobs go to a `StepScheduler` instead (`ticket`):
+one denoising step at a time over every active job, whatever its layout.
+
 Every job carries a deadline (`limits.request_timeout_s` from its arrival) and a cancel
 flag (set when its client goes away). A job past either is not started; a sampler call
 stops at the next step once none of its jobs is still wanted. A job past its deadline
@@ -32,6 +35,7 @@ from omni_model.sampler import Layout, SamplerConfig
 from serve.config import ServeConfig
 from serve.errors import ClientError, Stopped
 from serve.media import decode_audio, decode_image, encode_png, encode_wav
+from serve.scheduler import StepScheduler, Ticket
 from serve.schemas import GenerateRequest, GenerateResponse, ModelCard, Usage
 
 logger = logging.getLogger(__name__)
@@ -73,6 +77,16 @@ class Engine:
         #: prompt + response positions a request may have: the limit, within the model's
         self.max_total_tokens = min(cfg.limits.max_total_tokens,
                                     self.pipe.model.config.max_position_embeddings)
+        self.scheduler = StepScheduler(self.pipe, cfg.batching.max_rows) if cfg.batching.mode == "step" else None
+
+    def stats(self) -> dict:
+        """Counters for `GET /v1/stats`."""
+        stats = {"mode": self.cfg.batching.mode, "requests": self.requests, "stopped": self.stopped}
+        if self.scheduler is None:
+            return {**stats, "sampler_calls": self.sampler_calls}
+        s = self.scheduler
+        return {**stats, "stopped": self.stopped + s.stopped, "steps": s.steps, "forward_passes": s.forward_passes,
+                "rows_per_step": round(s.rows_stepped / max(1, s.steps), 2), "in_flight": s.in_flight}
 
     @property
     def _speaks(self) -> bool:
@@ -143,7 +157,7 @@ class Engine:
         if seed is None:
             seed = secrets.randbelow(2**31)
         confidence = defaults.image_confidence if "image" in request.outputs else defaults.confidence
-        options = {"temperature": defaults.temperature, "confidence": confidence, **given}
+        options = {"temperature": defaults.temperature, "confidence": confidence, **defaults.options, **given}
         try:
             return SamplerConfig(steps=steps, seed=seed, **options), seed
         except ValueError as exc:
@@ -209,6 +223,26 @@ class Engine:
 
         out = self._generate([job], on_step)[0]
         return self.response(job, out, 1)
+
+    def ticket(self, job: Job, emit: Callable[[dict], None] | None = None) -> Ticket:
+        """The job as a scheduler ticket (step mode); with `emit`, a progress event per
+        step and `stream_previews` previews, as `stream` sends them."""
+        timeout = self.cfg.limits.request_timeout_s
+        on_step = None
+        if emit is not None:
+            layout = self.pipe.layout(job.prepared)
+            bound = min(job.config.steps, layout.num_masked)
+            previews = max(0, self.cfg.sampler.stream_previews)
+            marks = {round(bound * (k + 1) / (previews + 1)) for k in range(previews)}
+
+            def on_step(done: int, most: int, ids: torch.Tensor) -> None:
+                event = {"step": done, "max_steps": most, "masked": int((ids == self.pipe.vocab.mask_id).sum())}
+                if done in marks:
+                    event["preview"] = self.preview(job.prepared, layout, ids)
+                emit(event)
+        self.requests += 1
+        return Ticket(job.prepared, job.config, job.seed, wanted=lambda: job.wanted,
+                      refusal=lambda: job.refusal(timeout), on_step=on_step)
 
     def _generate(self, batch: list[Job], on_step=None) -> list[Output]:
         self.sampler_calls += 1

@@ -56,6 +56,16 @@ class SamplerOptions(BaseModel):
     cfg_scale: float | None = Field(None, ge=0, le=100, description="classifier-free guidance; 0 = off")
     threshold: float | None = Field(None, gt=0, le=1, description="commit every prediction above "
                                     "this confidence in one step (parallel decoding)")
+    text_threshold: float | None = Field(None, gt=0, le=1, description="`threshold` for text regions")
+    image_threshold: float | None = Field(None, gt=0, le=1, description="`threshold` for image regions")
+    speech_threshold: float | None = Field(None, gt=0, le=1, description="`threshold` for speech regions")
+    factor: float | None = Field(None, gt=0, le=10, description="Fast-dLLM's factor rule: commit the n "
+                                 "most confident positions while the n-th is at least 1 - factor/(n+1)")
+    early_stop: bool | None = Field(None, description="fill a text or speech answer's tail with pads "
+                                    "once its end is committed")
+    cache: Literal["none", "prefix", "dual"] | None = Field(None, description="key-value cache: prefix "
+                                                            "(the prompt), dual (all but the current block)")
+    cache_refresh: int | None = Field(None, ge=1, le=1024, description="steps between full passes with a cache")
 
 
 class Lengths(BaseModel):

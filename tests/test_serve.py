@@ -130,24 +130,76 @@ def test_every_task_over_http(server, task):
     assert (out["text"] is None) == ("text" not in outputs) and (out["speech"] is None) == ("speech" not in outputs)
 
 
-def test_concurrent_requests_are_batched_and_each_result_is_its_own(server):
-    url, tasks, _ = server
-    # a prompt it never saw, so the seed matters; one layout, so one group
-    bodies = [{"inputs": [{"type": "text", "text": f"Paint picture {seed}."}], "outputs": ["image"],
-               "sampler": {"steps": 16, "temperature": 1.0, "seed": seed}} for seed in range(8)]
-    calls_before = _stats(url)["sampler_calls"]
-    with ThreadPoolExecutor(8) as pool:
+@pytest.fixture(scope="module")
+def batch_server(server, any2any):
+    """The same model in `@serve.batch` mode (batching.mode=batch), a second app on /batch."""
+    from ray import serve
+
+    from serve.app import build
+
+    url, _, _ = server
+    folder, codec, _ = any2any
+    cfg = load_serve_config(ROOT / "configs/tiny/serve.yaml", [
+        f"model.model={folder}", f"model.image_tokenizer={IMAGE_TOKENIZER}", f"model.speech_tokenizer={codec}",
+        "deployment.num_replicas=1", "deployment.num_cpus=0.5", "deployment.name=OmniBatch",
+        "batching.mode=batch", "batching.max_batch_size=8", "batching.wait_timeout_s=0.05"])
+    serve.run(build(cfg), name="omni_batch", route_prefix="/batch")
+    yield url + "/batch"
+    serve.delete("omni_batch")
+
+
+def _paintings() -> list[dict]:
+    # a prompt it never saw, so the seed matters; one layout
+    return [{"inputs": [{"type": "text", "text": f"Paint picture {seed}."}], "outputs": ["image"],
+             "sampler": {"steps": 16, "temperature": 1.0, "seed": seed}} for seed in range(8)]
+
+
+def _concurrently(url: str, bodies: list[dict]) -> list[dict]:
+    with ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda b: _post(url, b), bodies))
     assert [r.status_code for r in responses] == [200] * len(bodies), [r.text[:300] for r in responses]
-    together = [r.json() for r in responses]
-    calls = _stats(url)["sampler_calls"] - calls_before
-    assert calls < len(bodies), f"{len(bodies)} concurrent requests took {calls} sampler calls"
+    return [r.json() for r in responses]
+
+
+def test_concurrent_requests_share_steps_and_each_result_is_its_own(server):
+    """Step mode (the default): concurrent requests share forward passes step by step."""
+    url, _, _ = server
+    bodies = _paintings()
+    before = _stats(url)
+    assert before["mode"] == "step"
+    together = _concurrently(url, bodies)
+    after = _stats(url)
+    passes, steps = after["forward_passes"] - before["forward_passes"], sum(r["usage"]["steps"] for r in together)
+    assert passes < steps, f"{len(bodies)} concurrent requests of {steps} steps took {passes} forward passes"
     assert max(r["usage"]["batch_size"] for r in together) > 1
     alone = [_post(url, b).json() for b in bodies]
     assert all(a["usage"]["batch_size"] == 1 for a in alone)
     assert [r["image"] for r in together] == [a["image"] for a in alone]
     assert len({r["image"] for r in together}) > 1  # the seeds differ, so do the images
     assert [r["usage"]["seed"] for r in together] == list(range(8))
+
+
+def test_mixed_tasks_share_steps_in_step_mode(server):
+    url, tasks, _ = server
+    bodies = [_body(tasks, t, steps=32) for t in ("t2i", "vqa", "asr", "tts", "svqa")]
+    before = _stats(url)
+    results = _concurrently(url, bodies)
+    after = _stats(url)
+    assert after["forward_passes"] - before["forward_passes"] < sum(r["usage"]["steps"] for r in results)
+    _, _, parts = tasks["vqa"]
+    assert results[1]["text"] == parts[0].text
+
+
+def test_concurrent_requests_are_batched_in_batch_mode(batch_server):
+    url = batch_server
+    bodies = _paintings()
+    calls_before = _stats(url)["sampler_calls"]
+    together = _concurrently(url, bodies)
+    calls = _stats(url)["sampler_calls"] - calls_before
+    assert calls < len(bodies), f"{len(bodies)} concurrent requests took {calls} sampler calls"
+    assert max(r["usage"]["batch_size"] for r in together) > 1
+    alone = [_post(url, b).json() for b in bodies]
+    assert [r["image"] for r in together] == [a["image"] for a in alone]
 
 
 def test_streaming_reports_progress_then_the_same_result(server):

@@ -1,0 +1,226 @@
+"""Step-level batching: one denoising step at a time over every active request.
+
+A replica's requests do not wait for each other. The scheduler thread keeps a set of
+active requests, each a `Denoiser` (one row, two with classifier-free guidance: the
+unconditional row travels with its request). Every step:
+
+1. requests that arrived since the last step join (up to `max_rows` rows in flight);
+   requests no longer wanted (client gone, past the deadline) leave before any work;
+2. every request that needs a full pass (no cache, or its cache is due for refresh)
+   shares one forward pass: prompts left-padded and responses right-padded to the
+   longest, whatever their layouts, lengths and sampler options (each request keeps its
+   own options: they act after the logits, request by request);
+3. requests whose cache holds run only their own positions against it
+   (`Transformer.forward_span`);
+4. each request commits its positions and reports its own progress; a finished request
+   leaves at once and is decoded on another thread while the next step runs.
+
+`@serve.batch` (`Engine.run`) stays as the other mode (`batching.mode: batch`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from omni_model.pipeline import AnyToAny, Output, Prepared
+from omni_model.sampler import Denoiser, Layout, SamplerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Ticket:
+    """A request handed to the scheduler."""
+
+    prepared: Prepared
+    config: SamplerConfig
+    seed: int
+    #: still wanted? (a client gone or a deadline passed: the request leaves, `refusal()` says why)
+    wanted: Callable[[], bool] = lambda: True
+    refusal: Callable[[], Exception] = lambda: RuntimeError("no longer wanted")
+    #: after each of its steps: (steps done, the most steps it can take, response ids [R])
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None
+    future: Future = field(default_factory=Future)  #: resolves to the decoded `Output`
+    shared: int = 1  #: the most requests it shared a forward pass with (for `usage`)
+    # set by the scheduler
+    state: Denoiser | None = None
+    layout: Layout | None = None
+    frame: tuple[int, int] = (0, 0)  #: left and right padding of its rows in its cache
+
+
+class StepScheduler:
+    """Runs tickets step by step on one thread; `submit` from any thread."""
+
+    def __init__(self, pipe: AnyToAny, max_rows: int = 64) -> None:
+        self.pipe = pipe
+        self.max_rows = max_rows
+        self.device = next(pipe.model.parameters()).device
+        self._incoming: list[Ticket] = []
+        self._active: list[Ticket] = []
+        self._lock = threading.Condition()
+        self._stop = False
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
+        self.steps = 0  #: scheduler steps run
+        self.forward_passes = 0  #: model calls (full passes shared, span passes per request)
+        self.rows_stepped = 0  #: rows summed over steps (rows per step = rows_stepped / steps)
+        self.stopped = 0  #: tickets dropped because nobody wanted them any more
+        self._thread = threading.Thread(target=self._loop, name="step-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+    def submit(self, ticket: Ticket) -> Future:
+        with self._lock:
+            self._incoming.append(ticket)
+            self._lock.notify()
+        return ticket.future
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active) + len(self._incoming)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(timeout=10)
+        self._decoder.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        self.pipe.model.eval()
+        while True:
+            with self._lock:
+                while not self._stop and not self._incoming and not self._active:
+                    self._lock.wait()
+                if self._stop:
+                    break
+                arrived, self._incoming = self._incoming, []
+            waiting = self._admit(arrived)
+            with self._lock:
+                self._incoming = waiting + self._incoming
+            try:
+                self.step()
+            except Exception as exc:  # a failed step fails its requests, not the replica
+                logger.exception("scheduler step failed for %d requests", len(self._active))
+                for ticket in self._active:
+                    _resolve(ticket.future, exc=exc)
+                self._active = []
+        for ticket in self._active + self._incoming:
+            _resolve(ticket.future, exc=RuntimeError("the replica is shutting down"))
+
+    def _admit(self, arrived: list[Ticket]) -> list[Ticket]:
+        """Move arrived tickets in while the rows in flight stay within `max_rows`;
+        returns those that must wait."""
+        rows = sum(t.state.rows for t in self._active)
+        waiting = []
+        for ticket in arrived:
+            need = 2 if ticket.config.cfg_scale > 0 else 1
+            if rows + need > self.max_rows and self._active:
+                waiting.append(ticket)
+                continue
+            try:
+                ticket.layout = self.pipe.layout(ticket.prepared)
+                ticket.state = Denoiser([ticket.prepared.prompt], ticket.layout, ticket.config,
+                                        self.pipe.vocab.pad_id, self.device,
+                                        [ticket.prepared.uncond] if ticket.config.cfg_scale > 0 else None,
+                                        [ticket.seed])
+            except Exception as exc:
+                _resolve(ticket.future, exc=exc)
+                continue
+            self._active.append(ticket)
+            rows += need
+        return waiting
+
+    def step(self) -> None:
+        """One denoising step over every active ticket."""
+        live = []
+        for ticket in self._active:
+            if ticket.wanted():
+                live.append(ticket)
+            else:
+                self.stopped += 1
+                _resolve(ticket.future, exc=ticket.refusal())
+        self._active = live
+        if not live:
+            return
+        plans = [(t, *t.state.begin()) for t in live]
+        full = [(t, a, b) for t, a, b, is_full in plans if is_full]
+        logits: dict[int, torch.Tensor] = {}
+        if full:
+            logits.update(self._full_pass(full))
+        for t, a, b, is_full in plans:
+            if not is_full:
+                logits[id(t)] = self._span_pass(t, a, b)
+        self.steps += 1
+        self.rows_stepped += sum(t.state.rows for t in live)
+        for ticket in live:
+            ticket.shared = max(ticket.shared, len(live))
+            state = ticket.state
+            state.advance(logits[id(ticket)])
+            if ticket.on_step is not None:
+                ticket.on_step(state.step, min(state.config.steps, ticket.layout.num_masked), state.response[0])
+        finished = [t for t in live if t.state.done]
+        self._active = [t for t in live if not t.state.done]
+        for ticket in finished:
+            self._decoder.submit(self._decode, ticket)
+
+    def _full_pass(self, group: list[tuple[Ticket, int, int]]) -> dict[int, torch.Tensor]:
+        """One forward pass over every ticket of `group`, padded to the longest prompt
+        (left) and the longest response (right); keeps each cached ticket's cache."""
+        plen = max(t.state.plen for t, _, _ in group)
+        rlen = max(t.layout.length for t, _, _ in group)
+        ids, attn = [], []
+        for ticket, _, _ in group:
+            left, right = plen - ticket.state.plen, rlen - ticket.layout.length
+            row_ids, row_attn = ticket.state.inputs()
+            ids.append(F.pad(row_ids, (left, right), value=self.pipe.vocab.pad_id))
+            attn.append(F.pad(row_attn, (left, right), value=0))
+            ticket.frame = (left, right)
+        cached = any(t.state.config.cache != "none" for t, _, _ in group)
+        self.forward_passes += 1
+        out = self.pipe.model(torch.cat(ids), attention_mask=torch.cat(attn), return_cache=cached)
+        out, kv = out if cached else (out, None)
+        logits, row = {}, 0
+        for ticket, a, b in group:
+            rows = slice(row, row + ticket.state.rows)
+            row += ticket.state.rows
+            logits[id(ticket)] = out[rows, plen + a:plen + b]
+            if ticket.state.config.cache != "none":
+                ticket.state.kv = kv.rows(rows)
+        return logits
+
+    def _span_pass(self, ticket: Ticket, a: int, b: int) -> torch.Tensor:
+        """Only positions `[a, b)` of one ticket's response, against its cache."""
+        left, right = ticket.frame
+        ids, _ = ticket.state.inputs()
+        ids = F.pad(ids, (left, right), value=self.pipe.vocab.pad_id)
+        start = ticket.state.plen + left
+        self.forward_passes += 1
+        return self.pipe.model.forward_span(ids, ticket.state.kv, start + a, start + b)
+
+    def _decode(self, ticket: Ticket) -> None:
+        try:
+            state = ticket.state
+            out = self.pipe.decode(ticket.prepared, ticket.layout, state.response[0], state.steps[0].item())
+            _resolve(ticket.future, out)
+        except Exception as exc:
+            logger.exception("decoding a finished request failed")
+            _resolve(ticket.future, exc=exc)
+
+
+def _resolve(future: Future, result: Output | None = None, exc: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+

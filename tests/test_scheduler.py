@@ -1,0 +1,130 @@
+"""Step-level batching without Ray: the scheduler runs every active request one
+denoising step at a time in shared forward passes, whatever their layouts and sampler
+options; requests join at the next step and leave when done or no longer wanted. Run on
+the tiny any-to-any model of tests/any2any.py, whose trained answers are known."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from omni_model.pipeline import AnyToAny
+from omni_model.sampler import SamplerConfig
+from omni_model.templates import Image, Speech, Text
+from serve.errors import Stopped
+from serve.scheduler import StepScheduler, Ticket
+from tests.any2any import IMAGE_TOKENIZER, answer_lengths
+
+TASKS = ["t2i", "vqa", "asr", "tts", "s2i", "svqa", "all"]
+
+
+@pytest.fixture(scope="module")
+def pipe(any2any):
+    folder, codec, _ = any2any
+    return AnyToAny.from_pretrained(folder, image_tokenizer=IMAGE_TOKENIZER, speech_tokenizer=codec)
+
+
+@pytest.fixture
+def scheduler(pipe):
+    scheduler = StepScheduler(pipe, max_rows=32)
+    yield scheduler
+    scheduler.close()
+
+
+def _ticket(pipe, tasks, task, seed=0, **options) -> Ticket:
+    inputs, outputs, parts = tasks[task]
+    prepared = pipe.prepare(inputs, outputs, answer_lengths(parts, outputs))
+    return Ticket(prepared, SamplerConfig(**{"steps": 64, **options}), seed)
+
+
+def _assert_trained_answer(out, parts):
+    for part in parts:
+        if isinstance(part, Text):
+            assert out.text == part.text
+        elif isinstance(part, Image):
+            assert out.image_codes == list(part.codes)
+        else:
+            assert isinstance(part, Speech) and out.speech_codes == list(part.codes)
+
+
+OPTIONS = [{}, {"threshold": 0.9}, {"confidence": "margin"}, {"cache": "prefix", "cache_refresh": 4},
+           {"early_stop": True}, {"steps": 48, "factor": 1.0}, {"cache": "dual", "block_length": 8}]
+
+
+def test_mixed_layouts_and_options_share_forward_passes_and_each_gets_its_answer(pipe, scheduler, any2any):
+    _, _, tasks = any2any
+    tickets = [_ticket(pipe, tasks, task, **options) for task, options in zip(TASKS, OPTIONS)]
+    futures = [scheduler.submit(t) for t in tickets]
+    outputs = [f.result(timeout=300) for f in futures]
+    for task, out in zip(TASKS, outputs):
+        _assert_trained_answer(out, tasks[task][2])
+    steps = sum(out.steps for out in outputs)
+    assert scheduler.forward_passes < steps, (scheduler.forward_passes, steps)
+    assert max(t.shared for t in tickets) == len(TASKS)
+    # each answer equals the same request sampled alone
+    for ticket, out in zip(tickets, outputs):
+        alone = pipe.generate_batch([ticket.prepared], ticket.config, seeds=[ticket.seed])[0]
+        assert (alone.text, alone.image_codes, alone.speech_codes) == (out.text, out.image_codes, out.speech_codes)
+
+
+def test_seeds_stay_per_request_in_shared_steps(pipe, scheduler):
+    prepared = [pipe.prepare([f"Paint picture {seed}."], ["image"]) for seed in range(6)]
+    config = SamplerConfig(steps=16, temperature=1.0)
+    futures = [scheduler.submit(Ticket(p, config, seed)) for seed, p in enumerate(prepared)]
+    together = [f.result(timeout=300).image_codes for f in futures]
+    alone = [pipe.generate_batch([p], config, seeds=[seed])[0].image_codes for seed, p in enumerate(prepared)]
+    assert together == alone and len({tuple(c) for c in together}) > 1
+
+
+def test_a_request_that_arrives_mid_generation_joins_at_the_next_step(pipe, scheduler):
+    long = Ticket(pipe.prepare(["Tell a long story."], ["text"], {"text": 200}), SamplerConfig(steps=200), 0)
+    started = threading.Event()
+    long.on_step = lambda done, most, ids: started.set() if done == 3 else None
+    long_future = scheduler.submit(long)
+    assert started.wait(120)
+    short = Ticket(pipe.prepare(["Say hi."], ["text"], {"text": 8}), SamplerConfig(steps=4), 1)
+    steps_seen = []
+    short.on_step = lambda done, most, ids: steps_seen.append((done, most))
+    out = scheduler.submit(short).result(timeout=300)
+    assert not long_future.done()  # the short one did not wait for the long one
+    assert steps_seen == [(1, 4), (2, 4), (3, 4), (4, 4)] and out.steps == 4
+    assert long_future.result(timeout=600).steps == 200
+
+
+def test_a_request_no_longer_wanted_leaves_at_the_next_step(pipe, scheduler):
+    wanted = threading.Event()
+    wanted.set()
+    ticket = Ticket(pipe.prepare(["Tell a long story."], ["text"], {"text": 100}), SamplerConfig(steps=100), 0,
+                    wanted=wanted.is_set, refusal=lambda: Stopped("the client went away"))
+    ticket.on_step = lambda done, most, ids: wanted.clear() if done == 5 else None
+    with pytest.raises(Stopped):
+        scheduler.submit(ticket).result(timeout=300)
+    assert ticket.state.step == 5 and scheduler.stopped == 1
+    # the scheduler goes on serving
+    other = Ticket(pipe.prepare(["Say hi."], ["text"], {"text": 4}), SamplerConfig(steps=4), 0)
+    assert scheduler.submit(other).result(timeout=300).steps == 4
+
+
+def test_a_cache_refreshed_every_step_matches_the_uncached_request_in_a_shared_step(pipe, scheduler, any2any):
+    _, _, tasks = any2any
+    plain = [_ticket(pipe, tasks, t, temperature=0.8, seed=3) for t in ("svqa", "t2i")]
+    cached = [_ticket(pipe, tasks, t, temperature=0.8, seed=3, cache="prefix", cache_refresh=1)
+              for t in ("svqa", "t2i")]
+    futures = [scheduler.submit(t) for t in plain + cached]
+    outs = [f.result(timeout=300) for f in futures]
+    for a, b in zip(outs[:2], outs[2:]):
+        assert (a.text, a.image_codes, a.speech_codes) == (b.text, b.image_codes, b.speech_codes)
+
+
+def test_rows_in_flight_stay_within_max_rows(pipe):
+    scheduler = StepScheduler(pipe, max_rows=2)
+    try:
+        tickets = [Ticket(pipe.prepare([f"Say {i}."], ["text"], {"text": 6}), SamplerConfig(steps=6), i)
+                   for i in range(5)]
+        futures = [scheduler.submit(t) for t in tickets]
+        assert all(f.result(timeout=300).steps == 6 for f in futures)
+        assert max(t.shared for t in tickets) <= 2
+        assert scheduler.rows_stepped / scheduler.steps <= 2
+    finally:
+        scheduler.close()
