@@ -65,12 +65,17 @@ class Batching:
 
     mode: str = "step"  #: step | batch
     max_rows: int = 64  #: step mode: rows in flight per replica; more requests wait
+    #: step mode: a shared forward pass may spend at most this share of its real positions
+    #: on padding; requests of very different lengths go into separate passes beyond it
+    max_padding: float = 0.5
     max_batch_size: int = 16  #: batch mode: 1 = no batching
     wait_timeout_s: float = 0.01
 
     def __post_init__(self) -> None:
         if self.mode not in BATCHING_MODES:
             raise ValueError(f"batching.mode must be one of {BATCHING_MODES}, not {self.mode!r}")
+        if self.max_padding < 0:
+            raise ValueError("batching.max_padding must be >= 0")
         if self.max_rows < 2:
             raise ValueError("batching.max_rows must be at least 2 (a guided request has two rows)")
 

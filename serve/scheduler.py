@@ -7,9 +7,12 @@ unconditional row travels with its request). Every step:
 1. requests that arrived since the last step join (up to `max_rows` rows in flight);
    requests no longer wanted (client gone, past the deadline) leave before any work;
 2. every request that needs a full pass (no cache, or its cache is due for refresh)
-   shares one forward pass: prompts left-padded and responses right-padded to the
+   shares a forward pass: prompts left-padded and responses right-padded to the
    longest, whatever their layouts, lengths and sampler options (each request keeps its
-   own options: they act after the logits, request by request);
+   own options: they act after the logits, request by request). Requests of very
+   different lengths go into separate passes when one pass would spend more than
+   `max_padding` of its positions on padding (on a CPU a padded position costs as much
+   as a real one);
 3. requests whose cache holds run only their own positions against it
    (`Transformer.forward_span`);
 4. each request commits its positions and reports its own progress; a finished request
@@ -58,9 +61,10 @@ class Ticket:
 class StepScheduler:
     """Runs tickets step by step on one thread; `submit` from any thread."""
 
-    def __init__(self, pipe: AnyToAny, max_rows: int = 64) -> None:
+    def __init__(self, pipe: AnyToAny, max_rows: int = 64, max_padding: float = 0.5) -> None:
         self.pipe = pipe
         self.max_rows = max_rows
+        self.max_padding = max_padding
         self.device = next(pipe.model.parameters()).device
         self._incoming: list[Ticket] = []
         self._active: list[Ticket] = []
@@ -154,8 +158,8 @@ class StepScheduler:
         plans = [(t, *t.state.begin()) for t in live]
         full = [(t, a, b) for t, a, b, is_full in plans if is_full]
         logits: dict[int, torch.Tensor] = {}
-        if full:
-            logits.update(self._full_pass(full))
+        for group in self._buckets(full):
+            logits.update(self._full_pass(group))
         for t, a, b, is_full in plans:
             if not is_full:
                 logits[id(t)] = self._span_pass(t, a, b)
@@ -171,6 +175,22 @@ class StepScheduler:
         self._active = [t for t in live if not t.state.done]
         for ticket in finished:
             self._decoder.submit(self._decode, ticket)
+
+    def _buckets(self, group: list[tuple[Ticket, int, int]]) -> list[list[tuple[Ticket, int, int]]]:
+        """Tickets by length, longest first, into passes whose padded positions stay within
+        `max_padding` of the positions they hold."""
+        buckets: list[list[tuple[Ticket, int, int]]] = []
+        for item in sorted(group, key=lambda g: -(g[0].state.plen + g[0].layout.length)):
+            if buckets:
+                members = buckets[-1] + [item]
+                rows = sum(t.state.rows for t, _, _ in members)
+                padded = rows * (max(t.state.plen for t, _, _ in members) + max(t.layout.length for t, _, _ in members))
+                real = sum(t.state.rows * (t.state.plen + t.layout.length) for t, _, _ in members)
+                if padded <= (1 + self.max_padding) * real:
+                    buckets[-1].append(item)
+                    continue
+            buckets.append([item])
+        return buckets
 
     def _full_pass(self, group: list[tuple[Ticket, int, int]]) -> dict[int, torch.Tensor]:
         """One forward pass over every ticket of `group`, padded to the longest prompt

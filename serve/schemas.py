@@ -93,7 +93,8 @@ class Usage(BaseModel):
     output_tokens: int = Field(..., description="response positions generated")
     steps: int = Field(..., description="sampler forward passes")
     seconds: float = Field(..., description="time from request to response on the replica")
-    batch_size: int = Field(..., description="requests that shared this sampler call")
+    batch_size: int = Field(..., description="requests that shared its sampler call (batch mode), or the "
+                            "most requests it shared a denoising step with (step mode)")
     seed: int
 
 

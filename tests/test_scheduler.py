@@ -8,9 +8,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from omni_model.pipeline import AnyToAny
-from omni_model.sampler import SamplerConfig
+from omni_model.sampler import Denoiser, SamplerConfig
 from omni_model.templates import Image, Speech, Text
 from serve.errors import Stopped
 from serve.scheduler import StepScheduler, Ticket
@@ -128,3 +129,21 @@ def test_rows_in_flight_stay_within_max_rows(pipe):
         assert scheduler.rows_stepped / scheduler.steps <= 2
     finally:
         scheduler.close()
+
+
+def test_requests_of_very_different_lengths_get_separate_passes_when_padding_would_dominate(pipe):
+    short = [pipe.prepare([f"Hi {i}."], ["text"], {"text": 4}) for i in range(3)]
+    long = [pipe.prepare(["Tell a long story."], ["text"], {"text": 120})]
+    for max_padding, passes in ((0.0, 2), (10.0, 1)):
+        scheduler = StepScheduler(pipe, max_rows=32, max_padding=max_padding)
+        try:
+            group = [(Ticket(p, SamplerConfig(steps=1), 0), 0, 0) for p in short + long]
+            for ticket, _, _ in group:
+                ticket.layout = pipe.layout(ticket.prepared)
+                ticket.state = Denoiser([ticket.prepared.prompt], ticket.layout, ticket.config,
+                                        pipe.vocab.pad_id, torch.device("cpu"))
+            buckets = scheduler._buckets(group)
+            assert len(buckets) == passes
+            assert buckets[0][0][0].prepared is long[0]  # the longest first
+        finally:
+            scheduler.close()
