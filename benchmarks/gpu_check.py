@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from _world import make_shards
 
 from omni_model.config import load_config
 from omni_model.sampler import Region, SamplerConfig, make_layout, sample, spoken_layout
@@ -35,22 +36,8 @@ from omni_model.vocab import Vocab
 from pipelines.ray_setup import RayConfig, start_ray, stop_ray
 from pipelines.train import DataSource, StageConfig, run_stage
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 #: dense bf16 peak in FLOP/s by device name (NVIDIA's data sheets, SXM parts)
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-
-
-def make_shards(root: Path, scenes: int) -> Path:
-    from pipelines.tokenize import TokenizeConfig, tokenize_manifest
-    from pipelines.world_data import Voice, WorldConfig, build_world
-
-    build_world(WorldConfig(out=str(root / "world"), train_scenes=scenes, eval_scenes=1, tts_workers=4,
-                            caption_voices=(Voice("espeak", "en-us"),)))
-    tokenize_manifest(TokenizeConfig(manifest=str(root / "world/manifests/train/all.jsonl"),
-                                     data_root=str(root / "world"), out=str(root / "shards/train"),
-                                     image_tokenizer=str(FIXTURES / "magvit_tiny_a"),
-                                     speech_tokenizer=str(FIXTURES / "glm4voice_tiny_a")))
-    return root / "shards"
 
 
 def peak_flops() -> tuple[str, float | None]:
@@ -110,7 +97,7 @@ def main() -> int:
     owned = start_ray(RayConfig(num_cpus=8, num_gpus=None))
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            shards = make_shards(Path(tmp), args.scenes)
+            shards = make_shards(Path(tmp), args.scenes, tts_workers=4)
             result, final = train(shards, Path(tmp) / "stage1", args.steps, args.small)
             device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
             model = Transformer.from_pretrained(final).to(device).eval()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from _world import make_shards
 
 from omni_model.batching import StreamPacker
 from omni_model.config import load_config
@@ -30,20 +31,6 @@ from pipelines.shards import check_compatible, shard_files
 from pipelines.train import (AssembleSamples, DataSource, StageConfig, build_model, lr_schedule, objective_of,
                              resolve_vocab, run_stage)
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
-
-
-def make_shards(root: Path) -> Path:
-    from pipelines.tokenize import TokenizeConfig, tokenize_manifest
-    from pipelines.world_data import Voice, WorldConfig, build_world
-
-    build_world(WorldConfig(out=str(root / "world"), train_scenes=150, eval_scenes=1, tts_workers=2,
-                            caption_voices=(Voice("espeak", "en-us"),)))
-    tokenize_manifest(TokenizeConfig(manifest=str(root / "world/manifests/train/all.jsonl"),
-                                     data_root=str(root / "world"), out=str(root / "shards/train"),
-                                     image_tokenizer=str(FIXTURES / "magvit_tiny_a"),
-                                     speech_tokenizer=str(FIXTURES / "glm4voice_tiny_a")))
-    return root / "shards"
 
 
 def plain_loop(cfg: StageConfig, steps: int) -> float:
