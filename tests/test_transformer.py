@@ -162,3 +162,23 @@ def test_bf16_autocast_modes(tiny_model):
     assert not bf16_enabled("cpu", "none") and bf16_enabled("cpu", "bf16")
     with pytest.raises(ValueError, match="precision"):
         bf16_enabled("cpu", "fp8")
+
+
+def test_a_span_against_a_fresh_cache_equals_the_full_pass_with_packed_documents():
+    """`forward_span` reuses the full pass's keys, values, RoPE tables and attention mask
+    (padding and the document mask of packed rows alike)."""
+    from omni_model.transformer import Transformer, TransformerConfig
+
+    for shift in (False, True):
+        cfg = TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, shift_logits=shift)
+        model = Transformer.from_config(cfg, seed=3).eval()
+        ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+        docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+        attn = torch.ones(2, 24, dtype=torch.long)
+        attn[1, :5] = 0
+        with torch.no_grad():
+            full, cache = model(ids, attention_mask=attn, doc_ids=docs, return_cache=True)
+            assert torch.equal(full, model(ids, attention_mask=attn, doc_ids=docs))
+            for start, end in ((12, 24), (0, 7), (9, 13)):
+                torch.testing.assert_close(model.forward_span(ids, cache, start, end), full[:, start:end])
