@@ -45,7 +45,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(ray_session, any2any):
-    """A one-replica deployment (batching up to 8; 16 ongoing, 16 queued) and its base URL."""
+    """A one-replica deployment in step mode (16 ongoing, 16 queued) and its base URL."""
     from ray import serve
 
     from serve.app import build
@@ -56,7 +56,7 @@ def server(ray_session, any2any):
         f"model.model={folder}", f"model.image_tokenizer={IMAGE_TOKENIZER}", f"model.speech_tokenizer={codec}",
         "deployment.num_replicas=1", "deployment.num_cpus=0.5", "deployment.max_ongoing_requests=16",
         "deployment.max_queued_requests=16", "deployment.health_check_period_s=1",
-        "batching.max_batch_size=8", "batching.wait_timeout_s=0.05",
+        "batching.mode=step", "batching.max_batch_size=8", "batching.wait_timeout_s=0.05",
         "limits.max_steps=512", "limits.max_output_tokens=512", "limits.max_request_bytes=400000",
         "limits.max_image_pixels=65536", "limits.max_audio_seconds=5", "limits.max_pending=12",
         f"http.port={port}"])
