@@ -271,9 +271,11 @@ class _Plan:
             ramp[layout.region_index == r] = ((pos - config.position_penalty_start) / span).clamp(0, 1)
         self.ramp = ramp.to(device)  # [R] 0..1
         # where each block starts and ends (response positions), for the caches' spans
-        pos = torch.arange(layout.length, device=device)
-        self.block_start = torch.stack([pos[self.block == b].min() for b in range(self.n_blocks)])
-        self.block_end = torch.stack([pos[self.block == b].max() + 1 for b in range(self.n_blocks)])
+        pos, inside = torch.arange(layout.length, device=device), self.block >= 0
+        self.block_start = torch.full((self.n_blocks,), layout.length, device=device).scatter_reduce(
+            0, self.block[inside], pos[inside], "amin")
+        self.block_end = torch.zeros(self.n_blocks, dtype=torch.long, device=device).scatter_reduce(
+            0, self.block[inside], pos[inside] + 1, "amax")
         # the confidence above which a position is committed at once (inf: none)
         limits = [config.threshold_for(r.modality) for r in layout.regions]
         self.thresholds = None
