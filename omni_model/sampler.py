@@ -324,7 +324,8 @@ class Denoiser:
             if len(uncond_prompt_ids) != batch:
                 raise ValueError("one unconditional prompt per row")
             prompt_ids = [*prompt_ids, *uncond_prompt_ids]
-        self.prompt, attn = _left_pad(prompt_ids, pad_id if pad_id is not None else layout.mask_id, device)
+        self.pad_id = pad_id if pad_id is not None else layout.mask_id
+        self.prompt, attn = _left_pad(prompt_ids, self.pad_id, device)
         self.plen = self.prompt.shape[1]
         template = layout.template.to(device)
         self.x = torch.cat([self.prompt[:batch], template.expand(batch, -1)], dim=1)
@@ -343,6 +344,8 @@ class Denoiser:
         self.steps = torch.zeros(batch, dtype=torch.long, device=device)
         self.step = 0
         self.kv = None  #: the cache (`KVCache`) of the last full pass, when `config.cache` uses one
+        #: extra left and right padding of its rows in that pass (a scheduler's shared pass)
+        self.frame = (0, 0)
         self.since = 0  #: steps since the last full pass
         self._masked_now()
 
@@ -482,8 +485,7 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], 
     try:
         while not state.done:
             a, b, full = state.begin()
-            ids, attn = state.inputs()
-            state.advance(forward_window(model, state, ids, attn, a, b, full))
+            state.advance(forward_window(model, state, a, b, full))
             if on_step is not None:
                 on_step(state.step, state.response)
     finally:
@@ -491,17 +493,22 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], 
     return state.result()
 
 
-def forward_window(model: nn.Module, state: Denoiser, ids: torch.Tensor, attn: torch.Tensor,
-                   a: int, b: int, full: bool) -> torch.Tensor:
+def forward_window(model: nn.Module, state: Denoiser, a: int, b: int, full: bool) -> torch.Tensor:
     """Logits of response positions `[a, b)` for one `Denoiser`: a full pass (keeping
-    its cache when it uses one) or only those positions against its cache."""
+    its cache when it uses one) or only those positions against its cache (in the
+    padding `state.frame` of the pass that made it)."""
+    ids, attn = state.inputs()
     plen = state.plen
     if state.config.cache == "none":
         return model(ids, attention_mask=attn)[:, plen + a:plen + b]
     if full:
+        state.frame = (0, 0)
         logits, state.kv = model(ids, attention_mask=attn, return_cache=True)
         return logits[:, plen + a:plen + b]
-    return model.forward_span(ids, state.kv, plen + a, plen + b)
+    left, right = state.frame
+    if left or right:
+        ids = torch.nn.functional.pad(ids, (left, right), value=state.pad_id)
+    return model.forward_span(ids, state.kv, plen + left + a, plen + left + b)
 
 
 def _factor_count(prob: torch.Tensor, eligible: torch.Tensor, factor: float) -> torch.Tensor:

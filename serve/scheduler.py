@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from omni_model.pipeline import AnyToAny, Output, Prepared
-from omni_model.sampler import Denoiser, Layout, SamplerConfig
+from omni_model.sampler import Denoiser, Layout, SamplerConfig, forward_window
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ class Ticket:
     # set by the scheduler
     state: Denoiser | None = None
     layout: Layout | None = None
-    frame: tuple[int, int] = (0, 0)  #: left and right padding of its rows in its cache
 
 
 class StepScheduler:
@@ -124,11 +123,11 @@ class StepScheduler:
         """Move arrived tickets in while the rows in flight stay within `max_rows`;
         returns those that must wait."""
         rows = sum(t.state.rows for t in self._active)
-        waiting = []
+        waiting: list[Ticket] = []
         for ticket in arrived:
             need = 2 if ticket.config.cfg_scale > 0 else 1
-            if rows + need > self.max_rows and self._active:
-                waiting.append(ticket)
+            if waiting or (rows + need > self.max_rows and self._active):
+                waiting.append(ticket)  # first come, first in: none overtakes a waiting one
                 continue
             try:
                 ticket.layout = self.pipe.layout(ticket.prepared)
@@ -201,9 +200,9 @@ class StepScheduler:
         for ticket, _, _ in group:
             left, right = plen - ticket.state.plen, rlen - ticket.layout.length
             row_ids, row_attn = ticket.state.inputs()
-            ids.append(F.pad(row_ids, (left, right), value=self.pipe.vocab.pad_id))
+            ids.append(F.pad(row_ids, (left, right), value=ticket.state.pad_id))
             attn.append(F.pad(row_attn, (left, right), value=0))
-            ticket.frame = (left, right)
+            ticket.state.frame = (left, right)
         cached = any(t.state.config.cache != "none" for t, _, _ in group)
         self.forward_passes += 1
         out = self.pipe.model(torch.cat(ids), attention_mask=torch.cat(attn), return_cache=cached)
@@ -219,12 +218,8 @@ class StepScheduler:
 
     def _span_pass(self, ticket: Ticket, a: int, b: int) -> torch.Tensor:
         """Only positions `[a, b)` of one ticket's response, against its cache."""
-        left, right = ticket.frame
-        ids, _ = ticket.state.inputs()
-        ids = F.pad(ids, (left, right), value=self.pipe.vocab.pad_id)
-        start = ticket.state.plen + left
         self.forward_passes += 1
-        return self.pipe.model.forward_span(ids, ticket.state.kv, start + a, start + b)
+        return forward_window(self.pipe.model, ticket.state, a, b, full=False)
 
     def _decode(self, ticket: Ticket) -> None:
         try:
