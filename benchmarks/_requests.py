@@ -7,11 +7,11 @@ import base64
 import socket
 from pathlib import Path
 
+from pipelines.evaluation import TASKS
 from pipelines.manifest import parse_line, read_lines
 
-#: the outputs each task asks for
-OUTPUTS = {"t2i": ["image"], "s2i": ["image"], "caption": ["text"], "vqa": ["text"], "asr": ["text"],
-           "tts": ["speech"], "svqa": ["text", "speech"]}
+#: the outputs each task asks for (the evaluation's table)
+OUTPUTS = {task: list(spec.outputs) for task, spec in TASKS.items()}
 
 
 def free_port() -> int:

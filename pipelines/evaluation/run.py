@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from omni_model.config import from_dict, to_dict
 from omni_model.pipeline import AnyToAny, LengthPresets, Output
 from omni_model.sampler import SamplerConfig
 from pipelines.evaluation.calibrate import calibrate_presets
@@ -122,12 +123,9 @@ def sampler_for(cfg: EvalConfig, task: str) -> SamplerConfig:
     if task == "s2i" and cfg.s2i_cfg_scale > 0:
         sampler = replace(sampler, cfg_scale=cfg.s2i_cfg_scale)
     options = cfg.task_sampler.get(task) or {}
-    known = set(SamplerConfig.__dataclass_fields__)
-    if not isinstance(options, dict) or set(options) - known:
-        raise ValueError(f"task_sampler.{task}: expected sampler options ({sorted(known)}), got {options!r}")
-    try:
-        return replace(sampler, **options)
-    except (TypeError, ValueError) as exc:
+    try:  # the config loader's checks: unknown keys, types, ranges
+        return from_dict(SamplerConfig, {**to_dict(sampler), **options}, f"task_sampler.{task}")
+    except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"task_sampler.{task}: {exc}") from None
 
 
