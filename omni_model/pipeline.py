@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from omni_model.config import from_dict, to_dict
 from omni_model.sampler import Layout, Region, SamplerConfig, make_layout, sample, spoken_layout
 from omni_model.templates import Image, Message, Part, Speech, Text, encode_prompt
 from omni_model.tokenizers import ImageTokenizer, SpeechTokenizer, load_image_tokenizer, load_speech_tokenizer
@@ -74,6 +75,18 @@ class LengthPresets:
     spoken: int = 64  #: a spoken answer: text, boa, speech
     boa_fraction: float = 0.2  #: where boa is pre-infilled in a spoken answer (published 0.2-0.25)
     image_grid: tuple[int, int] | None = None  #: None: the image tokenizer's grid
+    #: sampler options per kind of output (`OUTPUTS`' names: text, image, speech, spoken,
+    #: all), e.g. {"spoken": {"cache": "prefix"}}: what a request that leaves an option out
+    #: gets (`AnyToAny.sampler_for`, the server); the evaluation records the options it
+    #: measured the report with
+    sampler: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind, options in self.sampler.items():
+            if kind not in OUTPUTS.values():
+                raise ValueError(f"presets.sampler: unknown output kind {kind!r}; "
+                                 f"known: {sorted(set(OUTPUTS.values()))}")
+            sampler_with(SamplerConfig(), options, f"presets.sampler.{kind}")
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -84,6 +97,15 @@ class LengthPresets:
         if known.get("image_grid") is not None:
             known["image_grid"] = tuple(known["image_grid"])
         return cls(**known)
+
+
+def sampler_with(config: SamplerConfig, options: dict, where: str) -> SamplerConfig:
+    """`config` with `options` over it, checked by the config loader (unknown keys,
+    types, ranges): a ValueError naming `where`."""
+    try:
+        return from_dict(SamplerConfig, {**to_dict(config), **options}, where)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 @dataclass
@@ -178,10 +200,23 @@ class AnyToAny:
                                  text.length / (text.length + 1 + speech.length))
         return make_layout(self.vocab, prepared.regions)
 
+    def sampler_for(self, outputs: Sequence[str], config: SamplerConfig = SamplerConfig()) -> SamplerConfig:
+        """`config` with the presets' sampler options for this kind of output over it
+        (`presets.json`'s `sampler`: the options the evaluation measured)."""
+        options = self.preset_options(outputs)
+        return sampler_with(config, options, "presets.sampler") if options else config
+
+    def preset_options(self, outputs: Sequence[str]) -> dict:
+        """The presets' sampler options for this kind of output (a copy)."""
+        wanted = tuple(o for o in ("text", "image", "speech") if o in set(outputs))
+        return dict(self.presets.sampler.get(OUTPUTS.get(wanted, ""), {}))
+
     def generate(self, inputs: Sequence[Input], outputs: Sequence[str],
-                 config: SamplerConfig = SamplerConfig(), lengths: dict[str, int] | None = None,
+                 config: SamplerConfig | None = None, lengths: dict[str, int] | None = None,
                  on_step=None) -> Output:
-        """One request: inputs in order, the wanted outputs, sampler options."""
+        """One request: inputs in order, the wanted outputs, sampler options (None: the
+        defaults with the presets' options for these outputs, `sampler_for`)."""
+        config = self.sampler_for(outputs) if config is None else config
         return self.generate_batch([self.prepare(inputs, outputs, lengths)], config, on_step=on_step)[0]
 
     def generate_batch(self, requests: Sequence[Prepared], config: SamplerConfig = SamplerConfig(),

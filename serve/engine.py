@@ -71,6 +71,8 @@ class Engine:
         self.pipe = AnyToAny.from_pretrained(m.model, image_tokenizer=m.image_tokenizer,
                                              speech_tokenizer=m.speech_tokenizer,
                                              text_tokenizer=m.text_tokenizer, device=device)
+        if m.vocoder_iterations is not None and hasattr(self.pipe.speech_codec, "griffin_lim_iterations"):
+            self.pipe.speech_codec.griffin_lim_iterations = m.vocoder_iterations
         self.sampler_calls = 0
         self.requests = 0
         self.stopped = 0  #: jobs dropped or stopped because they were no longer wanted
@@ -148,9 +150,13 @@ class Engine:
         return Job(prepared, config, seed, start, start + limits.request_timeout_s)
 
     def sampler_config(self, request: GenerateRequest) -> tuple[SamplerConfig, int]:
-        """The request's sampler options over the deployment's defaults."""
+        """The request's sampler options over the deployment's defaults, over the
+        model's presets for this kind of output (`presets.json`)."""
         given = request.sampler.model_dump(exclude_none=True)
         defaults = self.cfg.sampler
+        presets = self.pipe.preset_options(request.outputs)
+        for key in ("steps", "seed"):  # the deployment's steps, the request's seed
+            presets.pop(key, None)
         steps = given.pop("steps", defaults.steps)
         if steps > self.cfg.limits.max_steps:
             raise ClientError(f"steps {steps} is over the limit of {self.cfg.limits.max_steps}", 422)
@@ -158,7 +164,8 @@ class Engine:
         if seed is None:
             seed = secrets.randbelow(2**31)
         confidence = defaults.image_confidence if "image" in request.outputs else defaults.confidence
-        options = {"temperature": defaults.temperature, "confidence": confidence, **defaults.options, **given}
+        options = {"temperature": defaults.temperature, "confidence": confidence, **presets, **defaults.options,
+                   **given}
         try:
             return SamplerConfig(steps=steps, seed=seed, **options), seed
         except ValueError as exc:

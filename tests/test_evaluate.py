@@ -4,6 +4,7 @@ speech) through the any-to-any API and writes its report folder."""
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -116,7 +117,8 @@ def test_an_untrained_model_scores_near_chance_and_the_report_is_written(held_ou
                      out=str(tmp_path / "report"), max_per_task=4, sampler=SamplerConfig(steps=4),
                      image_sampler=SamplerConfig(steps=4, confidence="random"),
                      presets=LengthPresets(text=8, spoken=16, speech_min=8, speech_max=16, asr_min=4),
-                     step_curve=(2, 4), runs=(str(run),), wavs=1, calibrate_from=())
+                     step_curve=(2, 4), runs=(str(run),), wavs=1, calibrate_from=(),
+                     task_sampler={"svqa": {"cache": "prefix", "cache_refresh": 2}})
     metrics = evaluate(cfg, recognizer_factory=Recognizer)
     tasks = metrics["tasks"]
     assert set(tasks) == {"t2i", "s2i", "caption", "vqa", "asr", "tts", "svqa"}
@@ -128,6 +130,9 @@ def test_an_untrained_model_scores_near_chance_and_the_report_is_written(held_ou
                                                                                    (4, 1.0), (4, 2.0)]
     report = tmp_path / "report"
     assert json.loads((report / "metrics.json").read_text())["tasks"]["vqa"]["n"] == 4
+    # presets.json records the lengths and the sampler options the report was measured with
+    presets = LengthPresets.from_dict(json.loads((report / "presets.json").read_text()))
+    assert presets.text == 8 and presets.sampler == {"spoken": {"cache": "prefix", "cache_refresh": 2}}
     assert "| vqa | 4 | exact_match |" in (report / "report.md").read_text()
     assert set(metrics["prior_guess"]["t2i"]) >= {"colour", "overall"}
     assert "prior guess" in format_report(metrics)
@@ -152,6 +157,18 @@ def test_tasks_are_a_table_and_an_unknown_task_is_refused_by_name():
     for bad in ({"svqa": {"cahce": "prefix"}}, {"vqa": {"cache": "all"}}, {"mme": {}}):
         with pytest.raises(ValueError):
             EvalConfig(task_sampler=bad)
+    # presets.json records per kind of output the options all its evaluated tasks share
+    from pipelines.evaluation.run import recorded_sampler
+
+    fast = {"threshold": 0.9, "early_stop": True}
+    cfg = EvalConfig(task_sampler={"vqa": fast, "caption": fast, "asr": {**fast, "threshold": 0.8},
+                                   "svqa": {"cache": "prefix"}})
+    assert recorded_sampler(cfg) == {"text": {"early_stop": True}, "spoken": {"cache": "prefix"}}
+    assert recorded_sampler(replace(cfg, tasks=("vqa", "t2i"))) == {"text": fast}
+    with pytest.raises(ValueError, match="presets.sampler: unknown output kind 'spoke'"):
+        LengthPresets(sampler={"spoke": {}})
+    with pytest.raises(ValueError, match="presets.sampler.text.*cahce"):
+        LengthPresets(sampler={"text": {"cahce": "prefix"}})
     # the same scorer reads the model's answers and the prior guess's
     cases = [Case("svqa", [], "three"), Case("svqa", [], "red")]
     heard = TASKS["svqa"].score(cases, [Prediction("three", heard="I see three"), Prediction("blue", heard="")])

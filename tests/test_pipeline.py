@@ -88,6 +88,19 @@ def test_presets_size_the_response_from_the_input(trained):
     assert pipe.prepare(["Draw."], ["image"]).regions[0].length == 64  # the tokenizer's 8x8 grid
     spoken = pipe.prepare(["Answer."], ["text", "speech"])
     assert [r.modality for r in spoken.regions] == ["text", "speech"]
+    # presets also carry sampler options per kind of output (presets.json's `sampler`)
+    pipe.presets = LengthPresets(sampler={"spoken": {"cache": "prefix", "cache_refresh": 2}})
+    assert pipe.sampler_for(["speech", "text"]).cache == "prefix" and pipe.sampler_for(["text"]).cache == "none"
+    assert pipe.sampler_for(["text", "speech"], SamplerConfig(steps=4)).steps == 4
+    widths: list[int] = []  # positions each forward computes (a hook on the real embedding)
+    hook = pipe.model.model.embed_tokens.register_forward_hook(lambda m, a, out: widths.append(a[0].shape[1]))
+    try:
+        pipe.generate(["Answer."], ["text", "speech"])  # no config: the presets' prefix cache
+        cached, widths[:] = list(widths), []
+        pipe.generate(["Answer."], ["text", "speech"], SamplerConfig())
+    finally:
+        hook.remove()
+    assert len(cached) == len(widths) and cached[1] < cached[0] == widths[1] == widths[0]
 
 
 def test_bad_requests_raise_clear_errors(trained, fixtures_dir):

@@ -95,3 +95,19 @@ def test_prompt_and_response_are_counted_in_tokens(engine):
         engine.parse(GenerateRequest(**body))
     assert err.value.status == 413
     assert engine.max_total_tokens == 512  # the limit (600) capped by the model's own positions
+
+
+def test_the_models_presets_choose_sampler_options_a_request_leaves_out(engine):
+    from dataclasses import replace
+
+    kept = engine.pipe.presets
+    engine.pipe.presets = replace(kept, sampler={"text": {"cache": "prefix", "early_stop": True, "steps": 3}})
+    try:
+        config, _ = engine.sampler_config(GenerateRequest(**LONG))
+        assert config.cache == "prefix" and config.early_stop and config.steps == 64  # the request's steps
+        config, _ = engine.sampler_config(GenerateRequest(**{**LONG, "sampler": {"cache": "none"}}))
+        assert config.cache == "none" and config.early_stop  # the request's own value wins
+        speech = {**LONG, "outputs": ["speech"]}  # another kind of output: no presets
+        assert engine.sampler_config(GenerateRequest(**speech))[0].cache == "none"
+    finally:
+        engine.pipe.presets = kept

@@ -14,8 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from omni_model.config import from_dict, to_dict
-from omni_model.pipeline import AnyToAny, LengthPresets, Output
+from omni_model.pipeline import OUTPUTS, AnyToAny, LengthPresets, Output, sampler_with
 from omni_model.sampler import SamplerConfig
 from pipelines.evaluation.calibrate import calibrate_presets
 from pipelines.evaluation.cases import load_cases
@@ -83,6 +82,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
     if cfg.calibrate_from:
         rate = getattr(pipe.speech_codec, "codes_per_second", 12.5)
         pipe.presets = calibrate_presets(cfg.calibrate_from, pipe.text_tokenizer, cfg.presets, rate)
+    pipe.presets = replace(pipe.presets, sampler=recorded_sampler(cfg))
     (out_dir / "presets.json").write_text(json.dumps(pipe.presets.to_dict(), indent=2) + "\n")
     recognizer = None
     if cfg.transcribe and any(TASKS[t].speaks for t in cfg.tasks):
@@ -122,11 +122,19 @@ def sampler_for(cfg: EvalConfig, task: str) -> SamplerConfig:
     sampler = cfg.image_sampler or cfg.sampler if "image" in TASKS[task].outputs else cfg.sampler
     if task == "s2i" and cfg.s2i_cfg_scale > 0:
         sampler = replace(sampler, cfg_scale=cfg.s2i_cfg_scale)
-    options = cfg.task_sampler.get(task) or {}
-    try:  # the config loader's checks: unknown keys, types, ranges
-        return from_dict(SamplerConfig, {**to_dict(sampler), **options}, f"task_sampler.{task}")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"task_sampler.{task}: {exc}") from None
+    return sampler_with(sampler, cfg.task_sampler.get(task) or {}, f"task_sampler.{task}")
+
+
+def recorded_sampler(cfg: EvalConfig) -> dict:
+    """`presets.json`'s sampler options per kind of output: those every evaluated task
+    of that kind was measured with (`task_sampler`), so that serving the model uses
+    what its report measured; a kind whose tasks differ records what they share."""
+    kinds: dict[str, list[dict]] = {}
+    for task in cfg.tasks:
+        kinds.setdefault(OUTPUTS[TASKS[task].outputs], []).append(cfg.task_sampler.get(task) or {})
+    shared = {kind: {k: v for k, v in options[0].items() if all(k in o and o[k] == v for o in options)}
+              for kind, options in kinds.items()}
+    return {kind: options for kind, options in shared.items() if options}
 
 
 def prediction(output: Output, recognizer=None) -> Prediction:
