@@ -4,13 +4,18 @@ clients, for each way the replica shares the model, measured in the same run wit
 same replica settings:
 
 - `step`: the step-level scheduler (`batching.mode=step`);
-- `step+fast`: the same with the fast sampler options as the server's defaults
-  (`sampler.options`: prefix cache, early stop, threshold 0.9);
+- `step+fast`: the same with the fast sampler options as the server's defaults for
+  every request (`sampler.options`: prefix cache, early stop, threshold 0.9);
+- `step+presets`: the step-level scheduler with the model's own presets
+  (`presets.json`'s `sampler`: the options per kind of output its evaluation measured);
 - `batch`: `@serve.batch` (`batching.mode=batch`), the previous default;
 - `none`: no batching (`batching.mode=batch`, `max_batch_size=1`).
 
+Every mode but `step+presets` sets the plain sampler (no cache, threshold or early stop)
+over the model's presets, so they measure the sampler as it was.
+
     .venv/bin/python benchmarks/serve_load.py --runs runs [--task mixed] [--clients 1,4,16,64]
-        [--requests 48] [--modes step,step+fast,batch,none] [serve.yaml overrides]
+        [--requests 48] [--modes step,step+fast,step+presets,batch,none] [serve.yaml overrides]
 
 `--task mixed` interleaves the held-out world's t2i, VQA, TTS and spoken VQA requests
 (real images and speech from `RUNS/world`); `t2i` sends only those. The model is the
@@ -35,12 +40,14 @@ from _requests import free_port, world_requests
 from pipelines.ray_setup import RayConfig, start_ray, stop_ray
 from serve.config import load_serve_config
 
+PLAIN = "sampler.options={cache: none, early_stop: false, threshold: null}"
 MODES = {
-    "step": ["batching.mode=step"],
+    "step": ["batching.mode=step", PLAIN],
     "step+fast": ["batching.mode=step", "sampler.options={cache: prefix, cache_refresh: 4, early_stop: true, "
                   "threshold: 0.9}"],
-    "batch": ["batching.mode=batch"],
-    "none": ["batching.mode=batch", "batching.max_batch_size=1"],
+    "step+presets": ["batching.mode=step"],
+    "batch": ["batching.mode=batch", PLAIN],
+    "none": ["batching.mode=batch", "batching.max_batch_size=1", PLAIN],
 }
 MIXED = ("t2i", "vqa", "tts", "svqa")
 

@@ -57,6 +57,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from omni_model.transformer import KVCache
 from omni_model.vocab import Vocab
 
 #: Specials a region of each modality may emit besides its own ids: a text or speech
@@ -505,10 +506,19 @@ def forward_window(model: nn.Module, state: Denoiser, a: int, b: int, full: bool
         state.frame = (0, 0)
         logits, state.kv = model(ids, attention_mask=attn, return_cache=True)
         return logits[:, plen + a:plen + b]
+    return model.forward_span(*span_inputs(state, a, b))
+
+
+def span_inputs(state: Denoiser, a: int, b: int) -> tuple[torch.Tensor, KVCache, int, int]:
+    """What `Transformer.forward_span` needs for response positions `[a, b)` of a
+    `Denoiser` with a cache: its ids in the padding `state.frame` of the pass that made
+    the cache, the cache, and the span's start and end in it."""
+    ids, _ = state.inputs()
     left, right = state.frame
     if left or right:
         ids = torch.nn.functional.pad(ids, (left, right), value=state.pad_id)
-    return model.forward_span(ids, state.kv, plen + left + a, plen + left + b)
+    start = state.plen + left
+    return ids, state.kv, start + a, start + b
 
 
 def _factor_count(prob: torch.Tensor, eligible: torch.Tensor, factor: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,11 +159,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None, kv: list | None = None,
-                span: tuple[int, int] | None = None) -> torch.Tensor:
+                span: tuple[int, int] | torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention of `x`. With `kv` and no `span`, the keys and values are
-        appended to `kv`; with both, `x` holds positions `span` of a cached sequence:
-        their keys and values replace the cached ones there and the queries attend to
-        the whole cached sequence."""
+        appended to `kv`; with both, `x` holds positions `span` of a cached sequence
+        (a range, or a `[B, n]` tensor of positions per row): their keys and values
+        replace the cached ones there and the queries attend to the whole cached sequence."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
@@ -174,8 +174,13 @@ class Attention(nn.Module):
             kv.append((k, v))
         elif kv is not None:
             keys, values = kv
-            keys[:, :, span[0]:span[1]] = k
-            values[:, :, span[0]:span[1]] = v
+            if isinstance(span, tuple):
+                keys[:, :, span[0]:span[1]] = k
+                values[:, :, span[0]:span[1]] = v
+            else:  # `[B, n]` cache positions, row by row (`Transformer.forward_spans`)
+                where = span[:, None, :, None].expand_as(k)
+                keys.scatter_(2, where, k)
+                values.scatter_(2, where, v)
             k, v = keys, values
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False,
                                              enable_gqa=self.n_kv != self.n_heads)
@@ -203,7 +208,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None, kv: list | None = None,
-                span: tuple[int, int] | None = None) -> torch.Tensor:
+                span: tuple[int, int] | torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv, span)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -320,6 +325,57 @@ class Transformer(nn.Module):
         if self.config.shift_logits:
             logits = logits[:, :-1] if first < start else torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
+
+    def forward_spans(self, spans: Sequence[tuple[torch.Tensor, KVCache, int, int]]) -> list[torch.Tensor]:
+        """`forward_span` of several cached sequences in one pass: `(input_ids, cache,
+        start, end)` each, of any lengths and span widths (each may hold several rows).
+        Spans are right-padded to the widest and caches to the longest; a padded query
+        attends only to a scratch column that no real query sees. Returns each one's
+        logits; each cache's entries for its span are replaced, as `forward_span` does."""
+        cfg = self.config
+        firsts = [start - 1 if cfg.shift_logits and start > 0 else start for _, _, start, _ in spans]
+        widths = [end - first for (_, _, _, end), first in zip(spans, firsts)]
+        counts = [ids.shape[0] for ids, _, _, _ in spans]
+        batch, width = sum(counts), max(widths)
+        length = max(cache.length for _, cache, _, _ in spans) + 1  # the last column: scratch
+        first_cache = spans[0][1]
+        device, dtype = first_cache.keys[0].device, first_cache.keys[0].dtype
+        ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+        cos = first_cache.cos.new_zeros(batch, 1, width, cfg.head_dim)
+        sin = torch.zeros_like(cos)
+        mask = torch.zeros(batch, 1, width, length, dtype=torch.bool, device=device)
+        where = torch.full((batch, width), length - 1, dtype=torch.long, device=device)
+        shape = (batch, first_cache.keys[0].shape[1], length, cfg.head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.model.layers]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.model.layers]
+        row = 0
+        for (input_ids, cache, _, end), first, w, n in zip(spans, firsts, widths, counts):
+            rows, cached = slice(row, row + n), cache.length
+            ids[rows, :w] = input_ids[:, first:end]
+            cos[rows, :, :w], sin[rows, :, :w] = cache.cos[:, :, first:end], cache.sin[:, :, first:end]
+            mask[rows, :, :w, :cached] = cache.mask[:, :, first:end]
+            mask[rows, :, w:, -1] = True
+            where[rows, :w] = torch.arange(first, end, device=device)
+            for layer in range(len(keys)):
+                keys[layer][rows, :, :cached] = cache.keys[layer]
+                values[layer][rows, :, :cached] = cache.values[layer]
+            row += n
+        x = self.model.embed_tokens(ids)
+        for layer, k, v in zip(self.model.layers, keys, values):
+            x = layer(x, cos, sin, mask, [k, v], where)
+        logits = self.lm_head(self.model.norm(x))
+        out, row = [], 0
+        for (_, cache, start, end), first, w, n in zip(spans, firsts, widths, counts):
+            rows = slice(row, row + n)
+            row += n
+            for layer in range(len(keys)):
+                cache.keys[layer][:, :, first:end] = keys[layer][rows, :, first:end]
+                cache.values[layer][:, :, first:end] = values[layer][rows, :, first:end]
+            span = logits[rows, :w]
+            if cfg.shift_logits:
+                span = span[:, :-1] if first < start else torch.cat([span[:, :1], span[:, :-1]], dim=1)
+            out.append(span)
+        return out
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> "Transformer":
         """Recompute each block in the backward pass (less memory, ~30% more compute)."""

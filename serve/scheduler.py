@@ -13,8 +13,9 @@ unconditional row travels with its request). Every step:
    different lengths go into separate passes when one pass would spend more than
    `max_padding` of its positions on padding (on a CPU a padded position costs as much
    as a real one);
-3. requests whose cache holds run only their own positions against it
-   (`Transformer.forward_span`);
+3. requests whose cache holds compute only their own positions against it, all in one
+   pass too (`Transformer.forward_spans`: spans right-padded to the widest, caches to
+   the longest; split by `max_padding` the same way);
 4. each request commits its positions and reports its own progress; a finished request
    leaves at once and is decoded on another thread while the next step runs.
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from omni_model.pipeline import AnyToAny, Output, Prepared
-from omni_model.sampler import Denoiser, Layout, SamplerConfig, forward_window
+from omni_model.sampler import Denoiser, Layout, SamplerConfig, forward_window, span_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +158,11 @@ class StepScheduler:
         plans = [(t, *t.state.begin()) for t in live]
         full = [(t, a, b) for t, a, b, is_full in plans if is_full]
         logits: dict[int, torch.Tensor] = {}
-        for group in self._buckets(full):
+        for group in self._buckets(full, full_pass_sizes):
             logits.update(self._full_pass(group))
-        for t, a, b, is_full in plans:
-            if not is_full:
-                logits[id(t)] = self._span_pass(t, a, b)
+        spans = [(t, a, b) for t, a, b, is_full in plans if not is_full]
+        for group in self._buckets(spans, span_pass_sizes):
+            logits.update(self._span_pass(group))
         self.steps += 1
         self.rows_stepped += sum(t.state.rows for t in live)
         for ticket in live:
@@ -175,16 +176,18 @@ class StepScheduler:
         for ticket in finished:
             self._decoder.submit(self._decode, ticket)
 
-    def _buckets(self, group: list[tuple[Ticket, int, int]]) -> list[list[tuple[Ticket, int, int]]]:
-        """Tickets by length, longest first, into passes whose padded positions stay within
-        `max_padding` of the positions they hold."""
+    def _buckets(self, group: list[tuple[Ticket, int, int]],
+                 sizes: Callable[[Ticket, int, int], tuple[int, ...]]) -> list[list[tuple[Ticket, int, int]]]:
+        """Tickets into passes whose padding stays within `max_padding` of the positions
+        they hold, largest first. `sizes`: the lengths a pass pads apart for a ticket
+        (a full pass: prompt and response; a span pass: the span)."""
         buckets: list[list[tuple[Ticket, int, int]]] = []
-        for item in sorted(group, key=lambda g: -(g[0].state.plen + g[0].layout.length)):
+        for item in sorted(group, key=lambda g: -sum(sizes(*g))):
             if buckets:
                 members = buckets[-1] + [item]
                 rows = sum(t.state.rows for t, _, _ in members)
-                padded = rows * (max(t.state.plen for t, _, _ in members) + max(t.layout.length for t, _, _ in members))
-                real = sum(t.state.rows * (t.state.plen + t.layout.length) for t, _, _ in members)
+                padded = rows * sum(map(max, zip(*(sizes(*m) for m in members))))
+                real = sum(m[0].state.rows * sum(sizes(*m)) for m in members)
                 if padded <= (1 + self.max_padding) * real:
                     buckets[-1].append(item)
                     continue
@@ -216,10 +219,15 @@ class StepScheduler:
                 ticket.state.kv = kv.rows(rows)
         return logits
 
-    def _span_pass(self, ticket: Ticket, a: int, b: int) -> torch.Tensor:
-        """Only positions `[a, b)` of one ticket's response, against its cache."""
+    def _span_pass(self, group: list[tuple[Ticket, int, int]]) -> dict[int, torch.Tensor]:
+        """Only positions `[a, b)` of each ticket's response, each against its own cache,
+        in one pass."""
         self.forward_passes += 1
-        return forward_window(self.pipe.model, ticket.state, a, b, full=False)
+        if len(group) == 1:
+            ticket, a, b = group[0]
+            return {id(ticket): forward_window(self.pipe.model, ticket.state, a, b, full=False)}
+        logits = self.pipe.model.forward_spans([span_inputs(t.state, a, b) for t, a, b in group])
+        return {id(t): out for (t, _, _), out in zip(group, logits)}
 
     def _decode(self, ticket: Ticket) -> None:
         try:
@@ -229,6 +237,16 @@ class StepScheduler:
         except Exception as exc:
             logger.exception("decoding a finished request failed")
             _resolve(ticket.future, exc=exc)
+
+
+def full_pass_sizes(ticket: Ticket, a: int, b: int) -> tuple[int, int]:
+    """What a full pass pads apart: the prompt (left) and the response (right)."""
+    return ticket.state.plen, ticket.layout.length
+
+
+def span_pass_sizes(ticket: Ticket, a: int, b: int) -> tuple[int]:
+    """What a span pass pads: the span."""
+    return (b - a,)
 
 
 def _resolve(future: Future, result: Output | None = None, exc: BaseException | None = None) -> None:

@@ -14,7 +14,7 @@ from omni_model.pipeline import AnyToAny
 from omni_model.sampler import Denoiser, SamplerConfig
 from omni_model.templates import Image, Speech, Text
 from serve.errors import Stopped
-from serve.scheduler import StepScheduler, Ticket
+from serve.scheduler import StepScheduler, Ticket, full_pass_sizes
 from tests.any2any import IMAGE_TOKENIZER, answer_lengths
 
 TASKS = ["t2i", "vqa", "asr", "tts", "s2i", "svqa", "all"]
@@ -118,6 +118,27 @@ def test_a_cache_refreshed_every_step_matches_the_uncached_request_in_a_shared_s
         assert (a.text, a.image_codes, a.speech_codes) == (b.text, b.image_codes, b.speech_codes)
 
 
+def test_cached_requests_share_their_span_passes_and_each_gets_its_answer(pipe, any2any):
+    """Every task with the prefix cache at once: between refreshes their spans (of
+    different widths, against caches of different lengths, a guided request's two rows
+    included) go through shared span passes, and each answer equals the request alone."""
+    _, _, tasks = any2any
+    scheduler = StepScheduler(pipe, max_rows=32, max_padding=100.0)  # one pass for all spans
+    try:
+        tickets = [_ticket(pipe, tasks, task, cache="prefix", cache_refresh=4, seed=i) for i, task in enumerate(TASKS)]
+        tickets.append(_ticket(pipe, tasks, "t2i", cache="prefix", cache_refresh=4, cfg_scale=1.5))
+        outputs = [f.result(timeout=300) for f in [scheduler.submit(t) for t in tickets]]
+        for task, out in zip(TASKS, outputs):
+            _assert_trained_answer(out, tasks[task][2])
+        for ticket, out in zip(tickets, outputs):
+            alone = pipe.generate_batch([ticket.prepared], ticket.config, seeds=[ticket.seed])[0]
+            assert (alone.text, alone.image_codes, alone.speech_codes) == (out.text, out.image_codes, out.speech_codes)
+        # 64 steps, a full pass every 4th: 16 full and 48 span passes if all stay in step
+        assert scheduler.forward_passes <= 2 * 64, scheduler.forward_passes
+    finally:
+        scheduler.close()
+
+
 def test_rows_in_flight_stay_within_max_rows(pipe):
     scheduler = StepScheduler(pipe, max_rows=2)
     try:
@@ -142,7 +163,7 @@ def test_requests_of_very_different_lengths_get_separate_passes_when_padding_wou
                 ticket.layout = pipe.layout(ticket.prepared)
                 ticket.state = Denoiser([ticket.prepared.prompt], ticket.layout, ticket.config,
                                         pipe.vocab.pad_id, torch.device("cpu"))
-            buckets = scheduler._buckets(group)
+            buckets = scheduler._buckets(group, full_pass_sizes)
             assert len(buckets) == passes
             assert buckets[0][0][0].prepared is long[0]  # the longest first
         finally:

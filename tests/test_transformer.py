@@ -182,3 +182,38 @@ def test_a_span_against_a_fresh_cache_equals_the_full_pass_with_packed_documents
             assert torch.equal(full, model(ids, attention_mask=attn, doc_ids=docs))
             for start, end in ((12, 24), (0, 7), (9, 13)):
                 torch.testing.assert_close(model.forward_span(ids, cache, start, end), full[:, start:end])
+
+
+def test_spans_of_several_cached_sequences_in_one_pass_equal_each_alone():
+    """`forward_spans` (the step scheduler's shared span pass): sequences of different
+    lengths, span widths and row counts (two rows: a guided request), with padding, give
+    each the logits of its own `forward_span`, and update its cache the same way."""
+    from omni_model.transformer import Transformer, TransformerConfig
+
+    gen = torch.Generator().manual_seed(1)
+    for shift in (False, True):
+        cfg = TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, shift_logits=shift)
+        model = Transformer.from_config(cfg, seed=3).eval()
+        sequences = []
+        for rows, length, pad, (start, end) in ((1, 30, 0, (20, 30)), (2, 17, 3, (5, 9)), (1, 41, 6, (0, 41))):
+            ids = torch.randint(0, 64, (rows, length), generator=gen)
+            attn = torch.ones(rows, length, dtype=torch.long)
+            attn[:, :pad] = 0
+            sequences.append((ids, attn, start, end))
+        with torch.no_grad():
+            alone, together = [], []
+            for ids, attn, start, end in sequences:
+                changed = ids.clone()  # positions committed since the cache was made
+                changed[:, start:end] = torch.randint(0, 64, (ids.shape[0], end - start), generator=gen)
+                _, cache = model(ids, attention_mask=attn, return_cache=True)
+                alone.append((model.forward_span(changed, cache, start, end), cache))
+                _, cache = model(ids, attention_mask=attn, return_cache=True)
+                together.append((changed, cache, start, end))
+            for (logits, cache), shared, (_, shared_cache, _, _) in zip(alone, model.forward_spans(together),
+                                                                        together):
+                torch.testing.assert_close(shared, logits)
+                for k, k_shared, v, v_shared in zip(cache.keys, shared_cache.keys, cache.values,
+                                                    shared_cache.values):
+                    torch.testing.assert_close(k_shared, k)
+                    torch.testing.assert_close(v_shared, v)
