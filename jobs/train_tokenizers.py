@@ -1,7 +1,11 @@
 """Train the embedded default's text (BPE), image (MAGVIT-v2) and speech (GLM-4-Voice
 architecture + code-to-mel decoder) tokenizers from a folder of media; print their quality.
 
-    python jobs/train_tokenizers.py --config configs/tiny/tokenizers.yaml data.dir=DIR out_dir=DIR
+    python jobs/train_tokenizers.py --config configs/tiny/tokenizers.yaml data.dir=DIR out_dir=DIR \
+        [shipped=pretrained/tokenizers]
+
+With `shipped`, the tokenizers there are copied instead when they were trained on the same
+world and tokenizer settings (their `trained_on.json`); the job says which it does.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 import torch
 
 from omni_model.config import parse_job_args, save_config
-from pipelines.tokenizer_training import TokenizersConfig, format_report, train_tokenizers
+from pipelines.tokenizer_training import TokenizersConfig, format_report, train_tokenizers, use_shipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(cfg.threads)
     save_config(cfg, f"{cfg.out_dir}/config.yaml")
+    report = use_shipped(cfg)
+    if report is not None:
+        print(format_report(report))
+        print(f"tokenizers: the shipped ones of {cfg.shipped} (trained on these settings), copied to "
+              f"{cfg.out_dir}/; train them instead with TOKENIZERS=train or without `shipped`")
+        return 0
     report = train_tokenizers(cfg)
     print(format_report(report))
-    print(f"tokenizers saved under {cfg.out_dir}/ (text/, image/, speech/, quality.json)")
+    print(f"tokenizers trained and saved under {cfg.out_dir}/ (text/, image/, speech/, quality.json)")
     return 0
 
 

@@ -13,21 +13,23 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 PROFILE="${1:-full}"
 RUNS="${2:-runs}"
+TOKENIZERS_MODE="${TOKENIZERS:-shipped}"  # shipped (the default) or train
 PY=.venv/bin/python
 
 case "$PROFILE" in
   full)
     WORLD=(world.train_scenes=1200 world.eval_scenes=100)
-    TOKENIZERS=()
+    TRAIN_TOKENIZERS=()
     SDVI=()
     STEPS=(700 600 800)
     MODEL=()
     EVAL=(evaluate.max_per_task=48)
     ;;
   ci)
-    WORLD=(world.train_scenes=160 world.eval_scenes=16 "world.caption_voices=[{engine: espeak, voice: en-us}]")
-    TOKENIZERS=(image.train.steps=150 speech.train.steps=150 speech.decoder.steps=100 speech.examples=1)
-    SDVI=("sdvi.question_voices=[{engine: espeak, voice: en-us+m3}]" "sdvi.answer_voices=[{engine: espeak, voice: en-us+f3}]")
+    # the full world's voices and image size, so that the shipped tokenizers read it
+    WORLD=(world.train_scenes=160 world.eval_scenes=16)
+    TRAIN_TOKENIZERS=(image.train.steps=150 speech.train.steps=150 speech.decoder.steps=100 speech.examples=1)
+    SDVI=()
     STEPS=(40 30 20)
     MODEL=("model.fresh={hidden: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 192}")
     EVAL=(evaluate.max_per_task=8 "evaluate.step_curve=[8, 16]" evaluate.transcribe=false)
@@ -35,14 +37,50 @@ case "$PROFILE" in
   *) echo "unknown profile $PROFILE (full or ci)" >&2; exit 2 ;;
 esac
 
+# Seconds each step took in a measured run of the profile (full: a fresh clone on a
+# machine whose stage 1 ran ~7,000 tokens/s; ci: ~30,000 tokens/s of its small model).
+# Only their proportions matter: the estimate of what is left scales them by this
+# machine's pace so far.
+ORDER=(world sdvi sdvi_eval tokenizers tokenize tokenize_sdvi stage1 stage2 stage3 evaluate)
+declare -A EXPECTED
+if [ "$PROFILE" = ci ]; then
+  EXPECTED=([world]=18 [sdvi]=26 [sdvi_eval]=19 [tokenizers]=1 [tokenize]=28 [tokenize_sdvi]=27
+            [stage1]=30 [stage2]=30 [stage3]=26 [evaluate]=6)
+else
+  EXPECTED=([world]=45 [sdvi]=67 [sdvi_eval]=25 [tokenizers]=2 [tokenize]=88 [tokenize_sdvi]=63
+            [stage1]=408 [stage2]=325 [stage3]=429 [evaluate]=216)
+fi
+if [ "$TOKENIZERS_MODE" = train ]; then
+  if [ "$PROFILE" = ci ]; then EXPECTED[tokenizers]=158; else EXPECTED[tokenizers]=1707; fi
+fi
+DONE_EXPECTED=0
+
 mkdir -p "$RUNS"
 : > "$RUNS/timings.txt"
-step() {  # step NAME COMMAND...
+step() {  # step NAME COMMAND...: runs it, says how far the chain is, records its time
   local name=$1; shift
-  local start=$SECONDS
-  echo "==> $name"
+  local start=$SECONDS index=0 i=0 left=0 s
+  for s in "${ORDER[@]}"; do
+    i=$((i + 1))
+    [ "$s" = "$name" ] && index=$i
+    [ "$index" -gt 0 ] && left=$((left + EXPECTED[$s]))
+  done
+  if [ "$DONE_EXPECTED" -gt 0 ]; then
+    left=$((left * SECONDS / DONE_EXPECTED))
+    echo "==> [$index/${#ORDER[@]}] $name: ${SECONDS} s so far, about $(( (left + 59) / 60 )) min left at this pace"
+  else
+    echo "==> [$index/${#ORDER[@]}] $name: about $(( (left + 59) / 60 )) min in all at the pace of the measured run in this script"
+  fi
   "$@"
-  echo "$name $((SECONDS - start)) s" | tee -a "$RUNS/timings.txt"
+  DONE_EXPECTED=$((DONE_EXPECTED + EXPECTED[$name]))
+  local line="$name $((SECONDS - start)) s"
+  if [ -f "$RUNS/$name/metrics.jsonl" ]; then  # a training stage: its pace, to tell a slow machine from a slow change
+    line="$line, $($PY -c 'import json, statistics, sys
+rows = [json.loads(line).get("tokens_per_s") for line in open(sys.argv[1])]
+rates = [r for r in rows[1:] or rows if r]  # the first includes the warm-up
+print(f"{statistics.median(rates):.0f} tokens/s" if rates else "tokens/s unknown")' "$RUNS/$name/metrics.jsonl")"
+  fi
+  echo "$line" | tee -a "$RUNS/timings.txt"
 }
 
 W="$RUNS/world"
@@ -55,10 +93,18 @@ step sdvi_eval $PY jobs/build_sdvi.py --config configs/tiny/sdvi.yaml sdvi.data_
   sdvi.out="$W/manifests/sdvi_eval" sdvi.audio_dir=sdvi_eval/audio "${SDVI[@]}"
 # The speech codec also learns SDVI's voices and its single-word spoken answers; its
 # decoder speaks in the voice the model answers in (the TTS targets' and SDVI answers').
+# The shipped tokenizers (pretrained/tokenizers) when this world and configs/tiny/
+# tokenizers.yaml are what they were trained on; TOKENIZERS=train trains them here (the
+# ci profile then trains small ones).
+case "$TOKENIZERS_MODE" in
+  train) TOKENIZER_SOURCE=("${TRAIN_TOKENIZERS[@]}") ;;
+  shipped) TOKENIZER_SOURCE=(shipped=pretrained/tokenizers) ;;
+  *) echo "TOKENIZERS=$TOKENIZERS_MODE: shipped or train" >&2; exit 2 ;;
+esac
 step tokenizers $PY jobs/train_tokenizers.py --config configs/tiny/tokenizers.yaml \
   data.dir="$W/train" "data.audio_dirs=[$W/sdvi/audio]" out_dir="$RUNS/tokenizers" \
   data.voice_root="$W" "data.voice_manifests=[$W/manifests/train/tts.jsonl, $W/manifests/sdvi/svqa.jsonl]" \
-  "${TOKENIZERS[@]}"
+  "${TOKENIZER_SOURCE[@]}"
 TOK=(--image-tokenizer "$RUNS/tokenizers/image" --speech-tokenizer "$RUNS/tokenizers/speech")
 step tokenize $PY jobs/tokenize_manifest.py --config configs/tiny/tokenize.yaml --data-root "$W" \
   --manifest "$W/manifests/train/all.jsonl" --out "$RUNS/shards/train" "${TOK[@]}"

@@ -3,14 +3,21 @@ espeak-ng speech with transcripts, text; the offline recogniser scores decoded s
 
 import json
 import subprocess
+from dataclasses import replace
 
 import pytest
+import yaml
 from PIL import Image, ImageDraw
 
+from jobs.build_sdvi import BuildSDVIJob
+from jobs.build_world import BuildWorldJob
 from jobs.train_tokenizers import main
+from omni_model.config import load_config, to_dict
 from omni_model.tokenizers.codec import SpeechCodec
 from omni_model.tokenizers.image import MagVitTokenizer
 from omni_model.tokenizers.text import BPETokenizer
+from pipelines.tokenizer_training import WORLD_SETTINGS, TokenizersConfig, shipped_differences, training_settings
+from tests.conftest import ROOT
 
 SENTENCES = ["a red circle on the left", "two blue squares", "a green triangle at the top",
              "three yellow circles", "is the square red", "a purple square on the right"]
@@ -48,12 +55,16 @@ def media(tmp_path_factory):
 
 def test_job_trains_saves_and_reports(media, tmp_path, capsys):
     out = tmp_path / "tok"
-    rc = main(["--config", "configs/tiny/tokenizers.yaml", f"data.dir={media}", f"out_dir={out}",
-               "data.holdout=0.2", "text.vocab_size=300", "image.train.steps=4",
-               "image.train.batch_size=4", "speech.train.steps=4", "speech.train.batch_size=2",
-               "speech.examples=1", f"data.audio_dirs=[{media.parent / 'answers'}]",
-               "speech.decoder.steps=4", "speech.decoder.batch_size=2",
-               f"data.voice_root={media.parent}", f"data.voice_manifests=[{media.parent / 'voice.jsonl'}]"])
+    settings = ["--config", "configs/tiny/tokenizers.yaml", f"data.dir={media}",
+                "data.holdout=0.2", "text.vocab_size=300", "image.train.steps=4",
+                "image.train.batch_size=4", "speech.train.steps=4", "speech.train.batch_size=2",
+                "speech.examples=1", f"data.audio_dirs=[{media.parent / 'answers'}]",
+                "speech.decoder.steps=4", "speech.decoder.batch_size=2",
+                f"data.voice_root={media.parent}", f"data.voice_manifests=[{media.parent / 'voice.jsonl'}]"]
+    world = {"world": {"image_size": 48, "group_share": 0.3, "speed_range": [0.9, 1.1],
+                       "caption_voices": [{"engine": "espeak", "voice": "en-us", "weight": 1.0}]}}
+    (media.parent / "config.yaml").write_text(yaml.safe_dump(world))  # as a built world records it
+    rc = main([*settings, f"out_dir={out}"])
     assert rc == 0
     report = json.loads((out / "quality.json").read_text())
     assert report["text"]["tokens_per_line"] > 0
@@ -69,7 +80,8 @@ def test_job_trains_saves_and_reports(media, tmp_path, capsys):
     # (utt_4, in the voice too, is held out by the seeded split and scored on its own)
     assert speech["decoder_utterances"] == 3 < speech["train_utterances"]
     assert speech["voice_wer_utterances"] == 1 and speech["voice_wer_original"] < 0.5
-    assert "held-out PSNR" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out PSNR" in printed and "tokenizers trained" in printed
     # everything loads back through the tokenizers' own loaders
     assert BPETokenizer.from_pretrained(out / "text").vocab_size <= 300
     assert MagVitTokenizer.from_pretrained(out / "image").fingerprint == report["image"]["fingerprint"]
@@ -77,6 +89,21 @@ def test_job_trains_saves_and_reports(media, tmp_path, capsys):
     assert (out / "image_reconstructions.png").exists()
     assert (out / "speech_example_0_decoded.wav").exists()
     assert (out / "config.yaml").exists()
+
+    # trained again on the same settings: the folder's tokenizers are used, not retrained
+    assert main([*settings, f"out_dir={tmp_path / 'again'}", f"shipped={out}"]) == 0
+    assert "tokenizers: the shipped ones" in capsys.readouterr().out
+    assert json.loads((tmp_path / "again" / "quality.json").read_text()) == report
+    assert MagVitTokenizer.from_pretrained(tmp_path / "again" / "image").fingerprint == report["image"]["fingerprint"]
+    # another tokenizer setting or another world: they are not what would be trained, and why
+    cfg = load_config(TokenizersConfig, "configs/tiny/tokenizers.yaml", [*settings[2:], f"shipped={out}"])
+    assert shipped_differences(cfg, out) == []
+    assert shipped_differences(replace(cfg, seed=1), out) == ["seed: 0 here 1"]
+    world["world"]["image_size"] = 64
+    (media.parent / "config.yaml").write_text(yaml.safe_dump(world))
+    assert shipped_differences(cfg, out) == ["world.image_size: 48 here 64"]
+    (media.parent / "config.yaml").unlink()
+    assert "not a built world" in shipped_differences(cfg, out)[0]
 
 
 def test_job_rejects_a_missing_folder(tmp_path):
@@ -100,3 +127,22 @@ def test_decoder_voice_must_be_among_the_training_clips(media, tmp_path):
         main(args)
     with pytest.raises(ValueError, match="no training clip is a spoken output"):
         main([*args, f"data.voice_root={tmp_path}"])
+
+
+def test_the_shipped_tokenizers_match_the_quickstarts_settings():
+    """pretrained/tokenizers is what the quickstart's tokenizer step would train on the
+    full profile's world (configs/tiny/world.yaml, sdvi.yaml, tokenizers.yaml): a change to
+    any of those settings makes the quickstart retrain instead of using stale ones."""
+    shipped = json.loads((ROOT / "pretrained/tokenizers/trained_on.json").read_text())
+    world = load_config(BuildWorldJob, ROOT / "configs/tiny/world.yaml", []).world
+    sdvi = load_config(BuildSDVIJob, ROOT / "configs/tiny/sdvi.yaml", []).sdvi
+    recorded = {"world": to_dict(world), "sdvi": to_dict(sdvi)}
+    for name, keys in WORLD_SETTINGS.items():
+        for key in keys:
+            assert shipped[f"{name}.{key}"] == recorded[name][key], f"{name}.{key}"
+    cfg = load_config(TokenizersConfig, ROOT / "configs/tiny/tokenizers.yaml", [])
+    wanted = {k: v for k, v in training_settings(cfg).items() if not k.startswith(("world.", "sdvi."))}
+    assert {k: shipped[k] for k in wanted} == wanted
+    quality = json.loads((ROOT / "pretrained/tokenizers/quality.json").read_text())
+    for part in ("text", "image", "speech"):
+        assert quality[part]["fingerprint"]
