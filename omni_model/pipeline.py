@@ -181,7 +181,7 @@ class AnyToAny:
     def prepare(self, inputs: Sequence[Input], outputs: Sequence[str],
                 lengths: dict[str, int] | None = None) -> Prepared:
         """Inputs and wanted outputs -> prompt ids and the response regions."""
-        wanted = tuple(o for o in ("text", "image", "speech") if o in set(outputs))
+        wanted = _in_order(outputs)
         if len(wanted) != len(outputs) or wanted not in OUTPUTS:
             raise RequestError(f"unsupported outputs {list(outputs)}; supported: "
                                f"{[list(k) for k in OUTPUTS]}")
@@ -208,8 +208,7 @@ class AnyToAny:
 
     def preset_options(self, outputs: Sequence[str]) -> dict:
         """The presets' sampler options for this kind of output (a copy)."""
-        wanted = tuple(o for o in ("text", "image", "speech") if o in set(outputs))
-        return dict(self.presets.sampler.get(OUTPUTS.get(wanted, ""), {}))
+        return dict(self.presets.sampler.get(OUTPUTS.get(_in_order(outputs), ""), {}))
 
     def generate(self, inputs: Sequence[Input], outputs: Sequence[str],
                  config: SamplerConfig | None = None, lengths: dict[str, int] | None = None,
@@ -329,6 +328,11 @@ class AnyToAny:
                 default = min(p.speech_max, max(p.speech_min, math.ceil(p.tts_codes_per_token * text_tokens)))
                 regions.append(Region("speech", int(lengths.get("speech", default))))
         return tuple(regions)
+
+
+def _in_order(outputs: Sequence[str]) -> tuple[str, ...]:
+    """The wanted outputs in `OUTPUTS`' order (text, image, speech)."""
+    return tuple(o for o in ("text", "image", "speech") if o in set(outputs))
 
 
 def batch_key(prepared: Prepared, config: SamplerConfig) -> tuple:
