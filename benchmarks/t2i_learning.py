@@ -58,7 +58,7 @@ def first_guess(model, samples, vocab) -> tuple[float, float]:
     for ids, response in samples:
         image = (ids >= vocab.ranges["image"].start) & (ids < vocab.ranges["image"].stop)
         x = torch.where(response, torch.full_like(ids, vocab.mask_id), ids)
-        guess = model(x[None])[0].argmax(-1)[image]
+        guess = model(x[None], image_index=model.image_index(ids[None]))[0].argmax(-1)[image]
         codes = ids[image]
         background = codes.mode().values
         for k, sel in enumerate((codes == background, codes != background)):

@@ -46,8 +46,11 @@ def diffusion_loss_of_batch(model: nn.Module, batch: Batch, vocab: Vocab, object
     noisy = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
                               objective.pad_ratio, objective.eps_t, batch.doc_ids, generator=generator,
                               schedule=objective.schedule)
+    # image positions from the clean sequence: masking may hide an image's start marker
+    image_index = getattr(model, "module", model).image_index(batch.input_ids)
     with autocast if autocast is not None else contextlib.nullcontext():
-        logits = model(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids)
+        logits = model(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids,
+                       image_index=image_index)
     per_position = diffusion_loss(logits, batch.input_ids, noisy.target_mask, noisy.t, objective.weighting,
                                   reduction="none")
     if noisy.target_mask.any():

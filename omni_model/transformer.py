@@ -61,6 +61,14 @@ class TransformerConfig:
     shift_logits: bool = False
     mask_token_id: int | None = None
     pad_token_id: int | None = None
+    #: Learned embeddings of a code's place in its image (0 = off, as in Dream): the
+    #: codes of a region `<|begin_of_image|> c_0 .. c_{n-1} <|end_of_image|>` get
+    #: `embed_image_positions[i]` added to `c_i`'s embedding. A convolutional image
+    #: tokenizer gives an object the same codes wherever it is, and rotary positions are
+    #: only relative, so without them a small model reads *where* something is slowly.
+    image_position_embeddings: int = 0
+    image_start_token_id: int | None = None
+    image_end_token_id: int | None = None
     #: Keys of the source config.json we do not interpret, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -73,6 +81,8 @@ class TransformerConfig:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        if self.image_position_embeddings and (self.image_start_token_id is None or self.image_end_token_id is None):
+            raise ValueError("image_position_embeddings needs image_start_token_id and image_end_token_id")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TransformerConfig":
@@ -219,8 +229,22 @@ class Backbone(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.image_position_embeddings:
+            self.embed_image_positions = nn.Embedding(cfg.image_position_embeddings, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def image_code_index(input_ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
+    """Each position's index among the codes of the image region it lies in
+    (`<|begin_of_image|>` excluded), -1 outside image regions."""
+    b, n = input_ids.shape
+    pos = torch.arange(n, device=input_ids.device).expand(b, n)
+    none = torch.full_like(pos, -1)
+    last_start = torch.where(input_ids == start_id, pos, none).cummax(dim=1).values
+    last_end = torch.where(input_ids == end_id, pos, none).cummax(dim=1).values
+    inside = (last_start >= 0) & (last_start > last_end) & (pos > last_start)
+    return torch.where(inside, pos - last_start - 1, none)
 
 
 def positions_from_documents(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -269,7 +293,8 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_cache: bool = False) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+                return_cache: bool = False, image_index: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         """Logits for every position (and, with `return_cache`, a `KVCache`).
 
         Args:
@@ -280,6 +305,10 @@ class Transformer(nn.Module):
                 at each document unless `position_ids` is given.
             position_ids: `[batch, length]`; by default 0.. per document, or
                 0.. over the non-padding tokens.
+            image_index: `[batch, length]` each position's index within its image (-1
+                elsewhere; `image_code_index`), read by `image_position_embeddings`; by
+                default found from `input_ids`. Training passes the clean sequence's,
+                since masking may hide an image's `<|begin_of_image|>`.
         """
         if position_ids is None:
             if doc_ids is not None:
@@ -289,7 +318,7 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
                 position_ids = position_ids.expand_as(input_ids)
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids, image_index)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                   x.dtype)
         mask = attention_mask_4d(attention_mask, doc_ids)
@@ -316,7 +345,8 @@ class Transformer(nn.Module):
         `shift_logits`) against `cache`, whose entries for them are replaced."""
         first = start - 1 if self.config.shift_logits and start > 0 else start
         span = (first, end)
-        x = self.model.embed_tokens(input_ids[:, first:end])
+        index = self.image_index(input_ids)
+        x = self.embed(input_ids[:, first:end], None if index is None else index[:, first:end])
         cos, sin = cache.cos[:, :, first:end], cache.sin[:, :, first:end]
         mask = cache.mask[:, :, first:end]
         for layer, keys, values in zip(self.model.layers, cache.keys, cache.values):
@@ -341,6 +371,8 @@ class Transformer(nn.Module):
         first_cache = spans[0][1]
         device, dtype = first_cache.keys[0].device, first_cache.keys[0].dtype
         ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+        code_index = torch.full((batch, width), -1, dtype=torch.long, device=device)
+        embeds_images = bool(cfg.image_position_embeddings)
         cos = first_cache.cos.new_zeros(batch, 1, width, cfg.head_dim)
         sin = torch.zeros_like(cos)
         mask = torch.zeros(batch, 1, width, length, dtype=torch.bool, device=device)
@@ -352,6 +384,8 @@ class Transformer(nn.Module):
         for (input_ids, cache, _, end), first, w, n in zip(spans, firsts, widths, counts):
             rows, cached = slice(row, row + n), cache.length
             ids[rows, :w] = input_ids[:, first:end]
+            if embeds_images:
+                code_index[rows, :w] = self.image_index(input_ids)[:, first:end]
             cos[rows, :, :w], sin[rows, :, :w] = cache.cos[:, :, first:end], cache.sin[:, :, first:end]
             mask[rows, :, :w, :cached] = cache.mask[:, :, first:end]
             mask[rows, :, w:, -1] = True
@@ -360,7 +394,7 @@ class Transformer(nn.Module):
                 keys[layer][rows, :, :cached] = cache.keys[layer]
                 values[layer][rows, :, :cached] = cache.values[layer]
             row += n
-        x = self.model.embed_tokens(ids)
+        x = self.embed(ids, code_index)
         for layer, k, v in zip(self.model.layers, keys, values):
             x = layer(x, cos, sin, mask, [k, v], where)
         logits = self.lm_head(self.model.norm(x))
@@ -376,6 +410,24 @@ class Transformer(nn.Module):
                 span = span[:, :-1] if first < start else torch.cat([span[:, :1], span[:, :-1]], dim=1)
             out.append(span)
         return out
+
+    def image_index(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """`image_code_index` of `input_ids` when the model embeds image positions, else None."""
+        cfg = self.config
+        if not cfg.image_position_embeddings:
+            return None
+        return image_code_index(input_ids, cfg.image_start_token_id, cfg.image_end_token_id)
+
+    def embed(self, input_ids: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings, plus each image code's place (`image_position_embeddings`)."""
+        x = self.model.embed_tokens(input_ids)
+        if not self.config.image_position_embeddings:
+            return x
+        if image_index is None:
+            image_index = self.image_index(input_ids)
+        inside = (image_index >= 0) & (image_index < self.config.image_position_embeddings)
+        table = self.model.embed_image_positions(torch.where(inside, image_index, torch.zeros_like(image_index)))
+        return x + table * inside[..., None].to(table.dtype)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> "Transformer":
         """Recompute each block in the backward pass (less memory, ~30% more compute)."""

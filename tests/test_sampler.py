@@ -278,6 +278,23 @@ def test_a_cache_refreshed_every_step_is_the_uncached_sampler_exactly(tiny_model
     assert torch.equal(plain.committed, cached.committed)
 
 
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_cache_refreshed_every_step_is_exact_with_image_position_embeddings(tiny_model, vocab, cache):
+    """The span passes give image codes their places too (from the whole sequence)."""
+    from omni_model.transformer import Transformer
+
+    config = tiny_model.config.replace(image_position_embeddings=6, image_start_token_id=vocab.boi_id,
+                                       image_end_token_id=vocab.eoi_id)
+    model = Transformer.from_config(config, seed=2).eval()
+    layout = make_layout(vocab, [Region("text", 3), Region("image", 6), Region("text", 3)])
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 7)]
+    options = {"block_length": 4, "confidence": "probability"}
+    plain = sample(model, prompts, layout, SamplerConfig(steps=6, **options), pad_id=vocab.pad_id, seeds=[1, 2])
+    cached = sample(model, prompts, layout, SamplerConfig(steps=6, cache=cache, cache_refresh=1, **options),
+                    pad_id=vocab.pad_id, seeds=[1, 2])
+    assert torch.equal(plain.ids, cached.ids) and torch.equal(plain.committed, cached.committed)
+
 def _positions_computed(model):
     """Records how many positions each forward computes (a hook on the real embedding)."""
     widths = []

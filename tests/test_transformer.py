@@ -217,3 +217,72 @@ def test_spans_of_several_cached_sequences_in_one_pass_equal_each_alone():
                                                     shared_cache.values):
                     torch.testing.assert_close(k_shared, k)
                     torch.testing.assert_close(v_shared, v)
+
+
+def _image_model(positions: int = 4, shift: bool = False) -> Transformer:
+    cfg = TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, shift_logits=shift,
+                            image_position_embeddings=positions, image_start_token_id=1, image_end_token_id=2)
+    model = Transformer.from_config(cfg, seed=3).eval()
+    with torch.no_grad():  # large enough to move the logits visibly
+        model.model.embed_image_positions.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def test_image_position_embeddings_mark_each_code_by_its_place_in_its_image(tmp_path):
+    """`image_position_embeddings`: a code's place in its image (counted from
+    `<|begin_of_image|>`, none outside images) is added to its embedding, in the full
+    pass, the span passes of the sampler's caches, and through save/load; off (0), the
+    checkpoint keeps Dream's tensors exactly."""
+    from omni_model.transformer import image_code_index
+
+    # text, image of 4 codes, text, image of 3 codes (fewer than the table), text
+    ids = torch.tensor([[5, 1, 9, 9, 9, 9, 2, 7, 7, 1, 9, 9, 9, 2, 3, 4]])
+    index = image_code_index(ids, 1, 2)
+    assert index.tolist() == [[-1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 0, 1, 2, -1, -1, -1]]
+    model = _image_model()
+    with torch.no_grad():
+        full, cache = model(ids, return_cache=True)
+        plain = Transformer(model.config.replace(image_position_embeddings=0))
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if "image_positions" not in k})
+        without = plain.eval()(ids)
+        # the same code at another place of its image: other logits; outside images: the same inputs
+        assert not torch.allclose(full[0, 2], full[0, 3], atol=1e-3)
+        assert not torch.allclose(full, without, atol=1e-3)
+        assert torch.equal(full, model(ids, image_index=index))
+        torch.testing.assert_close(model.forward_span(ids, cache, 3, 11), full[:, 3:11])
+        torch.testing.assert_close(model.forward_spans([(ids, cache, 9, 14)])[0], full[:, 9:14])
+    model.save_pretrained(tmp_path / "with")
+    assert torch.equal(Transformer.from_pretrained(tmp_path / "with").eval()(ids), full)
+    plain.save_pretrained(tmp_path / "without")
+    assert not any("image_positions" in k for k in load_file(tmp_path / "without" / "model.safetensors"))
+    with pytest.raises(ValueError, match="image_start_token_id"):
+        TransformerConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, image_position_embeddings=4)
+
+
+def test_training_places_image_codes_by_the_clean_sequence_when_the_start_marker_is_masked():
+    """A text-to-image response starts with `<|begin_of_image|>`, which training masks
+    like any response token; the objective reads the codes' places from the clean
+    sequence, as the sampler's layout (whose marker is fixed) gives them."""
+    from omni_model.batching import collate
+    from omni_model.objective import Objective, diffusion_loss_of_batch
+    from omni_model.transformer import image_code_index
+    from omni_model.vocab import Vocab
+
+    model = _image_model()
+    vocab = Vocab.fresh(40, 8, 8)
+    model.config = model.config.replace(image_start_token_id=vocab.boi_id, image_end_token_id=vocab.eoi_id,
+                                        vocab_size=64)
+    codes = vocab.image_to_ids([0, 1, 2, 3]).tolist()
+    ids = torch.tensor([5, 6, vocab.boi_id, *codes, vocab.eoi_id])
+    response = torch.tensor([False, False] + [True] * 6)
+    batch = collate([(ids, response)], vocab.pad_id)
+    objective = Objective(pad_ratio=0.0, eps_t=1.0, schedule="uniform", weighting="none")  # t = 1: all masked
+    out = diffusion_loss_of_batch(model, batch, vocab, objective, generator=torch.Generator().manual_seed(0))
+    assert (out.noisy.noisy_ids[0, 2:] == vocab.mask_id).all()
+    with torch.no_grad():
+        clean = model(out.noisy.noisy_ids, image_index=image_code_index(batch.input_ids, vocab.boi_id, vocab.eoi_id))
+        guessed = model(out.noisy.noisy_ids)
+    torch.testing.assert_close(out.logits.detach(), clean)
+    assert not torch.allclose(out.logits.detach(), guessed, atol=1e-3)

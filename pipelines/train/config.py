@@ -19,6 +19,9 @@ class FreshModel:
     ffn: int = 768
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
+    #: learned embeddings of a code's place in its image (codes per image; 0: off, as
+    #: Dream): the small model reads where objects are from them (transformer.py)
+    image_positions: int = 0
 
 
 @dataclass(frozen=True)

@@ -61,5 +61,6 @@ def build_model(cfg: StageConfig, vocab: Vocab, init_path: str | None,
                                num_key_value_heads=f.kv_heads, rope_theta=f.rope_theta,
                                max_position_embeddings=f.max_position_embeddings,
                                shift_logits=cfg.model.shift_logits, mask_token_id=vocab.mask_id,
-                               pad_token_id=vocab.pad_id)
+                               pad_token_id=vocab.pad_id, image_position_embeddings=f.image_positions,
+                               image_start_token_id=vocab.boi_id, image_end_token_id=vocab.eoi_id)
     return Transformer.from_config(config, seed=cfg.data.seed)
