@@ -27,6 +27,30 @@ def test_checker_agrees_with_ground_truth_on_clean_renders():
         assert agreement.rates()["overall"] >= 0.99, (size, agreement.rates())
 
 
+def test_a_groups_places_count_only_where_the_truth_is_compared_exactly():
+    """A caption of a group names count, colour and shape, not places: an image drawn
+    from it agrees wherever its objects stand (`described_only`), unless it is a decoded
+    image compared with its original; everything else must still agree."""
+    truth = Scene((Obj("left", "square", "blue", "small"), Obj("top", "square", "blue", "small")))
+    moved = Scene((Obj("bottom", "square", "blue", "small"), Obj("right", "square", "blue", "small")))
+    wrong = [Scene((Obj("left", "square", "red", "small"), Obj("top", "square", "red", "small"))),
+             Scene((Obj("left", "square", "blue", "small"),)),
+             Scene((Obj("center", "square", "blue", "small"), Obj("top", "square", "blue", "small")))]
+    single = Scene((Obj("left", "circle", "red", "large"),))
+    described, exact = Agreement(described_only=True), Agreement()
+    for agreement in (described, exact):
+        agreement.add(truth, moved)
+    assert described.rates()["position"] == described.rates()["overall"] == 1.0
+    assert exact.rates()["position"] == exact.rates()["overall"] == 0.0
+    for found in wrong:
+        one = Agreement(described_only=True)
+        one.add(truth, found)
+        assert one.rates()["overall"] == 0.0, found
+    one = Agreement(described_only=True)
+    one.add(single, Scene((Obj("right", "circle", "red", "large"),)))  # a single's place is stated
+    assert one.rates()["position"] == one.rates()["overall"] == 0.0
+
+
 def test_checker_reads_a_mild_blur_but_not_an_empty_image():
     scene = Scene((Obj("left", "square", "red", "large"),))
     blurred = render(scene, 64).filter(ImageFilter.GaussianBlur(0.6))

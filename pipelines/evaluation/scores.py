@@ -14,8 +14,10 @@ __all__ = ["chance_levels", "exact_match", "says", "score_images", "word_error_r
 
 
 def score_images(scenes: Sequence[Scene], images: Sequence[Image.Image]) -> dict[str, float]:
-    """Per-attribute agreement of the checker's reading of each image with its scene."""
-    agreement = Agreement()
+    """Per-attribute agreement of the checker's reading of each image generated from a
+    description with the scene described: what the description states (a group's
+    places are not stated; `Agreement.described_only`)."""
+    agreement = Agreement(described_only=True)
     for scene, image in zip(scenes, images, strict=True):
         agreement.add(scene, check_image(image))
     return agreement.rates()
