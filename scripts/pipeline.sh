@@ -31,7 +31,7 @@ case "$PROFILE" in
     TRAIN_TOKENIZERS=(image.train.steps=150 speech.train.steps=150 speech.decoder.steps=100 speech.examples=1)
     SDVI=()
     STEPS=(40 30 20)
-    MODEL=("model.fresh={hidden: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 192}")
+    MODEL=("model.fresh={hidden: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 192, image_positions: 64}")
     EVAL=(evaluate.max_per_task=8 "evaluate.step_curve=[8, 16]" evaluate.transcribe=false)
     ;;
   *) echo "unknown profile $PROFILE (full or ci)" >&2; exit 2 ;;
