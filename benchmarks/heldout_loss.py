@@ -101,15 +101,15 @@ def main() -> None:
     for folder in args.models:
         model = Transformer.from_pretrained(folder).eval()
         print(f"\n{folder}  ({args.rows} rows a task and split; loss / share right at each t)")
-        print(f"{'task':8s} " + " ".join(f"{'t=' + str(t):>27s}" for t in levels) + "   gap at t=1")
+        print(f"{'task':8s} " + " ".join(f"{'t=' + str(t):>27s}" for t in levels) + f"   gap at t={levels[-1]}")
         for task in tasks:
-            cells, gap = [], None
+            cells = []
             for t in levels:
                 tr = score(model, splits["train"][task], vocab, t, seed=1)
                 ho = score(model, splits["held-out"][task], vocab, t, seed=2)
                 results.setdefault(folder, {}).setdefault(task, {})[str(t)] = {"train": tr, "held_out": ho}
                 cells.append(f"{tr[0]:5.3f}/{tr[1]:.2f} vs {ho[0]:5.3f}/{ho[1]:.2f}")
-                gap = ho[0] - tr[0]
+            gap = ho[0] - tr[0]  # held-out minus train loss at the last (highest) noise level
             print(f"{task:8s} " + " ".join(f"{c:>27s}" for c in cells) + f"   {gap:+.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
