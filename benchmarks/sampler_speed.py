@@ -5,6 +5,7 @@ ratios against the 16-step uncached sampler measured in the same run; then batch
 
     .venv/bin/python benchmarks/sampler_speed.py --runs runs [--cases 32] [--tasks t2i,vqa,asr,tts,svqa]
         [--batch 8] [--no-transcribe] [--variants "16 steps|prefix cache"] [--out FILE.json]
+        [--vocoder-iterations N]
 
 `--runs` is a quickstart folder (`bash scripts/pipeline.sh full DIR`): its stage-3 model,
 tokenizers, held-out world, and the evaluation's calibrated lengths (`report/presets.json`).
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", default="1,2,4,8,16,32", help="batch sizes for t2i's batch scaling")
     parser.add_argument("--no-transcribe", action="store_true", help="skip Whisper (no TTS accuracy)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocoder-iterations", type=int, default=None,
+                        help="Griffin-Lim iterations of speech outputs (default: the codec's own)")
     parser.add_argument("--out", default=None, help="also write the results as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     presets = LengthPresets.from_dict(json.loads(presets_file.read_text())) if presets_file.exists() else None
     pipe = AnyToAny.from_pretrained(runs / "stage3" / "final", image_tokenizer=runs / "tokenizers" / "image",
                                     speech_tokenizer=runs / "tokenizers" / "speech", presets=presets)
+    if args.vocoder_iterations is not None:
+        pipe.speech_codec.griffin_lim_iterations = args.vocoder_iterations
     world = runs / "world"
     cfg = EvalConfig(data_root=str(world), max_per_task=args.cases,
                      manifests=(str(world / "manifests" / "eval"), str(world / "manifests" / "sdvi_eval")))
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
         recognizer = WhisperRecognizer()
     names = [v for v in args.variants.split("|") if v]
-    results: dict = {"machine": {"threads": args.threads, "torch": torch.__version__}, "tasks": {}}
+    results: dict = {"machine": {"threads": args.threads, "torch": torch.__version__},
+                     "vocoder_iterations": getattr(pipe.speech_codec, "griffin_lim_iterations", None), "tasks": {}}
     print(f"{'task':6} {'variant':44} {'passes':>7} {'s/sample':>9} {'vs 16':>7} {'vs 1/pass':>9} "
           f"{'sampler s':>9} {'vs 16':>7} {'score':>7}")
     for task in tasks:
