@@ -28,7 +28,6 @@ import asyncio
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -131,17 +130,18 @@ class OmniDiffusion:
         import torch
 
         from serve.engine import Engine
+        from serve.threads import model_pool, single_threaded_pool
 
         logging.basicConfig(level=logging.INFO)
-        torch.set_num_threads(cfg.deployment.threads)
+        torch.set_num_threads(1)  # this thread only loads: the model's thread gets the threads (serve/threads.py)
         device = cfg.model.device
         if device == "auto":
             device = "cuda" if cfg.deployment.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.cfg = cfg
         self.engine = Engine(cfg, device)
         BodyLimit.max_bytes = cfg.limits.max_request_bytes
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="sampler")
-        self._parse_threads = ThreadPoolExecutor(2, thread_name_prefix="parse")
+        self._model_thread = model_pool(1, "sampler", cfg.deployment.threads)
+        self._parse_threads = single_threaded_pool(2, "parse")
         self._pending = 0  # requests admitted to the model queue and not yet answered
         self._generate_batched.set_max_batch_size(cfg.batching.max_batch_size)
         self._generate_batched.set_batch_wait_timeout_s(cfg.batching.wait_timeout_s)

@@ -23,7 +23,7 @@ class ModelPaths:
     name: str = "omni-diffusion-tiny"  #: the model id `GET /v1/models` lists
     device: str = "auto"  #: auto: cuda when the replica was given a GPU, else cpu
     #: Griffin-Lim iterations of the embedded codec's vocoder; None: the codec's own (48).
-    #: Whisper hears 16 as well as 48 on the quickstart's model, at a third of the time
+    #: fewer are faster; Whisper hears 16 worse than 48 on the quickstart's model (docs/serving.md)
     vocoder_iterations: int | None = None
 
     def __post_init__(self) -> None:
@@ -122,7 +122,7 @@ class Deployment:
     num_cpus: float = 1.0  #: per replica
     num_gpus: float = 0.0  #: per replica (1 on a GPU cluster)
     health_check_period_s: float = 5.0
-    threads: int = 2  #: torch CPU threads per replica
+    threads: int = 2  #: torch CPU threads of the replica's model thread (others: 1; serve/threads.py)
 
 
 @dataclass(frozen=True)

@@ -79,8 +79,8 @@ class Engine:
         #: prompt + response positions a request may have: the limit, within the model's
         self.max_total_tokens = min(cfg.limits.max_total_tokens,
                                     self.pipe.model.config.max_position_embeddings)
-        self.scheduler = StepScheduler(self.pipe, cfg.batching.max_rows,
-                                                                 cfg.batching.max_padding) if cfg.batching.mode == "step" else None
+        self.scheduler = StepScheduler(self.pipe, cfg.batching.max_rows, cfg.batching.max_padding,
+                                       threads=cfg.deployment.threads) if cfg.batching.mode == "step" else None
 
     def stats(self) -> dict:
         """Counters for `GET /v1/stats`."""

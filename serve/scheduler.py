@@ -19,6 +19,9 @@ unconditional row travels with its request). Every step:
 4. each request commits its positions and reports its own progress; a finished request
    leaves at once and is decoded on another thread while the next step runs.
 
+Threads: the steps run with `threads` torch threads, the decoding thread with one (see
+`serve/threads.py`: on a CPU, a second thread computing with several makes both slow).
+
 `@serve.batch` (`Engine.run`) stays as the other mode (`batching.mode: batch`).
 """
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 
 from omni_model.pipeline import AnyToAny, Output, Prepared
 from omni_model.sampler import Denoiser, Layout, SamplerConfig, forward_window, span_inputs
+from serve.threads import single_threaded_pool
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +65,10 @@ class Ticket:
 class StepScheduler:
     """Runs tickets step by step on one thread; `submit` from any thread."""
 
-    def __init__(self, pipe: AnyToAny, max_rows: int = 64, max_padding: float = 0.5) -> None:
+    def __init__(self, pipe: AnyToAny, max_rows: int = 64, max_padding: float = 0.5,
+                 threads: int | None = None) -> None:
         self.pipe = pipe
+        self.threads = threads  #: torch threads of the steps (None: leave the thread's own)
         self.max_rows = max_rows
         self.max_padding = max_padding
         self.device = next(pipe.model.parameters()).device
@@ -70,7 +76,7 @@ class StepScheduler:
         self._active: list[Ticket] = []
         self._lock = threading.Condition()
         self._stop = False
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
+        self._decoder = single_threaded_pool(1, "decode")
         self.steps = 0  #: scheduler steps run
         self.forward_passes = 0  #: model calls (full passes shared, span passes per request)
         self.rows_stepped = 0  #: rows summed over steps (rows per step = rows_stepped / steps)
@@ -98,6 +104,8 @@ class StepScheduler:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         torch.set_grad_enabled(False)
         self.pipe.model.eval()
         while True:

@@ -168,3 +168,25 @@ def test_requests_of_very_different_lengths_get_separate_passes_when_padding_wou
             assert buckets[0][0][0].prepared is long[0]  # the longest first
         finally:
             scheduler.close()
+
+
+def test_the_steps_run_with_the_schedulers_threads_and_decoding_with_one(pipe, any2any):
+    """serve/threads.py: one thread computes with several torch threads, the others with one."""
+    _, _, tasks = any2any
+    seen: dict[str, int] = {}
+    scheduler = StepScheduler(pipe, threads=3)
+    ticket = _ticket(pipe, tasks, "vqa")
+    ticket.on_step = lambda *_: seen.setdefault("step", torch.get_num_threads())
+    decode = pipe.decode
+
+    def decoding(*args):
+        seen["decode"] = torch.get_num_threads()
+        return decode(*args)
+
+    pipe.decode = decoding
+    try:
+        scheduler.submit(ticket).result(timeout=120)
+    finally:
+        del pipe.decode
+        scheduler.close()
+    assert seen == {"step": 3, "decode": 1}
