@@ -39,6 +39,7 @@ VARIANTS = {
     "one position per pass": {"steps": 1024},
     "16 steps": {},
     "8 steps": {"steps": 8},
+    "4 steps": {"steps": 4},
     "threshold 0.9": {"threshold": 0.9},
     "threshold 0.99": {"threshold": 0.99},
     "prefix cache": {"cache": "prefix", "cache_refresh": 4},
@@ -56,6 +57,9 @@ VARIANTS = {
     "text 0.9 / speech 0.7 + prefix cache (refresh 8)": {"text_threshold": 0.9, "speech_threshold": 0.7,
                                                          "cache": "prefix", "cache_refresh": 8},
     "prefix cache (refresh 16)": {"cache": "prefix", "cache_refresh": 16},
+    # images: the evaluation fills them in random order; with a threshold, confidence order
+    "threshold 0.9 (probability order)": {"threshold": 0.9, "confidence": "probability"},
+    "threshold 0.8 (probability order)": {"threshold": 0.8, "confidence": "probability"},
 }
 #: the figure of merit of each task, and whether higher is better
 SCORE = {"t2i": ("overall", True), "s2i": ("overall", True), "caption": ("exact_match", True),
@@ -87,16 +91,21 @@ def generate(pipe: AnyToAny, cases, sampler: SamplerConfig, batch: int) -> tuple
                      "seconds_per_sample": (prepare_s + sample_s + decode_s) / n}
 
 
-def measure(pipe: AnyToAny, cases, task: str, sampler: SamplerConfig, batch: int, recognizer) -> dict:
+def timed(pipe: AnyToAny, cases, task: str, sampler: SamplerConfig, batch: int) -> tuple[list, dict]:
+    """A variant's outputs and its passes and times per sample (no scoring: see `scored`)."""
     outputs, seconds = generate(pipe, cases, sampler, batch)
+    return outputs, {"passes": float(np.mean([o.steps for o in outputs])), **seconds}
+
+
+def scored(cases, task: str, outputs: list, recognizer) -> dict:
+    """The task's figure of merit of a variant's outputs."""
     speaks = TASKS[task].speaks
     score = TASKS[task].score(cases, [prediction(o, recognizer if speaks else None) for o in outputs])
     key, _ = SCORE[task]
     if key not in score:  # TTS without a recogniser: no accuracy
         key = next(iter(score))
-    return {"passes": float(np.mean([o.steps for o in outputs])), **seconds,
-            "metric": key, "score": score[key], **({"says_it": score["spoken_answer_says_it"]}
-                                                    if "spoken_answer_says_it" in score else {})}
+    return {"metric": key, "score": score[key], **({"says_it": score["spoken_answer_says_it"]}
+                                                   if "spoken_answer_says_it" in score else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,25 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     names = [v for v in args.variants.split("|") if v]
     results: dict = {"machine": {"threads": args.threads, "torch": torch.__version__},
                      "vocoder_iterations": getattr(pipe.speech_codec, "griffin_lim_iterations", None), "tasks": {}}
-    print(f"{'task':6} {'variant':44} {'passes':>7} {'s/sample':>9} {'vs 16':>7} {'vs 1/pass':>9} "
-          f"{'sampler s':>9} {'vs 16':>7} {'score':>7}")
+    # Every variant of every task is generated and timed before any is transcribed: after
+    # Whisper (CTranslate2) has run in this process, torch's inputs and decoding ran 2-3x
+    # slower, which would charge later variants for the transcription of earlier ones.
+    generated = {}
     for task in tasks:
         cases = load_cases(cfg, task)
         start = image_base if "image" in TASKS[task].outputs else base
-        rows = {}
-        for name in names:
-            rows[name] = measure(pipe, cases, task, replace(start, **VARIANTS[name]), args.batch, recognizer)
-        reference = rows.get("16 steps", next(iter(rows.values())))
-        slowest = rows.get("one position per pass", reference)
-        for name, row in rows.items():
-            row["speed_up"] = reference["seconds_per_sample"] / row["seconds_per_sample"]
-            row["speed_up_vs_one_per_pass"] = slowest["seconds_per_sample"] / row["seconds_per_sample"]
-            row["sampler_speed_up"] = reference["sampler_s"] / row["sampler_s"]
-            print(f"{task:6} {name:44} {row['passes']:7.1f} {row['seconds_per_sample']:9.3f} "
-                  f"{row['speed_up']:6.2f}x {row['speed_up_vs_one_per_pass']:8.1f}x {row['sampler_s']:9.3f} "
-                  f"{row['sampler_speed_up']:6.2f}x {row['score']:7.3f}"
-                  + (f" (says it {row['says_it']:.3f})" if "says_it" in row else ""))
-        results["tasks"][task] = {"n": len(cases), "variants": rows}
+        generated[task] = (cases, {name: timed(pipe, cases, task, replace(start, **VARIANTS[name]), args.batch)
+                                   for name in names})
     if "t2i" in tasks and args.scaling:
         cases = load_cases(replace(cfg, max_per_task=max(int(b) for b in args.scaling.split(","))), "t2i")
         scaling = []
@@ -167,6 +166,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  batch {row['batch']:3d}: {row['seconds_per_sample']:.3f} s/sample ({row['speed_up']:.2f}x), "
                   f"sampler {row['sampler_s']:.3f} s/sample")
         results["t2i_batch_scaling"] = scaling
+    print(f"{'task':6} {'variant':44} {'passes':>7} {'s/sample':>9} {'vs 16':>7} {'vs 1/pass':>9} "
+          f"{'sampler s':>9} {'vs 16':>7} {'score':>7}")
+    for task, (cases, variants) in generated.items():
+        rows = {name: {**row, **scored(cases, task, outputs, recognizer)}
+                for name, (outputs, row) in variants.items()}
+        reference = rows.get("16 steps", next(iter(rows.values())))
+        slowest = rows.get("one position per pass", reference)
+        for name, row in rows.items():
+            row["speed_up"] = reference["seconds_per_sample"] / row["seconds_per_sample"]
+            row["speed_up_vs_one_per_pass"] = slowest["seconds_per_sample"] / row["seconds_per_sample"]
+            row["sampler_speed_up"] = reference["sampler_s"] / row["sampler_s"]
+            print(f"{task:6} {name:44} {row['passes']:7.1f} {row['seconds_per_sample']:9.3f} "
+                  f"{row['speed_up']:6.2f}x {row['speed_up_vs_one_per_pass']:8.1f}x {row['sampler_s']:9.3f} "
+                  f"{row['sampler_speed_up']:6.2f}x {row['score']:7.3f}"
+                  + (f" (says it {row['says_it']:.3f})" if "says_it" in row else ""))
+        results["tasks"][task] = {"n": len(cases), "variants": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
