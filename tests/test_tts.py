@@ -39,7 +39,18 @@ def test_engine_speech_is_recognised():
 
     asr = WhisperRecognizer()
     audio = get_engine("hibari").synthesize(TEXT)
-    assert word_error_rate([TEXT], [asr.transcribe(audio, 16000)]) <= 0.15
+    heard = asr.transcribe(audio, 16000)
+    assert word_error_rate([TEXT], [heard]) <= 0.15
+    # Whisper runs in a child process (its OpenMP runtime slows this process's torch) and
+    # hears there exactly what it hears in this process
+    import os
+
+    assert asr.pid != os.getpid()
+    here = WhisperRecognizer(isolated=False)
+    assert here.pid == os.getpid() and here.transcribe(audio, 16000) == heard
+    asr.close()
+    with pytest.raises(FileNotFoundError, match="no Whisper model"):
+        WhisperRecognizer(model_path="/nonexistent/whisper")
 
 
 def test_synthesize_stage_writes_wavs_once(tmp_path):

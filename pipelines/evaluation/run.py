@@ -111,6 +111,8 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         logger.info("%s: %s", task, result)
     if "t2i" in cfg.tasks and cfg.step_curve:
         metrics["t2i_steps"] = step_curve(pipe, cfg, load_cases(cfg, "t2i"))
+    if hasattr(recognizer, "close"):
+        recognizer.close()  # the isolated Whisper's child process
     metrics["chance"] = chance_levels()
     write_report(out_dir, metrics, examples, cfg.runs, cfg.grid, cfg.wavs)
     return metrics
