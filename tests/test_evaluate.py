@@ -196,3 +196,92 @@ def test_presets_are_calibrated_from_training_shards(tmp_path):
     presets = calibrate_presets([str(tmp_path)], ByteTokenizer(), quantile=0.5)
     assert presets.tts_codes_per_token == 4.0 and presets.asr_tokens_per_second == 4.0
     assert presets.text == 7 and presets.spoken == 16 and presets.boa_fraction == round(3 / 16, 3)
+
+
+def _users_set(root):
+    """A user's own evaluation set in the published format: one manifest file of mixed
+    tasks, their images (no world scene recorded) and real neural speech (hibari)."""
+    import soundfile as sf
+
+    from pipelines.tts import get_engine
+
+    (root / "media").mkdir(parents=True)
+    for i in range(3):
+        render(make_scene(11, i), 32).save(root / "media" / f"photo{i}.png")
+    tts = get_engine("hibari")
+    spoken = ["the quick brown fox", "three red circles", "good morning"]
+    for i, text in enumerate(spoken):
+        sf.write(root / "media" / f"clip{i}.wav", tts.synthesize(text), 16000)
+    humans = [["2"] * 4 + ["two"] * 2 + ["3"] * 4, ["red"] * 10, ["yes"] * 2 + ["no"] * 8]
+    rows = []
+    for i in range(3):
+        image = [f"media/photo{i}.png"]
+        rows += [
+            {"task": "vqa", "messages": [{"role": "user", "content": "<|image|>how many?"},
+                                         {"role": "assistant", "content": humans[i][0]}],
+             "images": image, "audios": [], "meta": {"answers": humans[i]}},
+            {"task": "caption", "messages": [{"role": "user", "content": "<|image|>Describe it."},
+                                             {"role": "assistant", "content": f"caption {i}"}],
+             "images": image, "audios": [], "meta": {"captions": [f"a photo of thing {i} on a table", f"thing {i} pictured on a table"]}},
+            {"task": "t2i", "messages": [{"role": "user", "content": f"Draw thing {i}."},
+                                         {"role": "assistant", "content": "<|image|>"}],
+             "images": image, "audios": []},
+            {"task": "asr", "messages": [{"role": "user", "content": "Transcribe.<|audio|>"},
+                                         {"role": "assistant", "content": spoken[i].capitalize() + "."}],
+             "images": [], "audios": [f"media/clip{i}.wav"]},
+            {"task": "tts", "messages": [{"role": "user", "content": f"Say this.\n{spoken[i]}"},
+                                         {"role": "assistant", "content": "<|audio|>"}],
+             "images": [], "audios": [f"media/clip{i}.wav"]},
+        ]
+    path = root / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_users_manifest_of_any_tasks_is_scored_with_the_fields_metrics(tmp_path):
+    manifest = _users_set(tmp_path / "set")
+    cfg = EvalConfig(data_root=str(tmp_path / "set"), manifests=(str(manifest),), max_per_task=8)
+    vqa, caption, t2i = (load_cases(cfg, t) for t in ("vqa", "caption", "t2i"))
+    assert len(vqa) == 3 and vqa[0].references[:4] == ["2"] * 4 and load_cases(cfg, "svqa") == []
+    # the scorers read the manifest's own references: VQA v2 accuracy over ten humans
+    # (the first question: "two" matches 6 of 10), every reference caption
+    answers = [Prediction(text) for text in ("two", "red", "maybe")]
+    assert TASKS["vqa"].score(vqa, answers)["vqa_accuracy"] == pytest.approx((1 + 1 + 0) / 3)
+    assert TASKS["vqa"].score(vqa, answers)["exact_match"] == pytest.approx(2 / 3)  # the rows' own answers
+    right = TASKS["caption"].score(caption, [Prediction(f"Thing {i} pictured on a table.") for i in range(3)])
+    assert right["exact_match"] == 1.0 and right["bleu4"] == pytest.approx(1.0) and right["cider"] > 1
+    assert TASKS["t2i"].score(t2i, [Prediction(image=render(make_scene(0, 0)))] * 3) == {"unscored": 3.0}
+    # the whole evaluation on it, with an untrained model: only the manifest's tasks,
+    # the field's metrics in the report
+    text, image_tok = ByteTokenizer(), MagVitTokenizer.from_pretrained(IMAGE_TOKENIZER)
+    codec = small_codec(codebook_size=64, d_model=64, layers=2, seed=0)
+    codec.save_pretrained(tmp_path / "codec")
+    vocab = Vocab.fresh(text.vocab_size, image_tok.codebook_size, codec.codebook_size)
+    toy_model(vocab, hidden=64, layers=2, seed=0).save_pretrained(tmp_path / "model")
+    vocab.save(tmp_path / "model")
+
+    class Recognizer:  # stands in for Whisper, which this test does not need to load
+        def transcribe(self, wave, rate):
+            return "the quick brown dog"
+
+    metrics = evaluate(replace(cfg, model=str(tmp_path / "model"), image_tokenizer=str(IMAGE_TOKENIZER),
+                               speech_tokenizer=str(tmp_path / "codec"), out=str(tmp_path / "report"),
+                               sampler=SamplerConfig(steps=4), calibrate_from=(), runs=(),
+                               presets=LengthPresets(text=8, speech_min=8, speech_max=16, asr_min=4)),
+                       recognizer_factory=Recognizer)
+    tasks = metrics["tasks"]
+    assert set(tasks) == {"t2i", "caption", "vqa", "asr", "tts"}
+    assert {"bleu4", "cider", "exact_match"} <= set(tasks["caption"]) and "vqa_accuracy" in tasks["vqa"]
+    assert {"wer", "cer"} <= set(tasks["asr"]) and tasks["t2i"]["unscored"] == 3 and "overall" not in tasks["t2i"]
+    assert {"intelligibility_wer", "intelligibility_cer"} <= set(tasks["tts"])
+    assert "t2i_steps" not in metrics  # no scenes: no checker curve
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert str(manifest) in report and "| caption | 3 | cider |" in report and "| vqa | 3 | vqa_accuracy |" in report
+    # a bad row is refused with where it is
+    manifest.write_text(manifest.read_text() + json.dumps(
+        {"task": "vqa", "messages": [{"role": "user", "content": "<|image|>q"}, {"role": "assistant", "content": "a"}],
+         "images": ["media/photo0.png"], "audios": [], "meta": {"answers": "red"}}) + "\n")
+    with pytest.raises(ValueError, match=r"mine.jsonl:16: meta.answers must be a non-empty list"):
+        load_cases(replace(cfg, max_per_task=99), "vqa")
+    with pytest.raises(FileNotFoundError, match="no such file or folder: .*nope.jsonl"):
+        load_cases(replace(cfg, manifests=(str(tmp_path / "nope.jsonl"),)), "vqa")

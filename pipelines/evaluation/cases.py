@@ -22,18 +22,30 @@ def manifest_for(task: str, manifests: Sequence[str]) -> Path | None:
 
 
 def load_cases(cfg, task: str) -> list[Case]:
-    """The first `cfg.max_per_task` examples of `task` from `cfg.manifests` (media under
-    `cfg.data_root`, checked and loaded)."""
+    """The first `cfg.max_per_task` examples of `task` (media under `cfg.data_root`,
+    checked and loaded) from `cfg.manifests`: folders of per-task manifests (the first
+    `{task}.jsonl` among them), then manifest files, whose rows of `task` are read (a
+    user's own set: one file, any tasks, each row naming its `task`)."""
     root = Path(cfg.data_root)
-    path = manifest_for(task, cfg.manifests)
-    if path is None:
-        logger.warning("no held-out manifest for %s in %s", task, cfg.manifests)
-        return []
-    cases = []
-    for _, line in read_lines(path):
-        cases.append(case_of(parse_line(line, root), root))
-        if len(cases) >= cfg.max_per_task:
-            break
+    sources = [p for p in [manifest_for(task, [m for m in cfg.manifests if Path(m).is_dir()])] if p is not None]
+    files = [Path(m) for m in cfg.manifests if Path(m).is_file()]
+    missing = [m for m in cfg.manifests if not Path(m).exists()]
+    if missing:
+        raise FileNotFoundError(f"evaluate.manifests: no such file or folder: {', '.join(map(str, missing))}")
+    cases: list[Case] = []
+    for path in sources + files:
+        for number, line in read_lines(path):
+            try:
+                sample = parse_line(line, root)
+                if sample.task != task:
+                    continue
+                cases.append(case_of(sample, root))
+            except (ValueError, OSError) as err:  # ManifestError is a ValueError
+                raise ValueError(f"{path}:{number}: {err}") from err
+            if len(cases) >= cfg.max_per_task:
+                return cases
+    if not cases:
+        logger.warning("no held-out examples of %s in %s", task, cfg.manifests)
     return cases
 
 
@@ -48,7 +60,19 @@ def case_of(sample: Sample, root: Path) -> Case:
     scene = Scene.from_dict(meta["scene"]) if "scene" in meta else None
     outputs = sample.spoken_outputs()
     spoken = audio_at(resolve_media(root, outputs[-1])) if outputs else None
-    return Case(sample.task, inputs, spec(sample.task).reference(sample), scene, prompt=user, answer_audio=spoken)
+    return Case(sample.task, inputs, spec(sample.task).reference(sample), scene, prompt=user, answer_audio=spoken,
+                references=_references(meta))
+
+
+def _references(meta: dict) -> list[str] | None:
+    """`meta.answers` (VQA's human answers) or `meta.captions` (reference captions)."""
+    for key in ("answers", "captions"):
+        if key in meta:
+            refs = meta[key]
+            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+                raise ValueError(f"meta.{key} must be a non-empty list of strings, got {refs!r}")
+            return refs
+    return None
 
 
 def audio_at(path: Path) -> Audio:

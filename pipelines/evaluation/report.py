@@ -28,7 +28,8 @@ def format_report(metrics: dict) -> str:
                 continue
             guess = f"{prior[key]:.3f}" if key in prior else ""
             rows.append(f"| {task} | {result['n']} | {key} | {value:.3f} | {guess} | {result['mean_steps']:.1f} |")
-    text = "# Evaluation on held-out world scenes\n\n" + "\n".join(rows) + "\n"
+    sources = ", ".join(f"`{m}`" for m in metrics.get("manifests", [])) or "held-out world scenes"
+    text = f"# Evaluation\n\nModel `{metrics.get('model', '?')}` on {sources}.\n\n" + "\n".join(rows) + "\n"
     if metrics.get("t2i_steps"):
         text += "\n## Text-to-image accuracy against sampler steps\n\n"
         text += "| steps | position penalty | overall | colour | shape | seconds |\n|---|---|---|---|---|---|\n"
@@ -37,7 +38,11 @@ def format_report(metrics: dict) -> str:
                      f"| {r['shape']:.3f} | {r['seconds']} |\n")
     text += ("\nPrior guess: each case answered with another held-out case's right output (the "
              "render of another scene, another caption, another answer): what knowing the world "
-             f"but not the input scores. Uniform chance for VQA: {metrics['chance']['vqa']:.3f}.\n")
+             f"but not the input scores. Uniform chance for the world's VQA: {metrics['chance']['vqa']:.3f}.\n"
+             "Metrics: WER/CER after Whisper's English normaliser (jiwer); VQA exact match and VQA "
+             "accuracy (VQA v2's answer normalisation); captions exact match (any reference), corpus "
+             "BLEU-4 (sacrebleu) and CIDEr-D (pycocoevalcap); images by the world's checker where the "
+             "scene is known (`unscored`: cases without one).\n")
     return text
 
 

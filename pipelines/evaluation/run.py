@@ -31,7 +31,9 @@ class EvalConfig:
     image_tokenizer: str = "runs/tokenizers/image"
     speech_tokenizer: str = "runs/tokenizers/speech"
     data_root: str = "runs/world"
-    #: held-out manifests: {task}.jsonl for t2i, caption, vqa, asr, tts, svqa, s2i
+    #: held-out manifests (the published format): folders of {task}.jsonl (t2i, caption,
+    #: vqa, asr, tts, svqa, s2i; the first folder holding a task's file), and/or .jsonl
+    #: files of any tasks, each row naming its `task` (a user's own sets)
     manifests: tuple[str, ...] = ("runs/world/manifests/eval", "runs/world/manifests/sdvi_eval")
     out: str = "runs/report"
     tasks: tuple[str, ...] = ("t2i", "s2i", "caption", "vqa", "asr", "tts", "svqa")
@@ -91,7 +93,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
 
             recognizer_factory = WhisperRecognizer
         recognizer = recognizer_factory()
-    metrics: dict[str, Any] = {"model": cfg.model, "tasks": {}}
+    metrics: dict[str, Any] = {"model": cfg.model, "manifests": list(cfg.manifests), "tasks": {}}
     examples: dict[str, list] = {}
     for task in tqdm(cfg.tasks, desc="evaluate", unit="task"):
         cases = load_cases(cfg, task)
@@ -110,7 +112,9 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         examples[task] = list(zip(cases, outputs))
         logger.info("%s: %s", task, result)
     if "t2i" in cfg.tasks and cfg.step_curve:
-        metrics["t2i_steps"] = step_curve(pipe, cfg, load_cases(cfg, "t2i"))
+        known = [c for c in load_cases(cfg, "t2i") if c.scene is not None]  # the checker needs the scene
+        if known:
+            metrics["t2i_steps"] = step_curve(pipe, cfg, known)
     if hasattr(recognizer, "close"):
         recognizer.close()  # the isolated Whisper's child process
     metrics["chance"] = chance_levels()

@@ -19,7 +19,8 @@ from PIL import Image
 
 from omni_model.pipeline import Audio
 from omni_model.templates import AUDIO_PLACEHOLDER
-from pipelines.evaluation.scores import exact_match, says, score_images, word_error_rate
+from pipelines.evaluation.scores import exact_match, says, score_images
+from pipelines.evaluation.standard import asr_scores, caption_scores, vqa_accuracy
 from pipelines.manifest import Sample
 from pipelines.world import Scene, captions, render
 
@@ -34,6 +35,9 @@ class Case:
     scene: Scene | None = None
     prompt: str = ""
     answer_audio: Audio | None = None  #: spoken VQA: the reference spoken answer
+    #: every accepted answer where the manifest gives several (`meta.answers`: VQA's human
+    #: answers; `meta.captions`: reference captions); None: `reference` alone
+    references: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,31 +84,46 @@ def _text_to_speak(sample: Sample) -> str:
 
 # ---------------------------------------------------------------------- scorers
 def _images(cases: Sequence[Case], answers: Sequence[Prediction]) -> dict[str, float]:
-    return score_images([c.scene for c in cases], [a.image for a in answers])
+    """The world's checker, on the cases whose scene is known (a user's own images have
+    none: counted in `unscored`)."""
+    known = [(c.scene, a.image) for c, a in zip(cases, answers) if c.scene is not None]
+    result = score_images(*map(list, zip(*known))) if known else {}
+    return {**result, **({"unscored": float(len(cases) - len(known))} if len(known) < len(cases) else {})}
 
 
 def caption_wordings(cases: Sequence[Case]) -> list[list[str]]:
-    """The captions accepted for each case: every world wording of its scene (training
-    captions use three, so one reference would mark two thirds of the right ones wrong)."""
-    return [captions(c.scene) if c.scene is not None else [c.reference] for c in cases]
+    """The captions accepted for each case: the manifest's references, or every world
+    wording of its scene (training captions use three, so one reference would mark two
+    thirds of the right ones wrong), or the reference alone."""
+    return [c.references or (captions(c.scene) if c.scene is not None else [c.reference]) for c in cases]
 
 
 def _caption_match(cases: Sequence[Case], answers: Sequence[Prediction]) -> dict[str, float]:
-    return {"exact_match": exact_match(caption_wordings(cases), [a.text for a in answers])}
+    wordings, texts = caption_wordings(cases), [a.text for a in answers]
+    return {"exact_match": exact_match(wordings, texts), **caption_scores(wordings, texts)}
 
 
 def _exact(cases: Sequence[Case], answers: Sequence[Prediction]) -> dict[str, float]:
     return {"exact_match": exact_match([c.reference for c in cases], [a.text for a in answers])}
 
 
+def _vqa(cases: Sequence[Case], answers: Sequence[Prediction]) -> dict[str, float]:
+    """Exact match, and VQA accuracy (VQA v2's answer normalisation; with human answers
+    in `meta.answers`, min(1, matches / 3))."""
+    texts = [a.text for a in answers]
+    return {**_exact(cases, answers), "vqa_accuracy": vqa_accuracy([c.references or c.reference for c in cases], texts)}
+
+
 def _wer(cases: Sequence[Case], answers: Sequence[Prediction]) -> dict[str, float]:
-    return {"wer": word_error_rate([c.reference for c in cases], [a.text for a in answers])}
+    """WER and CER after Whisper's English normaliser."""
+    return asr_scores([c.reference for c in cases], [a.text for a in answers])
 
 
 def _intelligibility(cases: Sequence[Case], answers: Sequence[Prediction]) -> dict[str, float]:
     if any(a.heard is None for a in answers):  # no recogniser: only how much was said
         return {"mean_speech_codes": float(np.mean([a.speech_codes for a in answers]))}
-    return {"intelligibility_wer": word_error_rate([c.reference for c in cases], [a.heard for a in answers])}
+    scores = asr_scores([c.reference for c in cases], [a.heard for a in answers])
+    return {"intelligibility_wer": scores["wer"], "intelligibility_cer": scores["cer"]}
 
 
 def _spoken_answer(cases: Sequence[Case], answers: Sequence[Prediction]) -> dict[str, float]:
@@ -152,7 +171,7 @@ TASKS: dict[str, TaskSpec] = {
     "t2i": TaskSpec(("image",), _caption, _images, _render_of),
     "s2i": TaskSpec(("image",), _caption, _images, _render_of),
     "caption": TaskSpec(("text",), _answer, _caption_match, _text_of),
-    "vqa": TaskSpec(("text",), _answer, _exact, _text_of),
+    "vqa": TaskSpec(("text",), _answer, _vqa, _text_of),
     "asr": TaskSpec(("text",), _answer, _wer, _text_of),
     "tts": TaskSpec(("speech",), _text_to_speak, _intelligibility),  # a guess needs a recogniser
     "svqa": TaskSpec(("text", "speech"), _answer, _spoken_answer, _spoken_text_of, spoken_ceilings),
