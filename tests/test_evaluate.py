@@ -175,6 +175,11 @@ def test_tasks_are_a_table_and_an_unknown_task_is_refused_by_name():
     assert heard == {"exact_match": 0.5, "spoken_answer_says_it": 0.5}
     assert TASKS["svqa"].score(cases, [Prediction("three"), Prediction("red")]) == {"exact_match": 1.0}
     assert prior_guess("svqa", cases) == {"exact_match": 0.0, "spoken_answer_says_it": 0.0}
+    # a yes/no VQA set (POPE, MME) gets their scores; the image groups MME's two questions
+    pope = [Case("vqa", [], "yes", group="p"), Case("vqa", [], "no", group="p")]
+    scores = TASKS["vqa"].score(pope, [Prediction("Yes"), Prediction("yes")])
+    assert scores["yes_no_f1"] == pytest.approx(2 / 3) and scores["yes_no_accuracy_plus"] == 0.0
+    assert "yes_no_f1" not in TASKS["vqa"].score(cases[:1], [Prediction("three")])
 
 
 def test_presets_are_calibrated_from_training_shards(tmp_path):

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from pipelines.evaluation.standard import asr_scores, caption_scores, normalise, vqa_accuracy, vqa_normalise
+from pipelines.evaluation.standard import (asr_scores, caption_scores, normalise, vqa_accuracy, vqa_normalise,
+                                          yes_no_scores)
 from pipelines.world import captions, make_scene
 
 
@@ -68,3 +69,15 @@ def test_bleu_and_cider_rank_right_captions_over_wrong_ones():
     assert caption_scores(uneven, hyps)["bleu4"] == pytest.approx(caption_scores(padded, hyps)["bleu4"])
     with pytest.raises(ValueError, match="without a reference"):
         caption_scores([[]], ["x"])
+
+
+def test_yes_no_sets_get_popes_and_mmes_scores():
+    truth = ["yes", "no", "Yes", "no", "yes"]
+    said = ["Yes.", "yes, there is", "no", "No", "yes"]
+    scores = yes_no_scores(truth, said, ["a", "a", "b", "b", "c"])
+    # "yes" said 3 times, 2 of them right; 3 true "yes": precision = recall = F1 = 2/3
+    assert scores == pytest.approx({"accuracy": 3 / 5, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3,
+                                    "yes_ratio": 3 / 5, "accuracy_plus": 1 / 3})  # only image c all right
+    assert "accuracy_plus" not in yes_no_scores(["yes"], ["yes"])
+    with pytest.raises(ValueError, match="yes or no"):
+        yes_no_scores(["two"], ["2"])

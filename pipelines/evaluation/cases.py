@@ -61,7 +61,7 @@ def case_of(sample: Sample, root: Path) -> Case:
     outputs = sample.spoken_outputs()
     spoken = audio_at(resolve_media(root, outputs[-1])) if outputs else None
     return Case(sample.task, inputs, spec(sample.task).reference(sample), scene, prompt=user, answer_audio=spoken,
-                references=_references(meta))
+                references=_references(meta), group=str(meta.get("image_id") or next(iter(sample.images), "")) or None)
 
 
 def _references(meta: dict) -> list[str] | None:

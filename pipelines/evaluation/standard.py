@@ -7,6 +7,8 @@
   and contractions, as the official evaluation script does), then exact match, or with
   ten human answers per question VQA accuracy (an answer counts fully when at least
   three humans gave it: min(1, matches / 3), averaged over the ten leave-one-out subsets);
+- yes/no sets (POPE, MME): accuracy, precision/recall/F1 of "yes" and the share of
+  "yes" answers (POPE's table), and accuracy+ (MME: every question of an image right);
 - captions: corpus BLEU-4 (`sacrebleu`, every reference of a case) and CIDEr-D
   (`pycocoevalcap`, the COCO caption evaluation's own code) over lower-cased words
   without punctuation (COCO's Java PTB tokenizer is replaced by that).
@@ -20,7 +22,7 @@ import re
 from functools import lru_cache
 from typing import Sequence
 
-__all__ = ["asr_scores", "caption_scores", "normalise", "vqa_accuracy", "vqa_normalise"]
+__all__ = ["asr_scores", "caption_scores", "normalise", "vqa_accuracy", "vqa_normalise", "yes_no_scores"]
 
 
 @lru_cache(maxsize=1)
@@ -161,3 +163,31 @@ def caption_scores(references: Sequence[Sequence[str]], predictions: Sequence[st
     bleu = sacrebleu.corpus_bleu(hyps, streams, tokenize="none").score / 100
     cider, _ = Cider().compute_score({i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
     return {"bleu4": float(bleu), "cider": float(cider)}
+
+
+# ---------------------------------------------------------------------- yes/no sets
+def yes_no_scores(answers: Sequence[str], predictions: Sequence[str],
+                  groups: Sequence[str | None] | None = None) -> dict[str, float]:
+    """The scores of yes/no question sets: POPE's (accuracy, and precision, recall and F1
+    of "yes", with the share of "yes" answers given) and MME's accuracy+ (the share of
+    images, `groups`, whose every question is answered right; MME asks two per image)."""
+    if len(answers) != len(predictions):
+        raise ValueError(f"{len(answers)} answers but {len(predictions)} predictions")
+    truth = [vqa_normalise(a) for a in answers]
+    if any(t not in ("yes", "no") for t in truth):
+        raise ValueError("yes/no scores need every answer to be yes or no")
+    said = [vqa_normalise(p).split()[:1] == ["yes"] for p in predictions]
+    right = [s == (t == "yes") for s, t in zip(said, truth)]
+    tp = sum(s and t == "yes" for s, t in zip(said, truth))
+    precision = tp / max(1, sum(said))
+    recall = tp / max(1, truth.count("yes"))
+    result = {"accuracy": sum(right) / max(1, len(right)), "precision": precision, "recall": recall,
+              "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+              "yes_ratio": sum(said) / max(1, len(said))}
+    if groups is not None and any(g is not None for g in groups):
+        by: dict[str, list[bool]] = {}
+        for g, r in zip(groups, right):
+            if g is not None:
+                by.setdefault(g, []).append(r)
+        result["accuracy_plus"] = sum(all(v) for v in by.values()) / len(by)
+    return result

@@ -20,7 +20,7 @@ from PIL import Image
 from omni_model.pipeline import Audio
 from omni_model.templates import AUDIO_PLACEHOLDER
 from pipelines.evaluation.scores import exact_match, says, score_images
-from pipelines.evaluation.standard import asr_scores, caption_scores, vqa_accuracy
+from pipelines.evaluation.standard import asr_scores, caption_scores, vqa_accuracy, vqa_normalise, yes_no_scores
 from pipelines.manifest import Sample
 from pipelines.world import Scene, captions, render
 
@@ -38,6 +38,7 @@ class Case:
     #: every accepted answer where the manifest gives several (`meta.answers`: VQA's human
     #: answers; `meta.captions`: reference captions); None: `reference` alone
     references: list[str] | None = None
+    group: str | None = None  #: the questions' image (`meta.image_id`, else its first image path)
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,13 @@ def _exact(cases: Sequence[Case], answers: Sequence[Prediction]) -> dict[str, fl
 
 def _vqa(cases: Sequence[Case], answers: Sequence[Prediction]) -> dict[str, float]:
     """Exact match, and VQA accuracy (VQA v2's answer normalisation; with human answers
-    in `meta.answers`, min(1, matches / 3))."""
+    in `meta.answers`, min(1, matches / 3)); on a yes/no set also POPE's and MME's scores."""
     texts = [a.text for a in answers]
-    return {**_exact(cases, answers), "vqa_accuracy": vqa_accuracy([c.references or c.reference for c in cases], texts)}
+    result = {**_exact(cases, answers), "vqa_accuracy": vqa_accuracy([c.references or c.reference for c in cases], texts)}
+    if cases and all(vqa_normalise(c.reference) in ("yes", "no") for c in cases):  # POPE, MME
+        scores = yes_no_scores([c.reference for c in cases], texts, [c.group for c in cases])
+        result.update({f"yes_no_{k}": v for k, v in scores.items()})
+    return result
 
 
 def _wer(cases: Sequence[Case], answers: Sequence[Prediction]) -> dict[str, float]:
