@@ -39,8 +39,9 @@ def normalise(text: str) -> str:
 
 def asr_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
     """Corpus WER and CER after Whisper's normaliser. References that normalise to nothing
-    (a silent clip's empty transcript) cannot be scored by a rate and are counted apart:
-    `empty_references`, with the words their hypotheses inserted in `inserted_words`."""
+    (a silent clip's empty transcript) cannot be scored by a rate and are counted apart,
+    where there are any: `empty_references`, with the words their hypotheses inserted in
+    `inserted_words`."""
     import jiwer
 
     if len(references) != len(hypotheses):
@@ -48,7 +49,8 @@ def asr_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str
     pairs = [(normalise(r), normalise(h)) for r, h in zip(references, hypotheses)]
     scored = [(r, h) for r, h in pairs if r.strip()]
     empty = [h for r, h in pairs if not r.strip()]
-    result = {"empty_references": float(len(empty)), "inserted_words": float(sum(len(h.split()) for h in empty))}
+    result = {"empty_references": float(len(empty)),
+              "inserted_words": float(sum(len(h.split()) for h in empty))} if empty else {}
     if not scored:
         return {"wer": float("nan"), "cer": float("nan"), **result}
     refs, hyps = zip(*scored)
