@@ -39,16 +39,17 @@ def fingerprint(name: str, config: Mapping[str, Any], state: Mapping[str, torch.
 
 
 def load_strict(module: nn.Module, folder: str | Path, device: str | torch.device = "cpu",
-                skip: tuple[str, ...] = ()) -> None:
+                skip: tuple[str, ...] = (), unused: tuple[str, ...] = ()) -> None:
     """Load `folder/model.safetensors` into `module`: every name and shape must match.
 
     `skip` names state entries the module computes itself (e.g. derived buffers) that a
-    checkpoint may or may not carry.
+    checkpoint may or may not carry; `unused` prefixes checkpoint entries the format
+    holds but this module does not run (e.g. an encoder's layers after the codes).
     """
     path = Path(folder) / WEIGHTS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {folder}")
-    state = load_file(str(path), device=str(device))
+    state = {k: v for k, v in load_file(str(path), device=str(device)).items() if not k.startswith(unused)}
     expected = {k: v.shape for k, v in module.state_dict().items()}
     missing = sorted(k for k in set(expected) - set(state) if k not in skip)
     unexpected = sorted(set(state) - set(expected))

@@ -60,26 +60,45 @@ class WhisperVQConfig:
     encoder_causal_convolution: bool = True
     activation_function: str = "gelu"
     #: How frames attend to each other. `causal` (each frame sees itself and earlier
-    #: frames) is what the reference outputs of `glm4voice_tiny_a` were computed with;
-    #: `block_causal` is the mask GLM-4-Voice's source builds from
-    #: `quantize_causal_block_size` (full attention inside a block, causal across blocks);
-    #: `full` is plain Whisper. Not a key of the original config; saved with ours.
-    attention_mode: str = "causal"
+    #: frames), `block_causal` (also every frame of its own block of
+    #: `quantize_causal_block_size` frames) or `full` (plain Whisper). Not a key of the
+    #: original config: None derives it as GLM-4-Voice's code does, from
+    #: `encoder_causal_attention` / `quantize_causal_encoder` (causal layers) and
+    #: `quantize_causal_block_size` (the block mask, else the padding mask alone).
+    #: Configs this project writes carry it.
+    attention_mode: str | None = None
     #: Keys of the source config we do not interpret, written back unchanged.
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.attention_mode is None:
+            causal = self.extra.get("encoder_causal_attention") or self.extra.get("quantize_causal_encoder")
+            mode = "causal" if causal else "block_causal" if self.quantize_causal_block_size else "full"
+            object.__setattr__(self, "attention_mode", mode)
+        # what GLM-4-Voice's WhisperVQEncoder cannot run, or runs without making codes
+        if self.attention_mode not in ("causal", "block_causal", "full"):
+            raise ValueError(f"unknown attention_mode {self.attention_mode!r} (causal, block_causal or full)")
+        if self.attention_mode == "block_causal" and not self.quantize_causal_block_size:
+            raise ValueError("attention_mode block_causal needs quantize_causal_block_size")
+        if self.pooling_kernel_size is not None and self.pooling_type not in ("avg", "max"):
+            raise ValueError(f"pooling_type {self.pooling_type!r}: GLM-4-Voice pools with 'avg' or 'max'")
+        if self.quantize_vocab_size is None:
+            raise ValueError("quantize_vocab_size is null: the checkpoint has no codebook and makes no speech codes")
+        layers = self.quantize_position if self.quantize_encoder_only else self.encoder_layers
+        if not 1 <= self.quantize_position <= layers:
+            raise ValueError(f"quantize_position {self.quantize_position} is not a layer of the "
+                             f"{layers}-layer encoder: no codes would be made")
+        if self.pooling_position is not None and self.pooling_position > self.quantize_position:
+            raise ValueError(f"pooling_position {self.pooling_position} lies after quantize_position "
+                             f"{self.quantize_position} (the original asserts quantize_position >= pooling_position)")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"activation_function {self.activation_function!r}: one of {sorted(ACTIVATIONS)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WhisperVQConfig":
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        cfg = cls(**{k: v for k, v in data.items() if k in names},
-                  extra={k: v for k, v in data.items() if k not in names})
-        if cfg.pooling_type != "avg":
-            raise ValueError(f"pooling_type {cfg.pooling_type!r} is not supported (only 'avg')")
-        if cfg.attention_mode not in ("causal", "block_causal", "full"):
-            raise ValueError(f"unknown attention_mode {cfg.attention_mode!r}")
-        if not cfg.quantize_encoder_only:
-            raise ValueError("only quantize_encoder_only checkpoints are speech tokenizers")
-        return cfg
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra)
@@ -93,8 +112,28 @@ class WhisperVQConfig:
         return 2  # conv1 stride 1, conv2 stride 2
 
     @property
+    def pools(self) -> bool:
+        """Whether the encoder pools: a kernel, and a pooling layer at or before quantization."""
+        return bool(self.pooling_kernel_size and self.pooling_position
+                    and self.pooling_position <= self.quantize_position)
+
+    @property
     def pool(self) -> int:
-        return self.pooling_kernel_size or 1
+        """Frames per code after the convolutions (1 without pooling)."""
+        return self.pooling_kernel_size if self.pools else 1
+
+
+#: `activation_function` values (transformers' names) of the encoder layers' feed-forward
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
 
 
 class CausalConv1d(nn.Conv1d):
@@ -126,8 +165,9 @@ class WhisperAttention(nn.Module):
 
 
 class WhisperEncoderLayer(nn.Module):
-    def __init__(self, dim: int, heads: int, ffn: int) -> None:
+    def __init__(self, dim: int, heads: int, ffn: int, activation: str = "gelu") -> None:
         super().__init__()
+        self.activation = ACTIVATIONS[activation]
         self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.self_attn = WhisperAttention(dim, heads)
         self.final_layer_norm = nn.LayerNorm(dim)
@@ -136,16 +176,18 @@ class WhisperEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
 
 
 def frame_attention_mask(valid: torch.Tensor, mode: str, block: int | None) -> torch.Tensor:
     """Additive `[B, 1, N, N]` mask over frames; padding keys are always hidden.
 
-    `causal`: key j visible to query i when j <= i; `block_causal`: also when both lie
-    in the same block of `block` frames; `full`: all keys. Additive (finfo.min) rather
-    than boolean, like the reference, so a padding query that may attend to nothing
-    still gets a finite softmax.
+    `causal`: key j visible to query i when j <= i, padding or not (GLM-4-Voice's causal
+    layers run SDPA's `is_causal` without the padding mask; padding only follows the
+    frames, so no real frame sees it); `block_causal`: also when both lie in the same
+    block of `block` frames; `full`: all keys. Additive (finfo.min) rather than boolean,
+    like the reference, so a padding query that may attend to nothing still gets a
+    finite softmax.
     """
     b, n = valid.shape
     idx = torch.arange(n, device=valid.device)
@@ -155,7 +197,7 @@ def frame_attention_mask(valid: torch.Tensor, mode: str, block: int | None) -> t
         allowed = idx[None, :] <= idx[:, None]
         if mode == "block_causal" and block:
             allowed = allowed | (idx[None, :] // block == idx[:, None] // block)
-    allowed = allowed[None] & valid.bool()[:, None, :]
+    allowed = allowed[None] & (valid.bool()[:, None, :] if mode != "causal" else True)
     mask = torch.zeros(b, 1, n, n, device=valid.device)
     return mask.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
 
@@ -175,10 +217,11 @@ class WhisperVQEncoder(nn.Module):
             self.conv2 = CausalConv1d(cfg.d_model, cfg.d_model, 3, stride=2)
         self.embed_positions = nn.Embedding(cfg.max_source_positions, cfg.d_model)
         self.layers = nn.ModuleList(
-            WhisperEncoderLayer(cfg.d_model, cfg.encoder_attention_heads, cfg.encoder_ffn_dim)
-            for _ in range(cfg.quantize_position))
+            WhisperEncoderLayer(cfg.d_model, cfg.encoder_attention_heads, cfg.encoder_ffn_dim,
+                                cfg.activation_function)
+            for _ in range(cfg.quantize_position))  # the layers after quantization make no codes
         self.codebook = nn.Embedding(cfg.quantize_vocab_size, cfg.d_model)
-        self.embed_positions2 = nn.Embedding(math.ceil(cfg.max_source_positions / cfg.pool),
+        self.embed_positions2 = nn.Embedding(math.ceil(cfg.max_source_positions / (cfg.pooling_kernel_size or 1)),
                                              cfg.d_model)
 
     def hidden_states(self, features: torch.Tensor, attention_mask: torch.Tensor
@@ -200,9 +243,10 @@ class WhisperVQEncoder(nn.Module):
             if cfg.pooling_kernel_size and i + 1 == cfg.pooling_position:
                 k = cfg.pooling_kernel_size
                 h = h.transpose(1, 2)
-                if h.shape[-1] % k:
+                if h.shape[-1] % k:  # zero-padded, as the original (zeros count in the window)
                     h = F.pad(h, (0, k - h.shape[-1] % k))
-                h = F.avg_pool1d(h, k).transpose(1, 2)
+                pool = F.max_pool1d if cfg.pooling_type == "max" else F.avg_pool1d
+                h = pool(h, k).transpose(1, 2)
                 valid = valid[:, ::k]
                 mask = frame_attention_mask(valid, cfg.attention_mode, block and block // k)
         return h, valid
@@ -347,7 +391,10 @@ class GLM4VoiceTokenizer(nn.Module):
                             hop_length=int(p.get("hop_length", mel.hop_length)),
                             n_mels=int(p.get("feature_size", mel.n_mels)))
         model = cls(config, mel, decoder).to(device)
-        load_strict(model.encoder, path, device)
+        # a full encoder (quantize_encoder_only false) holds layers past the codes and a final
+        # norm; an EMA-trained codebook its running counts: the format's, not the codes'
+        after = tuple(f"layers.{i}." for i in range(config.quantize_position, config.encoder_layers))
+        load_strict(model.encoder, path, device, unused=(*after, "layer_norm.", "ema_count", "ema_weight"))
         return model.eval()
 
     def save_pretrained(self, path: str | Path) -> Path:
