@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -52,6 +53,10 @@ class TransformerConfig:
     num_key_value_heads: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    #: transformers' RoPE variants, as Dream's rotary embedding reads them: None (default),
+    #: {"rope_type": linear | dynamic | yarn | longrope | llama3, "factor": ..., ...}
+    rope_scaling: dict | None = None
+    hidden_act: str = "silu"  #: the MLP's gate activation (transformers' names)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -83,6 +88,15 @@ class TransformerConfig:
             raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
         if self.image_position_embeddings and (self.image_start_token_id is None or self.image_end_token_id is None):
             raise ValueError("image_position_embeddings needs image_start_token_id and image_end_token_id")
+        # what Dream's code cannot run (its rotary tables would not fit the heads)
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r}: one of {sorted(ACTIVATIONS)}")
+        if self.extra.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor: Dream rotates every dimension of a head (1.0 only)")
+        if self.extra.get("head_dim") not in (None, self.head_dim):
+            raise ValueError(f"head_dim {self.extra['head_dim']}: Dream's heads are hidden_size / "
+                             f"num_attention_heads = {self.head_dim}")
+        rope_parameters(self, None)  # an unknown RoPE type or a missing parameter fails here
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TransformerConfig":
@@ -92,7 +106,7 @@ class TransformerConfig:
         return cls(**known, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"architectures": ["DreamModel"], "model_type": "Dream", "hidden_act": "silu",
+        out = {"architectures": ["DreamModel"], "model_type": "Dream",
                "torch_dtype": "float32", "use_cache": False}
         out.update(self.extra)
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -121,14 +135,105 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+#: `hidden_act` values (transformers' names) of the MLP's gate
+ACTIVATIONS = {
+    "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def rope_parameters(config: "TransformerConfig", seq_len: int | None,
+                    device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies `[head_dim / 2]` and the cos/sin scale of `config`'s RoPE, as
+    transformers' rope initialisers (which Dream's rotary embedding calls) compute them.
+    `seq_len`: the longest position + 1 of this pass (NTK-dynamic scaling grows the base
+    past `max_position_embeddings`; Dream keeps the grown table for later, shorter
+    passes, here each pass computes its own)."""
+    rope = dict(config.rope_scaling or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r}: one of {ROPE_TYPES}")
+
+    def need(*keys: str) -> list:
+        missing = [k for k in keys if rope.get(k) is None]
+        if missing:
+            raise ValueError(f"rope_scaling ({kind}) needs {missing}")
+        return [rope[k] for k in keys]
+
+    dim, base = config.head_dim, config.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    scale = 1.0
+    if kind == "default":
+        inv_freq = 1.0 / base ** exponents
+    elif kind == "linear":
+        (factor,) = need("factor")
+        inv_freq = 1.0 / base ** exponents / factor
+    elif kind == "dynamic":
+        (factor,) = need("factor")
+        longest = max(seq_len or 0, config.max_position_embeddings)
+        base = base * ((factor * longest / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+        inv_freq = 1.0 / base ** exponents
+    elif kind == "llama3":
+        factor, low, high, old = need("factor", "low_freq_factor", "high_freq_factor",
+                                      "original_max_position_embeddings")
+        inv_freq = 1.0 / base ** exponents
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        (factor,) = need("factor")
+        original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+
+        def mscale(s: float, m: float = 1.0) -> float:
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+        scale = rope.get("attention_factor")
+        if scale is None:
+            m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+            scale = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+        def correction(rotations: float) -> float:
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction(rope.get("beta_fast") or 32), correction(rope.get("beta_slow") or 1)
+        if rope.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low)
+                / ((high + 0.001 if high == low else high) - low)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        freqs = base ** exponents
+        inv_freq = (1.0 / (factor * freqs)) * (1 - extrapolate) + (1.0 / freqs) * extrapolate
+    else:  # longrope: Dream builds its table once, without a sequence length: the short factors
+        short, _ = need("short_factor", "long_factor")
+        if len(short) != dim // 2:
+            raise ValueError(f"rope_scaling (longrope) short_factor has {len(short)} entries, not {dim // 2}")
+        original = config.extra.get("original_max_position_embeddings")
+        factor = config.max_position_embeddings / original if original else rope.get("factor")
+        scale = rope.get("attention_factor")
+        if scale is None:
+            scale = 1.0 if not factor or factor <= 1 else math.sqrt(
+                1 + math.log(factor) / math.log(original or config.max_position_embeddings))
+        inv_freq = 1.0 / (torch.tensor(short, dtype=torch.float32, device=device) * base ** exponents)
+    return inv_freq.float(), float(scale)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, config: "TransformerConfig",
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables `[batch, 1, length, head_dim]` for the rotate-half RoPE form."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
-                                             dtype=torch.float32) / head_dim))
+    dynamic = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type")) == "dynamic"
+    longest = int(position_ids.max()) + 1 if dynamic and position_ids.numel() else None  # a sync: only when needed
+    inv_freq, scale = rope_parameters(config, longest, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -203,9 +308,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -319,8 +425,7 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
                 position_ids = position_ids.expand_as(input_ids)
         x = self.embed(input_ids, image_index)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
-                                  x.dtype)
+        cos, sin = rotary_cos_sin(position_ids, self.config, x.dtype)
         mask = attention_mask_4d(attention_mask, doc_ids)
         kv: list = []
         for layer in self.model.layers:

@@ -59,6 +59,9 @@ class TrunkConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrunkConfig":
+        if data.get("double_z"):  # Show-o's VQGAN argument: conv_out would feed quant_conv twice z_channels
+            raise ValueError("double_z: true: MAGVIT-v2's quant_conv takes z_channels, not twice as many "
+                             "(the original cannot run it)")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -73,6 +76,12 @@ class MagVitConfig:
     decoder: TrunkConfig = field(default_factory=_decoder_default)
     codebook_dim: int = 13  #: bits per code: 2**codebook_dim codes
     resolution: int = 256  #: the square input size the tokenizer's preprocessing produces
+
+    def __post_init__(self) -> None:
+        for trunk in ("encoder", "decoder"):
+            if getattr(self, trunk).z_channels != self.codebook_dim:
+                raise ValueError(f"{trunk}.z_channels {getattr(self, trunk).z_channels} != codebook_dim "
+                                 f"{self.codebook_dim}: the lookup-free quantizer reads one bit per latent channel")
 
     @property
     def codebook_size(self) -> int:

@@ -64,3 +64,68 @@ def test_what_the_original_cannot_run_is_refused_by_name(change, message):
             "quantize_position": 2, "pooling_position": 1, "quantize_vocab_size": 64}
     with pytest.raises(ValueError, match=message):
         WhisperVQConfig.from_dict({**base, **change})
+
+
+# ---------------------------------------------------------------------- Dream
+DREAM = Path(__file__).parent / "fixtures" / "dream_options"
+DREAM_VARIANTS = sorted(p.name for p in DREAM.iterdir() if p.is_dir())
+
+
+def test_every_dream_option_fixture_is_here():
+    assert DREAM_VARIANTS == ["gelu_tanh_act", "rope_dynamic", "rope_linear", "rope_llama3", "rope_longrope",
+                              "rope_yarn", "tied_embeddings"]
+
+
+@pytest.mark.parametrize("variant", DREAM_VARIANTS)
+def test_dream_logits_equal_the_references(variant):
+    from omni_model.transformer import Transformer
+
+    ref = load_file(str(DREAM / variant / "reference.safetensors"))
+    model = Transformer.from_pretrained(DREAM / variant).eval()
+    with torch.no_grad():
+        logits = model(ref["input_ids"])
+    assert (logits - ref["logits"]).abs().max().item() <= 1e-4
+    # the option matters: the same weights with the default RoPE and activation differ
+    plain = model.config.replace(rope_scaling=None, hidden_act="silu")
+    if plain != model.config:
+        other = Transformer(plain).eval()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (other(ref["input_ids"]) - ref["logits"]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_act": "mish"}, "hidden_act 'mish'"),
+    ({"rope_scaling": {"rope_type": "ntk-by-parts", "factor": 2}}, "rope_scaling type 'ntk-by-parts'"),
+    ({"rope_scaling": {"rope_type": "linear"}}, r"rope_scaling \(linear\) needs \['factor'\]"),
+    ({"rope_scaling": {"type": "llama3", "factor": 8}}, "needs .*low_freq_factor"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"head_dim": 16}, "head_dim 16"),
+])
+def test_what_dream_cannot_run_is_refused_by_name(change, message):
+    from omni_model.transformer import TransformerConfig
+
+    base = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2}
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig.from_dict({**base, **change})
+
+
+# ---------------------------------------------------------------------- MAGVIT-v2
+def test_magvit_configs_show_os_code_cannot_run_are_refused_by_name(fixtures_dir):
+    """Show-o's MAGVITv2 takes no config (its VQGAN trunks' defaults are the 256px model,
+    which an empty config.json loads: tests/test_tokenizers.py); of its trunks' arguments,
+    a doubled z and latent channels other than the quantizer's bits cannot run."""
+    import json
+
+    from omni_model.tokenizers.image import MagVitConfig
+
+    tiny = json.loads((fixtures_dir / "magvit_tiny_a" / "config.json").read_text())
+    assert MagVitConfig.from_dict(tiny).encoder.num_res_blocks == (1, 2, 1)
+    # an int num_res_blocks means one per level, as the VQGAN constructor's default shape
+    per_level = MagVitConfig.from_dict({**tiny, "encoder": {**tiny["encoder"], "num_res_blocks": 2}})
+    assert per_level.encoder.num_res_blocks == (2, 2, 2)
+    with pytest.raises(ValueError, match="double_z"):
+        MagVitConfig.from_dict({**tiny, "encoder": {**tiny["encoder"], "double_z": True}})
+    with pytest.raises(ValueError, match="encoder.z_channels 10 != codebook_dim 13"):
+        MagVitConfig.from_dict({**tiny, "encoder": {**tiny["encoder"], "z_channels": 10}})
