@@ -34,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from omni_model.activations import ACTIVATIONS
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
@@ -135,15 +137,13 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-#: `hidden_act` values (transformers' names) of the MLP's gate
-ACTIVATIONS = {
-    "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def rope_type(config: "TransformerConfig") -> str:
+    """The RoPE variant of `config` (`rope_scaling.rope_type`, or its older key `type`)."""
+    rope = config.rope_scaling or {}
+    return rope.get("rope_type", rope.get("type", "default"))
 
 
 def rope_parameters(config: "TransformerConfig", seq_len: int | None,
@@ -154,7 +154,7 @@ def rope_parameters(config: "TransformerConfig", seq_len: int | None,
     past `max_position_embeddings`; Dream keeps the grown table for later, shorter
     passes, here each pass computes its own)."""
     rope = dict(config.rope_scaling or {})
-    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = rope_type(config)
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope_scaling type {kind!r}: one of {ROPE_TYPES}")
 
@@ -228,7 +228,7 @@ def rope_parameters(config: "TransformerConfig", seq_len: int | None,
 def rotary_cos_sin(position_ids: torch.Tensor, config: "TransformerConfig",
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables `[batch, 1, length, head_dim]` for the rotate-half RoPE form."""
-    dynamic = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type")) == "dynamic"
+    dynamic = rope_type(config) == "dynamic"
     longest = int(position_ids.max()) + 1 if dynamic and position_ids.numel() else None  # a sync: only when needed
     inv_freq, scale = rope_parameters(config, longest, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]

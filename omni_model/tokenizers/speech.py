@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_model.activations import ACTIVATIONS
 from omni_model.tokenizers.base import (check_finite, fingerprint, load_strict, read_config,
                                         save_folder)
 from omni_model.tokenizers.mel import SAMPLE_RATE, MelConfig, log_mel, resample, to_mono
@@ -121,19 +122,6 @@ class WhisperVQConfig:
     def pool(self) -> int:
         """Frames per code after the convolutions (1 without pooling)."""
         return self.pooling_kernel_size if self.pools else 1
-
-
-#: `activation_function` values (transformers' names) of the encoder layers' feed-forward
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
 
 
 class CausalConv1d(nn.Conv1d):

@@ -27,13 +27,13 @@ def load_cases(cfg, task: str) -> list[Case]:
     `{task}.jsonl` among them), then manifest files, whose rows of `task` are read (a
     user's own set: one file, any tasks, each row naming its `task`)."""
     root = Path(cfg.data_root)
-    sources = [p for p in [manifest_for(task, [m for m in cfg.manifests if Path(m).is_dir()])] if p is not None]
-    files = [Path(m) for m in cfg.manifests if Path(m).is_file()]
     missing = [m for m in cfg.manifests if not Path(m).exists()]
     if missing:
         raise FileNotFoundError(f"evaluate.manifests: no such file or folder: {', '.join(map(str, missing))}")
+    folder_file = manifest_for(task, [m for m in cfg.manifests if Path(m).is_dir()])
+    files = [Path(m) for m in cfg.manifests if Path(m).is_file()]
     cases: list[Case] = []
-    for path in sources + files:
+    for path in ([folder_file] if folder_file else []) + files:
         for number, line in read_lines(path):
             try:
                 sample = parse_line(line, root)
