@@ -13,6 +13,7 @@ import logging
 import random
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -49,6 +50,10 @@ class DataConfig:
     #: the codes came from, as GLM-4-Voice's decoder does. Empty: every training clip.
     voice_manifests: tuple[str, ...] = ()
     voice_root: str = ""  #: the data root the voice manifests' media paths are relative to
+    #: how often the decoder sees each voice clip: "clips" equally, "rows" as often as the
+    #: voice manifests' rows say it (SDVI's 21 answer words, 2,400 rows, then weigh twice
+    #: what the 1,200 captions do): the decoder fits best what the model says most
+    voice_draw: str = "clips"
     holdout: float = 0.1  #: share of each kind kept out of training for the quality report
     max_images: int | None = None  #: cap on images read (None: all)
     max_audio: int | None = None  #: cap on audio files read (None: all)
@@ -204,13 +209,16 @@ def _read_audio(paths: list[Path], max_seconds: float) -> tuple[list[torch.Tenso
     return waves, texts, kept
 
 
-def _voice_clips(data: DataConfig) -> set[Path] | None:
-    """The resolved paths of the voice manifests' spoken outputs (None: no manifests)."""
+def _voice_clips(data: DataConfig) -> Counter[Path] | None:
+    """The resolved paths of the voice manifests' spoken outputs, with the number of rows
+    that say each (None: no manifests)."""
+    if data.voice_draw not in ("clips", "rows"):
+        raise ValueError(f"data.voice_draw must be clips or rows, not {data.voice_draw!r}")
     if not data.voice_manifests:
         return None
     if not data.voice_root:
         raise ValueError("data.voice_manifests needs data.voice_root (their media paths' root)")
-    root, clips = Path(data.voice_root), set()
+    root, clips = Path(data.voice_root), Counter()
     for manifest in data.voice_manifests:
         for number, line in read_lines(manifest):
             try:
@@ -281,7 +289,9 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
         train_paths, held_paths = _split(audio_paths, cfg.data.holdout, rng)
         train_w, train_t, train_read = _read_audio(train_paths, cfg.data.max_audio_seconds)
         held_w, held_t, held_read = _read_audio(held_paths or train_paths[:8], cfg.data.max_audio_seconds)
-        voice_w = train_w if voice is None else [w for w, p in zip(train_w, train_read) if p.resolve() in voice]
+        voiced = [i for i, p in enumerate(train_read) if voice is None or p.resolve() in voice]
+        voice_w = [train_w[i] for i in voiced]
+        draw = [voice[train_read[i].resolve()] for i in voiced] if voice and cfg.data.voice_draw == "rows" else None
         codec = small_codec(cfg.speech.codebook_size, cfg.speech.d_model, cfg.speech.layers, cfg.seed,
                             cfg.speech.pooling, cfg.speech.attention)
         start = time.perf_counter()
@@ -289,7 +299,7 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
         if cfg.speech.decoder.steps:
             if not voice_w:
                 raise ValueError(f"no training clip is a spoken output of {list(cfg.data.voice_manifests)}")
-            train_code_decoder(codec, voice_w, cfg.speech.decoder)
+            train_code_decoder(codec, voice_w, cfg.speech.decoder, draw)
         codec.save_pretrained(out / "speech")
         train_s = time.perf_counter() - start
         transcribe = None

@@ -296,6 +296,25 @@ def test_a_few_steps_train_the_speech_codec(tmp_path):
     assert torch.allclose(again.decode_mel(codes[:1])[0], codec.decode_mel(codes[:1])[0])
 
 
+def test_the_decoder_fits_best_the_clips_it_is_shown_most():
+    """`weights` draw clips unequally (the quickstart: as often as the model says them):
+    the clip drawn every time ends closer to its mel than the clips never drawn."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.arange(16000) / 16000
+    waves = [0.3 * torch.sin(2 * math.pi * (150 + 400 * torch.rand(1, generator=g)) * t) for _ in range(4)]
+    codec = small_codec(codebook_size=32, d_model=64, layers=2)
+    cfg = DecoderTrainConfig(steps=30, batch_size=2, d_model=64, layers=1, ffn=128, lr=3e-3)
+    train_code_decoder(codec, waves, cfg, weights=[1.0, 0.0, 0.0, 0.0])
+    feats, _, _ = codec.tokenizer.features(waves, 16000)
+    codes = codec.encode(waves)
+    fpc = codec.decoder.config.frames_per_code
+    errors = [(codec.decode_mel([c])[0] - feats[i, :, :len(c) * fpc]).abs().mean().item() for i, c in enumerate(codes)]
+    assert errors[0] < 0.8 * min(errors[1:])
+    for bad in ([1.0], [0.0] * 4, [1.0, -1.0, 0.0, 0.0]):
+        with pytest.raises(ValueError, match="weights"):
+            train_code_decoder(codec, waves, cfg, weights=bad)
+
+
 def test_ctc_targets_are_the_normalised_transcript():
     assert ctc_targets("3 Red!") == ctc_targets("three red")
     assert [CTC_ALPHABET[i - 1] for i in ctc_targets("It's 3 Red!")] == list("it's three red")

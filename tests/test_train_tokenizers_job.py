@@ -16,7 +16,8 @@ from omni_model.config import load_config, to_dict
 from omni_model.tokenizers.codec import SpeechCodec
 from omni_model.tokenizers.image import MagVitTokenizer
 from omni_model.tokenizers.text import BPETokenizer
-from pipelines.tokenizer_training import WORLD_SETTINGS, TokenizersConfig, shipped_differences, training_settings
+from pipelines.tokenizer_training import (WORLD_SETTINGS, DataConfig, TokenizersConfig, _voice_clips, shipped_differences,
+                                         training_settings)
 from tests.conftest import ROOT
 
 SENTENCES = ["a red circle on the left", "two blue squares", "a green triangle at the top",
@@ -127,6 +128,21 @@ def test_decoder_voice_must_be_among_the_training_clips(media, tmp_path):
         main(args)
     with pytest.raises(ValueError, match="no training clip is a spoken output"):
         main([*args, f"data.voice_root={tmp_path}"])
+
+
+def test_voice_clips_count_the_rows_that_say_them(media, tmp_path):
+    """`data.voice_draw: rows` weighs a clip by the voice manifests' rows that say it (a
+    spoken answer repeated across questions counts each time); a user turn's audio is not
+    the model's voice."""
+    manifest = media.parent / "voice.jsonl"
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text(manifest.read_text() + manifest.read_text().splitlines()[3] + "\n")
+    data = DataConfig(voice_manifests=(str(repeated),), voice_root=str(media.parent), voice_draw="rows")
+    counts = _voice_clips(data)
+    root = media.parent.resolve()
+    assert counts == {root / "answers/yes.wav": 2, **{root / f"{media.name}/utt_{i}.wav": 1 for i in (1, 3, 4)}}
+    with pytest.raises(ValueError, match="voice_draw"):
+        _voice_clips(replace(data, voice_draw="often"))
 
 
 def test_the_shipped_tokenizers_match_the_quickstarts_settings():

@@ -190,11 +190,14 @@ class DecoderTrainConfig:
 
 
 def train_code_decoder(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
-                       cfg: DecoderTrainConfig) -> list[dict[str, float]]:
+                       cfg: DecoderTrainConfig, weights: Sequence[float] | None = None) -> list[dict[str, float]]:
     """Replace `codec.decoder` by a fresh `CodeToMel` of `cfg`'s shape fitted (L1 on log-mel)
-    to the frozen codes of `waveforms`; returns the logged metrics."""
+    to the frozen codes of `waveforms`; returns the logged metrics. `weights`: how often
+    each clip is drawn (default: equally)."""
     if not waveforms:
         raise ValueError("no audio to train on")
+    if weights is not None and (len(weights) != len(waveforms) or min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError("weights need one non-negative value per clip, not all zero")
     tok = codec.tokenizer
     old = codec.decoder.config
     torch.manual_seed(cfg.seed)
@@ -212,11 +215,15 @@ def train_code_decoder(codec: SpeechCodec, waveforms: Sequence[torch.Tensor],
     opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = _warmup_cosine(opt, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
+    draw = None if weights is None else torch.tensor(weights, dtype=torch.double)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     dec.train()
     for step in tqdm(range(cfg.steps), desc="codec decoder", unit="step", mininterval=5):
-        idx = torch.randint(0, len(pairs), (min(cfg.batch_size, len(pairs)),), generator=gen).tolist()
+        if weights is None:
+            idx = torch.randint(0, len(pairs), (min(cfg.batch_size, len(pairs)),), generator=gen).tolist()
+        else:
+            idx = torch.multinomial(draw, cfg.batch_size, replacement=True, generator=gen).tolist()
         n = max(len(pairs[i][0]) for i in idx)
         codes = torch.zeros(len(idx), n, dtype=torch.long, device=tok.device)
         valid = torch.zeros(len(idx), n, device=tok.device)
