@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -50,10 +51,13 @@ class DataConfig:
     #: the codes came from, as GLM-4-Voice's decoder does. Empty: every training clip.
     voice_manifests: tuple[str, ...] = ()
     voice_root: str = ""  #: the data root the voice manifests' media paths are relative to
-    #: how often the decoder sees each voice clip: "clips" equally, "rows" as often as the
+    #: how often the decoder sees each voice clip: "clips" equally; "rows" as often as the
     #: voice manifests' rows say it (SDVI's 21 answer words, 2,400 rows, then weigh twice
-    #: what the 1,200 captions do): the decoder fits best what the model says most
-    voice_draw: str = "clips"
+    #: what the 1,200 captions do); "sqrt" in proportion to the square root of that (each
+    #: answer ~10x a caption, the captions still most of the draws). A clip said by more
+    #: than one row trains the decoder even where the split held it out of the codec's
+    #: training: the model says it again and again, so the decoder must know it
+    voice_draw: str = "sqrt"
     holdout: float = 0.1  #: share of each kind kept out of training for the quality report
     max_images: int | None = None  #: cap on images read (None: all)
     max_audio: int | None = None  #: cap on audio files read (None: all)
@@ -209,11 +213,15 @@ def _read_audio(paths: list[Path], max_seconds: float) -> tuple[list[torch.Tenso
     return waves, texts, kept
 
 
+#: a voice clip's draw weight from the number of rows that say it
+VOICE_DRAWS: dict[str, Callable[[int], float]] = {"clips": lambda n: 1.0, "sqrt": math.sqrt, "rows": float}
+
+
 def _voice_clips(data: DataConfig) -> Counter[Path] | None:
     """The resolved paths of the voice manifests' spoken outputs, with the number of rows
     that say each (None: no manifests)."""
-    if data.voice_draw not in ("clips", "rows"):
-        raise ValueError(f"data.voice_draw must be clips or rows, not {data.voice_draw!r}")
+    if data.voice_draw not in VOICE_DRAWS:
+        raise ValueError(f"data.voice_draw must be one of {sorted(VOICE_DRAWS)}, not {data.voice_draw!r}")
     if not data.voice_manifests:
         return None
     if not data.voice_root:
@@ -227,6 +235,22 @@ def _voice_clips(data: DataConfig) -> Counter[Path] | None:
             except ManifestError as err:
                 logger.warning("%s line %d left out of the voice: %s", manifest, number, err)
     return clips
+
+
+def decoder_clips(train: list[Path], held: list[Path], voice: Counter[Path] | None, draw: str
+                  ) -> tuple[list[int], list[int], list[float] | None]:
+    """The clips the frozen-code decoder is fitted to: indices of the training clips in the
+    voice (all of them without voice manifests), indices of the held-out clips said by
+    more than one row, and each one's draw weight in that order (None: drawn equally)."""
+    if voice is None:
+        return list(range(len(train))), [], None
+    fitted = [i for i, p in enumerate(train) if p.resolve() in voice]
+    said_again = [i for i, p in enumerate(held) if voice.get(p.resolve(), 0) > 1]
+    if draw == "clips":
+        return fitted, said_again, None
+    weigh = VOICE_DRAWS[draw]
+    return fitted, said_again, [weigh(voice[p.resolve()]) for p in [*(train[i] for i in fitted),
+                                                                     *(held[i] for i in said_again)]]
 
 
 def train_tokenizers(cfg: TokenizersConfig) -> dict:
@@ -289,9 +313,8 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
         train_paths, held_paths = _split(audio_paths, cfg.data.holdout, rng)
         train_w, train_t, train_read = _read_audio(train_paths, cfg.data.max_audio_seconds)
         held_w, held_t, held_read = _read_audio(held_paths or train_paths[:8], cfg.data.max_audio_seconds)
-        voiced = [i for i, p in enumerate(train_read) if voice is None or p.resolve() in voice]
-        voice_w = [train_w[i] for i in voiced]
-        draw = [voice[train_read[i].resolve()] for i in voiced] if voice and cfg.data.voice_draw == "rows" else None
+        fitted, said_again, draw = decoder_clips(train_read, held_read, voice, cfg.data.voice_draw)
+        voice_w = [train_w[i] for i in fitted] + [held_w[i] for i in said_again]
         codec = small_codec(cfg.speech.codebook_size, cfg.speech.d_model, cfg.speech.layers, cfg.seed,
                             cfg.speech.pooling, cfg.speech.attention)
         start = time.perf_counter()
@@ -308,7 +331,8 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
 
             transcribe = WhisperRecognizer(threads=cfg.threads).transcribe
         quality = evaluate_speech_codec(codec, held_w, held_t, transcribe, cfg.speech.asr_utterances)
-        in_voice = [] if voice is None else [i for i, p in enumerate(held_read) if p.resolve() in voice]
+        in_voice = [] if voice is None else [i for i, p in enumerate(held_read)
+                                             if p.resolve() in voice and i not in said_again]
         if in_voice and cfg.speech.decoder.steps:  # the ceiling of what the model says
             budget = max(1, (cfg.speech.asr_utterances or len(in_voice)) // 4)  # a quarter of the ASR's
             voice_q = evaluate_speech_codec(codec, [held_w[i] for i in in_voice], [held_t[i] for i in in_voice],

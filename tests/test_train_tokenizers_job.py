@@ -3,6 +3,7 @@ espeak-ng speech with transcripts, text; the offline recogniser scores decoded s
 
 import json
 import subprocess
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -16,8 +17,8 @@ from omni_model.config import load_config, to_dict
 from omni_model.tokenizers.codec import SpeechCodec
 from omni_model.tokenizers.image import MagVitTokenizer
 from omni_model.tokenizers.text import BPETokenizer
-from pipelines.tokenizer_training import (WORLD_SETTINGS, DataConfig, TokenizersConfig, _voice_clips, shipped_differences,
-                                         training_settings)
+from pipelines.tokenizer_training import (WORLD_SETTINGS, DataConfig, TokenizersConfig, _voice_clips, decoder_clips,
+                                         shipped_differences, training_settings)
 from tests.conftest import ROOT
 
 SENTENCES = ["a red circle on the left", "two blue squares", "a green triangle at the top",
@@ -143,6 +144,20 @@ def test_voice_clips_count_the_rows_that_say_them(media, tmp_path):
     assert counts == {root / "answers/yes.wav": 2, **{root / f"{media.name}/utt_{i}.wav": 1 for i in (1, 3, 4)}}
     with pytest.raises(ValueError, match="voice_draw"):
         _voice_clips(replace(data, voice_draw="often"))
+
+
+def test_decoder_clips_and_their_draws(tmp_path):
+    """The decoder fits the training clips in the voice and the held-out clips said by more
+    than one row (an answer the model says again and again; a caption said once stays held
+    out for the report), each drawn as `voice_draw` says; without voice manifests, every
+    training clip, drawn equally."""
+    a, b, c, d, e = (tmp_path.resolve() / f"{n}.wav" for n in "abcde")
+    voice = Counter({a: 9, b: 1, d: 4, e: 1})  # c: a training clip the model never says
+    train, held = [a, b, c], [d, e]
+    assert decoder_clips(train, held, voice, "clips") == ([0, 1], [0], None)
+    assert decoder_clips(train, held, voice, "rows") == ([0, 1], [0], [9.0, 1.0, 4.0])
+    assert decoder_clips(train, held, voice, "sqrt") == ([0, 1], [0], [3.0, 1.0, 2.0])
+    assert decoder_clips(train, held, None, "sqrt") == ([0, 1, 2], [], None)
 
 
 def test_the_shipped_tokenizers_match_the_quickstarts_settings():
