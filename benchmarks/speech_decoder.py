@@ -4,7 +4,8 @@ N questions ask for it) and the held-out TTS captions, encoded, decoded (code-to
 Griffin-Lim) and transcribed by Whisper tiny.en. The codes are the tokenizer's; only the
 decoders differ between the folders compared. Prints, per folder, the share of answers
 heard (the ceiling of the report's "spoken answer says it"), the words never heard, and
-the captions' WER (the floor under the TTS figure).
+the captions' WER (the floor under the TTS figure), beside the captions' WER as
+recorded and through Griffin-Lim from their true log-mel (what the decoder adds).
 
     .venv/bin/python benchmarks/speech_decoder.py --world runs/world \
         --codecs pretrained/tokenizers/speech runs/tokenizers/speech
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from omni_model.tokenizers.codec import SpeechCodec
-from omni_model.tokenizers.mel import SAMPLE_RATE, resample, to_mono
+from omni_model.tokenizers.mel import SAMPLE_RATE, log_mel, mel_to_waveform, resample, to_mono
 from pipelines.asr import WhisperRecognizer
 from pipelines.evaluation.scores import says
 from pipelines.evaluation.standard import asr_scores
@@ -48,7 +49,15 @@ def main() -> None:
     tts = [parse_line(line, world) for _, line in read_lines(world / "manifests/eval/tts.jsonl")][: args.captions]
     captions = [(r.messages[0]["content"].splitlines()[-1], r.audios[0]) for r in tts]
     recognizer = WhisperRecognizer()
-    results = {}
+    texts = [text for text, _ in captions]
+    waves = [clip(world, rel) for _, rel in captions]
+    results = {"captions as recorded": {"caption_wer": round(asr_scores(
+                   texts, [recognizer.transcribe(w.numpy(), SAMPLE_RATE) for w in waves])["wer"], 3)},
+               "captions, true log-mel + Griffin-Lim": {"caption_wer": round(asr_scores(
+                   texts, [recognizer.transcribe(mel_to_waveform(log_mel(w[None]))[0].numpy(), SAMPLE_RATE)
+                           for w in waves])["wer"], 3)}}
+    for name, value in results.items():
+        print(f"{name}: caption WER {value['caption_wer']:.3f}")
     for folder in args.codecs:
         codec = SpeechCodec.from_pretrained(folder)
 

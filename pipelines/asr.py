@@ -77,5 +77,8 @@ def _load(model_path: str, threads: int) -> None:
 
 
 def _transcribe(wave: np.ndarray) -> str:
-    segments, _ = _MODEL.transcribe(wave, language="en", beam_size=1, condition_on_previous_text=False)
+    # temperature 0 only: Whisper's fallback samples at higher temperatures when a greedy
+    # pass looks garbled, so the same audio could score differently from run to run
+    segments, _ = _MODEL.transcribe(wave, language="en", beam_size=1, condition_on_previous_text=False,
+                                    temperature=0.0)
     return " ".join(s.text.strip() for s in segments).strip()
