@@ -246,7 +246,7 @@ def decoder_clips(train: list[Path], held: list[Path], voice: Counter[Path] | No
         return list(range(len(train))), [], None
     fitted = [i for i, p in enumerate(train) if p.resolve() in voice]
     said_again = [i for i, p in enumerate(held) if voice.get(p.resolve(), 0) > 1]
-    if draw == "clips":
+    if draw == "clips":  # None: train_code_decoder's own uniform draw, not a weighted one
         return fitted, said_again, None
     weigh = VOICE_DRAWS[draw]
     return fitted, said_again, [weigh(voice[p.resolve()]) for p in [*(train[i] for i in fitted),
@@ -331,8 +331,9 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
 
             transcribe = WhisperRecognizer(threads=cfg.threads).transcribe
         quality = evaluate_speech_codec(codec, held_w, held_t, transcribe, cfg.speech.asr_utterances)
+        fitted_held = set(said_again)
         in_voice = [] if voice is None else [i for i, p in enumerate(held_read)
-                                             if p.resolve() in voice and i not in said_again]
+                                             if p.resolve() in voice and i not in fitted_held]
         if in_voice and cfg.speech.decoder.steps:  # the ceiling of what the model says
             budget = max(1, (cfg.speech.asr_utterances or len(in_voice)) // 4)  # a quarter of the ASR's
             voice_q = evaluate_speech_codec(codec, [held_w[i] for i in in_voice], [held_t[i] for i in in_voice],
