@@ -50,28 +50,31 @@ def main() -> None:
     captions = [(r.messages[0]["content"].splitlines()[-1], r.audios[0]) for r in tts]
     recognizer = WhisperRecognizer()
     texts = [text for text, _ in captions]
-    waves = [clip(world, rel) for _, rel in captions]
-    results = {"captions as recorded": {"caption_wer": round(asr_scores(
-                   texts, [recognizer.transcribe(w.numpy(), SAMPLE_RATE) for w in waves])["wer"], 3)},
-               "captions, true log-mel + Griffin-Lim": {"caption_wer": round(asr_scores(
-                   texts, [recognizer.transcribe(mel_to_waveform(log_mel(w[None]))[0].numpy(), SAMPLE_RATE)
-                           for w in waves])["wer"], 3)}}
+    waves = [clip(world, rel) for _, rel in captions]  # each clip read once, whatever the folders
+    answer_waves = {key: clip(world, key[1]) for key in sorted(answers)}
+
+    def caption_wer(decoded: list[torch.Tensor]) -> float:
+        return round(asr_scores(texts, [recognizer.transcribe(w.numpy(), SAMPLE_RATE) for w in decoded])["wer"], 3)
+
+    results = {"captions as recorded": {"caption_wer": caption_wer(waves)},
+               "captions, true log-mel + Griffin-Lim": {"caption_wer": caption_wer(
+                   [mel_to_waveform(log_mel(w[None]))[0] for w in waves])}}
     for name, value in results.items():
         print(f"{name}: caption WER {value['caption_wer']:.3f}")
     for folder in args.codecs:
         codec = SpeechCodec.from_pretrained(folder)
 
-        def heard(rel: str) -> str:
+        def through(wave: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                decoded = codec.decode([codec.encode([clip(world, rel)], SAMPLE_RATE)[0]])[0]
-            return recognizer.transcribe(decoded.numpy(), codec.sample_rate)
+                return codec.decode([codec.encode([wave], SAMPLE_RATE)[0]])[0]
 
-        per_word = {word: (n, says([word], [heard(rel)])) for (word, rel), n in sorted(answers.items())}
+        per_word = {word: (answers[(word, rel)],
+                           says([word], [recognizer.transcribe(through(wave).numpy(), codec.sample_rate)]))
+                    for (word, rel), wave in answer_waves.items()}
         share = sum(n * ok for n, ok in per_word.values()) / sum(n for n, _ in per_word.values())
-        wer = asr_scores([text for text, _ in captions], [heard(rel) for _, rel in captions])["wer"]
-        results[folder] = {"answers_heard": round(share, 3), "words_unheard": [w for w, (_, ok) in per_word.items()
-                                                                            if not ok],
-                           "caption_wer": round(wer, 3)}
+        wer = caption_wer([through(w) for w in waves])
+        results[folder] = {"answers_heard": round(share, 3),
+                           "words_unheard": [w for w, (_, ok) in per_word.items() if not ok], "caption_wer": wer}
         print(f"{folder}: answers heard {share:.3f} ({len(per_word)} words; never heard: "
               f"{results[folder]['words_unheard']}), caption WER {wer:.3f}")
     recognizer.close()

@@ -213,8 +213,9 @@ def _read_audio(paths: list[Path], max_seconds: float) -> tuple[list[torch.Tenso
     return waves, texts, kept
 
 
-#: a voice clip's draw weight from the number of rows that say it
-VOICE_DRAWS: dict[str, Callable[[int], float]] = {"clips": lambda n: 1.0, "sqrt": math.sqrt, "rows": float}
+#: a voice clip's draw weight from the number of rows that say it; None: every clip
+#: equally (train_code_decoder's own uniform draw)
+VOICE_DRAWS: dict[str, Callable[[int], float] | None] = {"clips": None, "sqrt": math.sqrt, "rows": float}
 
 
 def _voice_clips(data: DataConfig) -> Counter[Path] | None:
@@ -246,9 +247,9 @@ def decoder_clips(train: list[Path], held: list[Path], voice: Counter[Path] | No
         return list(range(len(train))), [], None
     fitted = [i for i, p in enumerate(train) if p.resolve() in voice]
     said_again = [i for i, p in enumerate(held) if voice.get(p.resolve(), 0) > 1]
-    if draw == "clips":  # None: train_code_decoder's own uniform draw, not a weighted one
-        return fitted, said_again, None
     weigh = VOICE_DRAWS[draw]
+    if weigh is None:
+        return fitted, said_again, None
     return fitted, said_again, [weigh(voice[p.resolve()]) for p in [*(train[i] for i in fitted),
                                                                      *(held[i] for i in said_again)]]
 
