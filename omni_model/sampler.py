@@ -332,7 +332,10 @@ class Denoiser:
         self.x = torch.cat([self.prompt[:batch], template.expand(batch, -1)], dim=1)
         self.attn = torch.cat([attn, torch.ones(self.prompt.shape[0], layout.length, dtype=attn.dtype,
                                                 device=device)], 1)
-        self.allowed = layout.allowed.to(device)[layout.region_index.clamp(min=0).to(device)]  # [R, V]
+        # ids each response position may hold, by region ([n_regions, V]; a [R, V] copy
+        # would cost the response length x the vocabulary in every request)
+        self.allowed = layout.allowed.to(device)
+        self.region = layout.region_index.clamp(min=0).to(device)  # [R]
         self.gens = [torch.Generator(device=device).manual_seed(int(s))
                      for s in (seeds if seeds is not None else [config.seed] * batch)]
         if len(self.gens) != batch:
@@ -413,7 +416,7 @@ class Denoiser:
         if self.guided:
             cond, uncond = logits[:self.batch], logits[self.batch:]
             logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
-        logits = logits.masked_fill(~self.allowed[a:b], float("-inf"))
+        logits = logits.masked_fill(~self.allowed[self.region[a:b]], float("-inf"))
         if config.repetition_penalty != 1:
             logits = _repetition_penalty(logits, response, ~masked & (plan.block[None] >= 0),
                                          config.repetition_penalty)
@@ -467,9 +470,10 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], 
     """Fill the layout's masked positions for each prompt.
 
     Args:
-        model: maps `(input_ids, attention_mask=...)` to logits `[B, L, V]` aligned
-            with positions (the Transformer applies the Dream shift itself); with a
-            cache, a `Transformer` (`return_cache`, `forward_span`).
+        model: maps `(input_ids, attention_mask=..., logits_range=(start, end))` to the
+            logits `[B, end - start, V]` of those positions (the Transformer applies the
+            Dream shift itself); with a cache, a `Transformer` (`return_cache`,
+            `forward_span`).
         prompt_ids: `[B, P]`, or a list of 1-D prompts of different lengths (left-padded
             with `pad_id` and masked out of attention).
         layout: the response skeleton from `make_layout` or `spoken_layout`.
@@ -499,13 +503,13 @@ def forward_window(model: nn.Module, state: Denoiser, a: int, b: int, full: bool
     its cache when it uses one) or only those positions against its cache (in the
     padding `state.frame` of the pass that made it)."""
     ids, attn = state.inputs()
-    plen = state.plen
+    window = (state.plen + a, state.plen + b)
     if state.config.cache == "none":
-        return model(ids, attention_mask=attn)[:, plen + a:plen + b]
+        return model(ids, attention_mask=attn, logits_range=window)
     if full:
         state.frame = (0, 0)
-        logits, state.kv = model(ids, attention_mask=attn, return_cache=True)
-        return logits[:, plen + a:plen + b]
+        logits, state.kv = model(ids, attention_mask=attn, return_cache=True, logits_range=window)
+        return logits
     return model.forward_span(*span_inputs(state, a, b))
 
 
@@ -596,10 +600,15 @@ def _predict(logits: torch.Tensor, config: SamplerConfig, gens: list[torch.Gener
     length = length or width
     if config.temperature > 0:
         filtered = filter_logits(logits / config.temperature, config.top_k, config.top_p)
-        # Gumbel-max draws one id per position from softmax(filtered), reproducibly per row.
-        u = torch.stack([torch.rand((length, filtered.shape[2]), generator=g, device=filtered.device)
-                         for g in gens])[:, offset:offset + width].clamp_(1e-20, 1.0)
-        x0 = (filtered - torch.log(-torch.log(u))).argmax(-1)
+        # One uniform number a position, reproducibly per row, through the inverse of the
+        # cumulative distribution of softmax(filtered): an exact draw that costs one
+        # number, not one per vocabulary id (Gumbel-max would draw positions x 176k).
+        u = torch.stack([torch.rand(length, generator=g, device=filtered.device)
+                         for g in gens])[:, offset:offset + width]
+        cdf = filtered.softmax(-1).cumsum_(-1)
+        # right=True: an id of probability 0 repeats its predecessor's cdf and is never chosen
+        x0 = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None], right=True).squeeze(-1)
+        x0 = x0.clamp_(max=logits.shape[-1] - 1)
     else:
         x0 = logits.argmax(-1)
     probs = logits.softmax(-1)

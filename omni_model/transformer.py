@@ -400,8 +400,10 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 return_cache: bool = False, image_index: torch.Tensor | None = None,
+                logits_range: tuple[int, int] | None = None,
                 ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
-        """Logits for every position (and, with `return_cache`, a `KVCache`).
+        """Logits for every position, or for `logits_range` only (and, with
+        `return_cache`, a `KVCache`).
 
         Args:
             input_ids: `[batch, length]` int64.
@@ -415,6 +417,9 @@ class Transformer(nn.Module):
                 elsewhere; `image_code_index`), read by `image_position_embeddings`; by
                 default found from `input_ids`. Training passes the clean sequence's,
                 since masking may hide an image's `<|begin_of_image|>`.
+            logits_range: `(start, end)`: logits of positions `start:end` only. The
+                output layer is the largest tensor of a step at a real vocabulary
+                (positions x 176k): a sampler needs only the positions it predicts.
         """
         if position_ids is None:
             if doc_ids is not None:
@@ -433,11 +438,7 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv if return_cache else None)
-        logits = self.lm_head(self.model.norm(x))
-        if self.config.shift_logits:
-            # Dream: the logit for position i comes from position i-1; position 0 keeps
-            # its own (it is always a prompt token, never predicted).
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        logits = self.head(x, *(logits_range or (0, input_ids.shape[1])))
         if not return_cache:
             return logits
         if mask is None:
@@ -456,10 +457,20 @@ class Transformer(nn.Module):
         mask = cache.mask[:, :, first:end]
         for layer, keys, values in zip(self.model.layers, cache.keys, cache.values):
             x = layer(x, cos, sin, mask, [keys, values], span)
-        logits = self.lm_head(self.model.norm(x))
+        return self.head(x, start, end, offset=first)
+
+    def head(self, hidden: torch.Tensor, start: int, end: int, offset: int = 0) -> torch.Tensor:
+        """Logits of positions `start:end` from the hidden states `[B, W, H]` of positions
+        `offset:offset + W`. With `shift_logits` (Dream) the logit for position i comes
+        from position i-1, and position 0 keeps its own (always a prompt token, never
+        predicted), so the hidden states must start at `start - 1` (or at 0)."""
         if self.config.shift_logits:
-            logits = logits[:, :-1] if first < start else torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+            h = hidden[:, max(start - 1, 0) - offset:end - 1 - offset]
+            if start == 0:
+                h = torch.cat([hidden[:, :1], h], dim=1)
+        else:
+            h = hidden[:, start - offset:end - offset]
+        return self.lm_head(self.model.norm(h))
 
     def forward_spans(self, spans: Sequence[tuple[torch.Tensor, KVCache, int, int]]) -> list[torch.Tensor]:
         """`forward_span` of several cached sequences in one pass: `(input_ids, cache,
@@ -502,7 +513,6 @@ class Transformer(nn.Module):
         x = self.embed(ids, code_index)
         for layer, k, v in zip(self.model.layers, keys, values):
             x = layer(x, cos, sin, mask, [k, v], where)
-        logits = self.lm_head(self.model.norm(x))
         out, row = [], 0
         for (_, cache, start, end), first, w, n in zip(spans, firsts, widths, counts):
             rows = slice(row, row + n)
@@ -510,10 +520,7 @@ class Transformer(nn.Module):
             for layer in range(len(keys)):
                 cache.keys[layer][:, :, first:end] = keys[layer][rows, :, first:end]
                 cache.values[layer][:, :, first:end] = values[layer][rows, :, first:end]
-            span = logits[rows, :w]
-            if cfg.shift_logits:
-                span = span[:, :-1] if first < start else torch.cat([span[:, :1], span[:, :-1]], dim=1)
-            out.append(span)
+            out.append(self.head(x[rows, :w], start, end, offset=first))  # no logits for padding
         return out
 
     def image_index(self, input_ids: torch.Tensor) -> torch.Tensor | None:

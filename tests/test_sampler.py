@@ -108,12 +108,13 @@ class Scripted(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(table, requires_grad=False)
 
-    def forward(self, input_ids, **kwargs):
+    def forward(self, input_ids, logits_range=None, **kwargs):
         batch, length = input_ids.shape
         r, v = self.table.shape
         out = torch.full((batch, length, v), -1e4)
         out[:, length - r:] = self.table
-        return out
+        start, end = logits_range or (0, length)
+        return out[:, start:end]
 
 
 def _table(vocab, rows: list[list[float]], length: int | None = None) -> torch.Tensor:
@@ -390,3 +391,64 @@ def test_new_sampler_options_are_checked():
     for bad in ({"text_threshold": 0.0}, {"factor": 0.0}, {"cache": "everything"}, {"cache_refresh": 0}):
         with pytest.raises(ValueError):
             SamplerConfig(**bad)
+
+
+# ---------------------------------------------------------------- work per step
+class LogitRecorder(torch.nn.Module):
+    """Wraps the real model and records the shape of the logits it returns."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.shapes = []
+
+    def forward(self, input_ids, **kwargs):
+        out = self.model(input_ids, **kwargs)
+        self.shapes.append(tuple((out[0] if isinstance(out, tuple) else out).shape))
+        return out
+
+    def forward_span(self, *args):
+        out = self.model.forward_span(*args)
+        self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_logits_are_computed_for_the_response_positions_only(tiny_model, vocab):
+    layout = make_layout(vocab, REGIONS)
+    prompt = torch.randint(0, 256, (2, 30))
+    recorder = LogitRecorder(tiny_model)
+    generate(recorder, prompt, layout, SamplerConfig(steps=4))
+    assert recorder.shapes == [(2, layout.length, vocab.size)] * 4  # never the 30 prompt positions
+    recorder.shapes.clear()  # a block at a time with a dual cache: full passes cover the block only
+    generate(recorder, prompt, layout, SamplerConfig(steps=4, block_length=5, cache="dual", cache_refresh=8))
+    assert recorder.shapes and all(width <= 5 + 2 for _, width, _ in recorder.shapes)
+
+
+def test_a_sampled_step_draws_one_number_a_position_not_one_per_vocabulary_id(vocab):
+    from omni_model.sampler import _predict
+
+    length, width = 12, 5
+    logits = torch.randn(2, width, vocab.size)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    _predict(logits, SamplerConfig(temperature=1.0, top_p=0.9), gens, offset=3, length=length)
+    for g, s in zip(gens, (1, 2)):
+        expected = torch.Generator().manual_seed(s)
+        torch.rand(length, generator=expected)
+        assert torch.equal(g.get_state(), expected.get_state())
+
+
+def test_sampling_at_temperature_one_follows_the_model_distribution(vocab):
+    probs = [0.6, 0.3, 0.1]
+    model = Scripted(_table(vocab, [probs]))
+    layout = make_layout(vocab, [Region("text", 1)])
+    rows = 3000
+    out = sample(model, torch.tensor([[1, 2]]).expand(rows, -1), layout,
+                 SamplerConfig(steps=1, temperature=1.0), seeds=range(rows)).ids[:, 0]
+    freq = torch.bincount(out, minlength=3)[:3].float() / rows
+    assert int((out > 2).sum()) == 0  # ids of (almost) no probability are never drawn
+    torch.testing.assert_close(freq, torch.tensor(probs), atol=0.03, rtol=0)
+    # top_p=0.8 keeps 0.6 and 0.3 (renormalised: 2/3, 1/3) and never draws the 0.1 id
+    out = sample(model, torch.tensor([[1, 2]]).expand(rows, -1), layout,
+                 SamplerConfig(steps=1, temperature=1.0, top_p=0.8), seeds=range(rows)).ids[:, 0]
+    freq = torch.bincount(out, minlength=3)[:3].float() / rows
+    torch.testing.assert_close(freq, torch.tensor([2 / 3, 1 / 3, 0.0]), atol=0.03, rtol=0)

@@ -286,3 +286,17 @@ def test_training_places_image_codes_by_the_clean_sequence_when_the_start_marker
         guessed = model(out.noisy.noisy_ids)
     torch.testing.assert_close(out.logits.detach(), clean)
     assert not torch.allclose(out.logits.detach(), guessed, atol=1e-3)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("window", [(0, 37), (0, 5), (1, 9), (20, 37), (36, 37)])
+def test_logits_of_a_range_equal_those_positions_of_the_full_pass(fixtures_dir, shift, window):
+    model = Transformer.from_pretrained(fixtures_dir / "dream_tiny_a", shift_logits=shift).eval()
+    ids = load_file(fixtures_dir / "dream_tiny_a" / "reference.safetensors")["input_ids"]
+    with torch.no_grad():
+        full = model(ids)
+        part = model(ids, logits_range=window)
+        cached, _ = model(ids, return_cache=True, logits_range=window)
+    assert part.shape == (2, window[1] - window[0], full.shape[-1])
+    torch.testing.assert_close(part, full[:, window[0]:window[1]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached, part, atol=0, rtol=0)
