@@ -4,14 +4,14 @@ copied in, so a checkpoint is self-contained)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -34,6 +34,11 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 
 TEXT_TOKENIZER_DIR = "text_tokenizer"  #: the copy of the text tokenizer in a checkpoint
+
+
+def rank_manifest(rank: int) -> str:
+    """The file in which a rank lists every file it wrote to a checkpoint, with its size."""
+    return f"rank_{rank}.files.json"
 
 
 def resolve_previous(path: str) -> Path:
@@ -64,28 +69,54 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def checkpoint_complete(folder: Path) -> bool:
-    """Every file the checkpoint's `train_state.json` lists is there at its size, and
-    every rank's state. (Ray copies a reported checkpoint file by file, in no set order:
-    a crash mid-copy leaves a folder with some files and not others.)"""
+    """Every rank's files are there at the sizes that rank recorded (each rank writes its
+    own into a folder Ray merges; `rank_R.files.json` lists them), and `train_state.json`
+    reads. Ray copies a reported checkpoint file by file, in no set order: a crash
+    mid-copy leaves a folder with some files, or a file cut short."""
     try:
         state = json.loads((folder / TRAIN_STATE).read_text())
-    except (OSError, ValueError):
+        world = int(state.get("world", 1))
+        if state.get("manifests"):
+            listed: dict[str, int] = {}
+            for rank in range(world):
+                listed |= json.loads((folder / rank_manifest(rank)).read_text())
+        else:  # written before every rank listed its files: rank 0's list, ranks by existence
+            if state.get("files") is None:  # before any list: the model is what must be there
+                return (folder / "model.safetensors").exists()
+            if not all((folder / f"rank_{r}.pt").is_file() for r in range(world)):
+                return False
+            listed = state["files"]
+    except (OSError, ValueError, TypeError, AttributeError):
         return False
-    files = state.get("files")
-    if files is None:  # written before files were listed: the model is what must be there
-        return (folder / "model.safetensors").exists()
-    ranks = [f"rank_{r}.pt" for r in range(int(state.get("world", 1)))]
-    return (all((folder / name).is_file() and (folder / name).stat().st_size == size
-                for name, size in files.items())
-            and all((folder / name).is_file() for name in ranks))
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size
+               for name, size in listed.items())
 
 
-def restore_checkpoint(checkpoint) -> tuple[Path | None, dict[str, Any]]:
-    if checkpoint is None:
-        return None, {"step": 0}
-    resume_dir = Path(tempfile.mkdtemp(prefix="resume-"))
-    checkpoint.to_directory(str(resume_dir))
-    return resume_dir, json.loads((resume_dir / TRAIN_STATE).read_text())
+@contextlib.contextmanager
+def restored_checkpoint(checkpoint, run_dir: str | Path | None = None
+                        ) -> Iterator[tuple[Path | None, dict[str, Any]]]:
+    """The checkpoint a worker resumes from, as a folder, and its `train_state.json`
+    (None and step 0 without one). Ray's newest checkpoint when it is complete; when it
+    is not (a file missing or cut short), the newest complete one under `run_dir`.
+
+    A checkpoint on a local or mounted filesystem is read where it is; one elsewhere is
+    downloaded to a temporary folder deleted on exit. (Each resume used to copy the whole
+    checkpoint to a temporary folder nothing deleted: every restart of a worker group
+    added one, up to a full disk.)"""
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            if checkpoint_complete(Path(folder)):
+                yield Path(folder), json.loads((Path(folder) / TRAIN_STATE).read_text())
+                return
+        logger.warning("checkpoint %s is incomplete (a file missing or cut short): not resumed from",
+                       checkpoint.path)
+        fallback = latest_checkpoint(run_dir) if run_dir is not None else None
+        if fallback is not None:
+            logger.warning("resuming from %s instead", fallback)
+            yield fallback, json.loads((fallback / TRAIN_STATE).read_text())
+            return
+        logger.warning("no complete checkpoint: starting from the beginning")
+    yield None, {"step": 0}
 
 
 @dataclass
@@ -98,6 +129,7 @@ class TrainState:
     step: int  #: steps done
     samples_seen: int  #: samples this rank has taken from its stream (skipped on resume)
     generator: torch.Generator  #: the tail pads' draws
+    nonfinite_skipped: int = 0  #: steps skipped for a non-finite loss or gradient norm, run total
 
     @classmethod
     def begin(cls, rank: int, world: int, device: torch.device, recorded: dict[str, Any],
@@ -107,7 +139,7 @@ class TrainState:
         step = int(recorded.get("step", 0))
         generator = torch.Generator().manual_seed(seed * 1000 + rank + 7 * step)
         samples = int(recorded.get("samples_seen", {}).get(str(rank), 0))
-        return cls(rank, world, device, step, samples, generator)
+        return cls(rank, world, device, step, samples, generator, int(recorded.get("nonfinite_skipped", 0)))
 
     def restore_rng(self, resume_dir: Path | None) -> None:
         """Torch's and the generator's states as this rank saved them (when it did)."""
@@ -120,7 +152,10 @@ class TrainState:
 
 
 def save_checkpoint(folder: Path, state: TrainState, opt: Optimisation, vocab: Vocab, config: dict) -> None:
-    """Every rank writes its own state; rank 0 also the model, vocab and optimizer."""
+    """Every rank writes its own state; rank 0 also the model, vocab and optimizer. Each
+    rank then lists what it wrote, with sizes (`checkpoint_complete` checks the lists).
+    Refuses (`NonFiniteTraining`, on every rank) weights that are not finite."""
+    opt.check_finite()
     rank, world, device = state.rank, state.world, state.device
     torch.save({"torch_rng": torch.get_rng_state(), "generator": state.generator.get_state(),
                 "samples_seen": state.samples_seen}, folder / f"rank_{rank}.pt")
@@ -129,27 +164,36 @@ def save_checkpoint(folder: Path, state: TrainState, opt: Optimisation, vocab: V
         seen = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
         torch.distributed.all_gather(seen, torch.tensor(state.samples_seen, device=device))
     opt.save(folder, rank)
-    if rank != 0:
-        return
-    vocab.save(folder)
-    (folder / TOKENIZERS_FILE).write_text(json.dumps(config.get("tokenizers", {}), indent=2) + "\n")
-    text_tokenizer = config["stage"]["data"]["text_tokenizer"]
-    if text_tokenizer:  # a checkpoint is self-contained: the text ids' meaning travels with it
-        source = Path(text_tokenizer)
-        (folder / TEXT_TOKENIZER_DIR).mkdir()
-        shutil.copy(source / BPETokenizer.FILE if source.is_dir() else source,
-                    folder / TEXT_TOKENIZER_DIR / BPETokenizer.FILE)
-    # written last, listing what came before: `checkpoint_complete` checks it
+    if rank == 0:
+        vocab.save(folder)
+        (folder / TOKENIZERS_FILE).write_text(json.dumps(config.get("tokenizers", {}), indent=2) + "\n")
+        text_tokenizer = config["stage"]["data"]["text_tokenizer"]
+        if text_tokenizer:  # a checkpoint is self-contained: the text ids' meaning travels with it
+            source = Path(text_tokenizer)
+            (folder / TEXT_TOKENIZER_DIR).mkdir()
+            shutil.copy(source / BPETokenizer.FILE if source.is_dir() else source,
+                        folder / TEXT_TOKENIZER_DIR / BPETokenizer.FILE)
+        (folder / TRAIN_STATE).write_text(json.dumps({
+            "step": state.step, "samples_seen": {str(r): int(s) for r, s in enumerate(seen)},
+            "stage": config["stage"]["stage"], "world": world, "manifests": True,
+            "nonfinite_skipped": state.nonfinite_skipped}) + "\n")
+    # written last, listing every file this rank wrote (Ray merges the ranks' folders);
+    # train_state.json is checked by reading it
     files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
-             if f.is_file() and not f.name.startswith("rank_")}
-    (folder / TRAIN_STATE).write_text(json.dumps({
-        "step": state.step, "samples_seen": {str(r): int(s) for r, s in enumerate(seen)},
-        "stage": config["stage"]["stage"], "world": world, "files": files}) + "\n")
+             if f.is_file() and f.name != TRAIN_STATE}
+    (folder / rank_manifest(rank)).write_text(json.dumps(files) + "\n")
 
 
 def export_final(checkpoint: Path, final: Path) -> None:
     """`final/`: the files `Transformer.from_pretrained` and the sampler read, nothing else.
-    Written to a temporary folder renamed into place, so it is whole or absent."""
+    Written to a temporary folder renamed into place, so it is whole or absent; refused
+    (`NonFiniteTraining`) when a weight is NaN or inf."""
+    from safetensors import safe_open
+
+    from pipelines.train.guards import check_finite_weights
+
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as weights:  # one tensor at a time
+        check_finite_weights((name, weights.get_tensor(name)) for name in weights.keys())
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -103,6 +103,14 @@ class ScheduleConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    #: a step whose loss or gradient norm is NaN or inf (on any rank) is skipped and
+    #: counted (`skipped_nonfinite` in the metrics); this many in a row stop the stage
+    #: with an error (a retry would run into the same steps)
+    max_nonfinite_in_row: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_nonfinite_in_row < 1:
+            raise ValueError("train.max_nonfinite_in_row must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     backend: str = "auto"  #: auto (DeepSpeed on GPU, DDP on CPU), ddp, deepspeed
+    #: DeepSpeed's ZeRO stage, 1 to 3 (its ZeRO optimizer is what skips a non-finite step)
     zero_stage: int = 2
     bf16: bool = True  #: DeepSpeed on GPU only
     #: DDP's forward under bf16 autocast: auto (GPUs, and CPUs with native bf16: AVX512-BF16
@@ -123,6 +132,8 @@ class ScalingConfig:
     check_resources: bool = True
 
     def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"scaling.zero_stage must be 1, 2 or 3, not {self.zero_stage} (no ZeRO: backend ddp)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"scaling.precision must be one of {PRECISIONS}, not {self.precision!r}")
 

@@ -1,17 +1,25 @@
-"""What keeps a stage from hanging on a cluster that cannot run it: the resources are
+"""What keeps a stage from hanging, racing or learning garbage: the resources are
 checked before `fit` (the data side fitted to what the workers leave, or a clear
-failure), and a watchdog fails a stage in which no step completes."""
+failure), a watchdog fails a stage in which no step completes, a lock keeps a second
+run off a run folder in use, weights are checked finite before they are saved, and a
+failed stage is summed up in one line."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
+
+import torch
 
 from pipelines.train.config import StageConfig
 from pipelines.train.metrics import PROGRESS_FILE
@@ -21,6 +29,81 @@ logger = logging.getLogger(__name__)
 
 class StageStalled(RuntimeError):
     """No training step completed within `run.stall_timeout_s`."""
+
+
+class RunDirBusy(RuntimeError):
+    """Another run holds the run folder's lock."""
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many non-finite steps in a row, or weights that are not finite."""
+
+
+LOCK_FILE = ".lock"  #: in the run folder; holds the pid, host and start time of the run in it
+
+
+#: in the run folder: why the workers stopped the stage. Rank 0 writes it and every rank
+#: returns (all reach the stop together: their flags are reduced); the driver raises it.
+#: Raising in the workers instead would have Ray retry the worker group into the same steps.
+STOPPED_FILE = "stopped.txt"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run folder for one run: a second run on it (another process, or this one)
+    fails at once naming the holder, where two runs used to write the same checkpoints
+    and metrics. `flock` is released with its file, so a run that died (even by SIGKILL)
+    leaves nothing to clean up; on NFS, Linux maps it to a lock the server keeps."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunDirBusy(f"{run_dir} is in use by another run ({holder}): wait for it to end, "
+                             "or give this run another run.dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, host {socket.gethostname()}, "
+                     f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock; the file stays (removing it would race a waiting run)
+
+
+def check_finite_weights(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise `NonFiniteTraining` naming the first tensor with a NaN or inf."""
+    for name, tensor in named:
+        if tensor.numel() and not torch.isfinite(tensor.detach()).all():
+            raise NonFiniteTraining(f"non-finite weights ({name}): nothing is saved from them; "
+                                    "resume from the last checkpoint with a lower optim.lr")
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line saying why a stage failed: a fit's error names each failing rank's error
+    (ranks with the same one together), a controller's error its cause; each error its
+    type and the first line of its message."""
+    def line(e: BaseException) -> str:
+        text = next((part.strip() for part in str(e).splitlines() if part.strip()), "")
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+    workers = getattr(err, "worker_failures", None)
+    if isinstance(workers, dict) and workers:
+        by_reason: dict[str, list[int]] = {}
+        for rank in sorted(workers):
+            by_reason.setdefault(line(workers[rank]), []).append(rank)
+        reason = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {text}"
+                           for text, ranks in by_reason.items())
+    elif getattr(err, "controller_failure", None) is not None:
+        reason = failure_reason(err.controller_failure)
+    else:
+        reason = line(err)
+    return reason if len(reason) <= 500 else reason[:497] + "..."
 
 
 def fit_to_cluster(cfg: StageConfig) -> StageConfig:

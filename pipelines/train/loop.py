@@ -20,8 +20,9 @@ from omni_model.objective import Objective, diffusion_loss_of_batch
 from omni_model.precision import autocast
 from omni_model.vocab import Vocab
 from pipelines.manifest import TASKS
-from pipelines.train.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from pipelines.train.checkpoint import TrainState, restored_checkpoint, save_checkpoint
 from pipelines.train.config import StageConfig
+from pipelines.train.guards import STOPPED_FILE, NonFiniteTraining
 from pipelines.train.metrics import MetricsWindow, MetricsWriter
 from pipelines.train.parallelism import Optimisation
 from pipelines.train.start import build_model
@@ -69,6 +70,21 @@ class _FailOnce:
             os._exit(1)
 
 
+class _PoisonLoss:
+    """Test hook (`run_stage(..., nonfinite_at=(S, N))`, never in a stage's config): rank
+    1's loss is NaN the first N times step S is tried (a skipped step is tried again),
+    as a bad batch or an overflow would make it."""
+
+    def __init__(self, at: tuple[int, int] | None, rank: int) -> None:
+        self.step, self.left = at if at is not None and rank == 1 else (None, 0)
+
+    def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step == self.step and self.left > 0:
+            self.left -= 1
+            return loss * float("nan")
+        return loss
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -81,14 +97,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     vocab = Vocab.from_dict(config["vocab"])
 
-    resume_dir, recorded = restore_checkpoint(ray.train.get_checkpoint())
-    torch.manual_seed(cfg.data.seed * 1000 + rank)
-    state = TrainState.begin(rank, world, device, recorded, cfg.data.seed)
-    model = build_model(cfg, vocab, config.get("init_path"), resume_dir)
-    model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
-    opt = Optimisation(cfg, model, device, world, resume_dir)
-    state.restore_rng(resume_dir)
+    with restored_checkpoint(ray.train.get_checkpoint(), cfg.run.dir) as (resume_dir, recorded):
+        torch.manual_seed(cfg.data.seed * 1000 + rank)
+        state = TrainState.begin(rank, world, device, recorded, cfg.data.seed)
+        model = build_model(cfg, vocab, config.get("init_path"), resume_dir)
+        model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+        opt = Optimisation(cfg, model, device, world, resume_dir)
+        state.restore_rng(resume_dir)
+    try:
+        _train(cfg, config, state, model, opt, vocab)
+    except NonFiniteTraining as err:
+        # Every rank is here at the same step (the flags are reduced over the ranks).
+        if rank == 0:
+            (Path(cfg.run.dir) / STOPPED_FILE).write_text(str(err) + "\n")
+        logger.error("rank %d stops: %s", rank, err)
 
+
+def _train(cfg: StageConfig, config: dict[str, Any], state: TrainState, model, opt: Optimisation,
+           vocab: Vocab) -> None:
+    import ray.train
+
+    rank, world, device = state.rank, state.world, state.device
     stream = _padded(_sample_stream(ray.train.get_dataset_shard("train"), state.samples_seen,
                                     cfg.data.shuffle_buffer, cfg.data.seed * 1000 + rank),
                      vocab.pad_id, cfg.data.max_pads, state.generator)
@@ -97,40 +126,65 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     writer = MetricsWriter(Path(cfg.run.dir)) if rank == 0 else None
     window = MetricsWindow(n_tasks, device)
     fail_once = _FailOnce(config.get("fail_at_step"), cfg.run.dir, rank)
+    poison = _PoisonLoss(config.get("nonfinite_at"), rank)
     precision = "none" if opt.engine is not None else cfg.scaling.precision  # DeepSpeed: its own bf16
     objective = objective_of(cfg)
+    in_row = 0  # skipped steps since the last applied one
     model.train()
-    for step in range(state.step, cfg.train.max_steps):
-        fail_once(step)
-        t_start = time.perf_counter()
-        for _ in range(cfg.optim.grad_accum):
-            t0 = time.perf_counter()
-            batch, tags, consumed = packer.next_batch(stream)
-            state.samples_seen += consumed
-            batch, tags = batch.to(device), tags.to(device)
-            window.wait += time.perf_counter() - t0
-            out = diffusion_loss_of_batch(opt.net, batch, vocab, objective, autocast=autocast(device, precision))
-            opt.backward(out.loss)
-            window.add(out.per_position.detach(), out.logits.detach(), batch.input_ids, out.noisy.target_mask,
-                       tags, batch.attention_mask)
-        opt.step()
-        window.time += time.perf_counter() - t_start
-        done = state.step = step + 1
+    try:
+        while state.step < cfg.train.max_steps:
+            step = state.step
+            fail_once(step)
+            t_start = time.perf_counter()
+            pending = MetricsWindow(n_tasks, device)  # joins `window` only if the step is applied
+            finite = torch.ones((), dtype=torch.bool, device=device)
+            for _ in range(cfg.optim.grad_accum):
+                t0 = time.perf_counter()
+                batch, tags, consumed = packer.next_batch(stream)
+                state.samples_seen += consumed  # a skipped step's samples are passed over too
+                batch, tags = batch.to(device), tags.to(device)
+                pending.wait += time.perf_counter() - t0
+                out = diffusion_loss_of_batch(opt.net, batch, vocab, objective,
+                                              autocast=autocast(device, precision))
+                loss = poison(step, out.loss)
+                finite &= torch.isfinite(loss.detach())
+                opt.backward(loss)
+                pending.add(out.per_position.detach(), out.logits.detach(), batch.input_ids,
+                            out.noisy.target_mask, tags, batch.attention_mask)
+            pending.time += time.perf_counter() - t_start
+            if not opt.step(finite):
+                in_row += 1
+                state.nonfinite_skipped += 1
+                if rank == 0:
+                    logger.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row, "
+                                   "%d in all)", step + 1, in_row, state.nonfinite_skipped)
+                if in_row >= cfg.train.max_nonfinite_in_row:
+                    raise NonFiniteTraining(
+                        f"{in_row} steps in a row had a non-finite loss or gradient norm (train.max_nonfinite_"
+                        f"in_row={cfg.train.max_nonfinite_in_row}; {state.nonfinite_skipped} skipped in all): "
+                        f"stopped before step {step + 1}, with the weights of step {step}. Lower optim.lr or "
+                        "check the data; a new run resumes from the last checkpoint")
+                continue
+            in_row = 0
+            window.merge(pending)
+            done = state.step = step + 1
+            if writer is not None:
+                writer.progress(done)
+            is_log = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
+            is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps
+            if not (is_log or is_ckpt):
+                continue
+            metrics = window.reduce(world) | {"step": done, "lr": opt.lr, "epoch_samples": state.samples_seen,
+                                              "skipped_nonfinite": state.nonfinite_skipped}
+            window = MetricsWindow(n_tasks, device)
+            if writer is not None:
+                writer.write(metrics)
+            if is_ckpt:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_checkpoint(Path(tmp), state, opt, vocab, config)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+    finally:
         if writer is not None:
-            writer.progress(done)
-        is_log = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
-        is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps
-        if not (is_log or is_ckpt):
-            continue
-        metrics = window.reduce(world) | {"step": done, "lr": opt.lr, "epoch_samples": state.samples_seen}
-        window = MetricsWindow(n_tasks, device)
-        if writer is not None:
-            writer.write(metrics)
-        if is_ckpt:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), state, opt, vocab, config)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
-    if writer is not None:
-        writer.close()
+            writer.close()

@@ -39,6 +39,16 @@ class MetricsWindow:
         self.tokens += attention.sum()
         self.steps += 1
 
+    def merge(self, other: "MetricsWindow") -> None:
+        """Add a step's window (kept apart until the step is known to be applied)."""
+        self.loss += other.loss
+        self.count += other.count
+        self.correct += other.correct
+        self.tokens += other.tokens
+        self.steps += other.steps
+        self.wait += other.wait
+        self.time += other.time
+
     def reduce(self, world: int) -> dict[str, float]:
         packed = torch.cat([self.loss, self.count, self.correct[None], self.tokens[None],
                             torch.tensor([self.time, self.wait], device=self.loss.device)])

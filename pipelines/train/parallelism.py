@@ -40,7 +40,8 @@ def deepspeed_config(cfg: StageConfig, world: int, bf16: bool) -> dict:
         "train_batch_size": cfg.data.rows_per_step * cfg.optim.grad_accum * world,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        # skip an update whose gradients are not finite (DeepSpeed's default; fp32 always checks)
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -52,6 +53,11 @@ class Optimisation:
     DDP: a torch AdamW, accumulation by dividing the loss, clipping before the step.
     DeepSpeed: the same torch AdamW handed to `deepspeed.initialize` (no fused-op build),
     ZeRO stage, clipping, accumulation and bf16 from `deepspeed_config`.
+
+    A step whose loss or gradient norm is NaN or inf on any rank is skipped on every rank
+    (no update, no schedule step, gradients dropped): DDP reduces a flag over the ranks;
+    DeepSpeed's ZeRO optimizer checks the reduced gradient norm itself and skips (a
+    non-finite loss is made to give NaN gradients so that it is seen there too).
     """
 
     def __init__(self, cfg: StageConfig, model: Transformer, device: torch.device, world: int,
@@ -60,6 +66,8 @@ class Optimisation:
 
         self.cfg = cfg
         self.module = model
+        self.device = device
+        self.world = world
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
                                            betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
@@ -85,19 +93,51 @@ class Optimisation:
     def backward(self, loss: torch.Tensor) -> None:
         """One micro-batch's backward pass (DeepSpeed also steps at each boundary)."""
         if self.engine is not None:
+            if not torch.isfinite(loss.detach()):
+                # An inf loss can still give finite gradients (d inf / d w = finite for a
+                # sum); NaN gradients make DeepSpeed's overflow check skip the update.
+                loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
         else:
             (loss / self.cfg.optim.grad_accum).backward()
 
-    def step(self) -> None:
-        """Ends a step of `grad_accum` micro-batches."""
+    def step(self, loss_finite: torch.Tensor) -> bool:
+        """Ends a step of `grad_accum` micro-batches; `loss_finite` says whether every
+        micro-batch's loss on this rank was finite. Returns whether the update was applied,
+        the same answer on every rank (False: a non-finite loss or gradient norm somewhere)."""
         if self.engine is not None:
-            return
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+            # the boundary's engine.step() ran in backward; its overflow check is over all ranks
+            return bool(self.engine.was_step_applied())
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+        bad = (~loss_finite.to(self.device) | ~torch.isfinite(norm.to(self.device))).float()
+        if self.world > 1 and torch.distributed.is_initialized():
+            # every rank must skip the same steps, or their replicas drift apart
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        applied = not bool(bad.item())
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return applied
+
+    def check_finite(self) -> None:
+        """Raise `NonFiniteTraining` on every rank when a weight on any rank is NaN or inf
+        (ZeRO-3: each rank checks its own shard)."""
+        from pipelines.train.guards import NonFiniteTraining, check_finite_weights
+
+        error = None
+        try:
+            check_finite_weights((name, getattr(p, "ds_tensor", p)) for name, p in self.module.named_parameters())
+        except NonFiniteTraining as err:
+            error = err
+        bad = torch.tensor(float(error is not None), device=self.device)
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if bad.item():
+            raise NonFiniteTraining("non-finite weights on another rank: nothing is saved from them")
 
     @property
     def lr(self) -> float:

@@ -13,7 +13,7 @@ from pipelines.shards import check_compatible
 from pipelines.train.checkpoint import (TRAIN_STATE, check_text_tokenizer, export_final, latest_checkpoint,
                                         text_tokenizer_entry)
 from pipelines.train.config import StageConfig
-from pipelines.train.guards import fit_to_cluster, fit_watched
+from pipelines.train.guards import STOPPED_FILE, NonFiniteTraining, fit_to_cluster, fit_watched, run_dir_lock
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.mixture import build_dataset, shard_sets
 from pipelines.train.start import resolve_vocab
@@ -21,16 +21,25 @@ from pipelines.train.start import resolve_vocab
 logger = logging.getLogger(__name__)
 
 
-def run_stage(cfg: StageConfig, *, fail_at_step: int | None = None) -> dict[str, Any]:
+def run_stage(cfg: StageConfig, *, fail_at_step: int | None = None,
+              nonfinite_at: tuple[int, int] | None = None) -> dict[str, Any]:
     """Train one stage on a started Ray; returns the final metrics and the final model path.
+    The run folder is locked for the stage's time (`RunDirBusy` if another run holds it).
 
-    `fail_at_step` is a test hook (rank 1 exits once at that step, as a crashed worker),
-    kept out of the stage's config."""
+    Test hooks, kept out of the stage's config: `fail_at_step` (rank 1 exits once at that
+    step, as a crashed worker) and `nonfinite_at=(S, N)` (rank 1's loss is NaN the first
+    N times step S is tried)."""
+    run_dir = Path(cfg.run.dir).resolve()
+    with run_dir_lock(run_dir):
+        return _run_stage(cfg, run_dir, fail_at_step, nonfinite_at)
+
+
+def _run_stage(cfg: StageConfig, run_dir: Path, fail_at_step: int | None,
+               nonfinite_at: tuple[int, int] | None) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    run_dir = Path(cfg.run.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # an earlier run's stop; this one starts over
     # Workers and Ray Data tasks do not run in this directory: every path they open is absolute.
     cfg = replace(cfg, data=replace(cfg.data, shards=str(Path(cfg.data.shards).resolve()),
                                     text_tokenizer=cfg.data.text_tokenizer and
@@ -59,7 +68,8 @@ def run_stage(cfg: StageConfig, *, fail_at_step: int | None = None) -> dict[str,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage": cfg_dict, "vocab": vocab.to_dict(), "init_path": init_path,
-                           "tokenizers": tokenizers, "fail_at_step": fail_at_step},
+                           "tokenizers": tokenizers, "fail_at_step": fail_at_step,
+                           "nonfinite_at": nonfinite_at},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
@@ -72,6 +82,8 @@ def run_stage(cfg: StageConfig, *, fail_at_step: int | None = None) -> dict[str,
         # name and storage_path from that run's newest checkpoint by itself.
     )
     result = fit_watched(trainer, cfg, run_dir)
+    if (run_dir / STOPPED_FILE).exists():
+        raise NonFiniteTraining((run_dir / STOPPED_FILE).read_text().strip())
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as src:
