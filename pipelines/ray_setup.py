@@ -32,9 +32,11 @@ def start_ray(cfg: RayConfig = RayConfig()) -> bool:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if not address:
         # Ray 2.60 asks for a token on every new cluster; ours is private to this process
-        # and listens on 127.0.0.1 only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), so it has
-        # none. Set before `import ray`, which reads it. A joined cluster keeps its own.
+        # and listens on 127.0.0.1 only, so it has none. Set before `import ray`, which
+        # reads them; loopback is forced, not defaulted, since no token guards it. A joined
+        # cluster keeps its own authentication (and the shell never exports "disabled").
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     if ray.is_initialized():
@@ -45,7 +47,13 @@ def start_ray(cfg: RayConfig = RayConfig()) -> bool:
         return False
     # "local": a new Ray of our own even when a `ray start` cluster runs on this machine
     # (ray.init() would otherwise try to join it and refuse the resource arguments).
-    ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+    # With its dashboard: Ray Train's placement-group cleaner asks the state API whether
+    # the run's controller is alive. Without a dashboard of our own that query goes to
+    # the default port 8265: an error every second, or, when another Ray's dashboard
+    # answers there, "no such actor", and the cleaner removes the live run's placement
+    # group (the worker group dies mid-stage; tests/test_ray_setup.py).
+    ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+             include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
     logger.info("started a local Ray with %s", ray.cluster_resources())
     return True
 
