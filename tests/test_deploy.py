@@ -34,19 +34,39 @@ def _pods(cluster: dict) -> list[dict]:
                                                              for g in cluster["workerGroupSpecs"]]
 
 
-def _check_pods(pods: list[dict]) -> None:
-    """Token authentication and the shared run folder in every Ray container."""
+def _check_pods(pods: list[dict], writes_runs: bool) -> None:
+    """Token authentication, the shared run folder (written only where `writes_runs`,
+    the models never) and the security settings in every Ray container."""
     for pod in pods:
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
                   if "persistentVolumeClaim" in v}
         assert claims == {"shared": _doc("shared-storage.yaml")["metadata"]["name"]}
+        _check_security(pod)
         for container in pod["containers"]:
             env = {e["name"]: e for e in container["env"]}
             assert env["RAY_AUTH_MODE"]["value"] == "token"
             assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "omni-ray-token", "key": "token"}
             mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
             assert mounts["/shared"]["name"] == "shared" and mounts["/models"]["subPath"] == "models"
+            assert mounts["/models"].get("readOnly") is True
+            assert mounts["/shared"].get("readOnly", False) is (not writes_runs)
             assert container["image"] == _image()
+
+
+def _check_security(pod: dict) -> None:
+    """Non-root, no privilege escalation, no capabilities, a read-only root filesystem
+    with a size-limited scratch folder at /tmp, and limits on CPU, memory and disk."""
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    scratch = {v["name"]: v["emptyDir"] for v in pod["volumes"] if "emptyDir" in v}
+    for container in pod["containers"]:
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+        limits = container["resources"]["limits"]
+        assert {"cpu", "memory", "ephemeral-storage"} <= set(limits)
+        tmp = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}["/tmp"]
+        assert scratch[tmp]["sizeLimit"]
 
 
 def _image() -> str:
@@ -73,7 +93,8 @@ def test_the_stage2_rayjob_runs_the_stage2_job_with_the_gpus_its_config_asks_for
         assert path.startswith(("/shared/", "/models/")), path
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"] == __import__("ray").__version__
-    _check_pods(_pods(cluster))
+    _check_pods(_pods(cluster), writes_runs=True)
+    _check_security(job["spec"]["submitterPodTemplate"]["spec"])
     submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
     assert {e["name"] for e in submitter["env"]} >= {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
     gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
@@ -101,7 +122,9 @@ def test_the_rayservice_builds_the_serve_app_from_the_gpu_config():
     assert cfg.batching.mode == "step" and cfg.deployment.num_gpus == 1
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
-    _check_pods(_pods(cluster))
+    _check_pods(_pods(cluster), writes_runs=False)  # a replica only reads the model folders
+    for pod in _pods(cluster):
+        assert all(v["persistentVolumeClaim"]["readOnly"] for v in pod["volumes"] if "persistentVolumeClaim" in v)
     (group,) = cluster["workerGroupSpecs"]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(limits["nvidia.com/gpu"]) == cfg.deployment.num_gpus
@@ -127,3 +150,25 @@ def test_the_image_installs_the_project_with_its_torch_pin():
 def test_no_manifest_turns_authentication_off(name):
     text = (DEPLOY / name).read_text()
     assert "RAY_AUTH_MODE, value: disabled" not in text and "disabled" not in text
+
+
+def test_the_network_policy_admits_only_the_ingress_to_the_serve_port():
+    policy = _doc("networkpolicy-sampler.yaml")
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    service = _doc("rayservice-sampler.yaml")
+    serve_cfg = yaml.safe_load(service["spec"]["serveConfigV2"])
+    # it selects every pod of the sampler's cluster
+    for pod in [service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]] + [
+            g["template"] for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]]:
+        assert selected.items() <= pod["metadata"]["labels"].items()
+    rules = policy["spec"]["ingress"]
+    from_outside = [r for r in rules if any("namespaceSelector" in f for f in r["from"])]
+    ports = sorted(p["port"] for r in from_outside for p in r["ports"])
+    serve_port = 8000
+    assert serve_cfg["applications"][0]["route_prefix"] == "/"
+    assert ports == [serve_port, 8265]  # the ingress to Serve; the KubeRay operator to the dashboard
+    assert all(r.get("ports") for r in from_outside)  # no rule from outside without a port
+    (inside,) = [r for r in rules if r not in from_outside]
+    assert [f["podSelector"]["matchLabels"] for f in inside["from"]] == [selected]
