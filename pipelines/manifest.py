@@ -13,7 +13,9 @@ the scene's ground truth).
 Every way a line can be wrong is a `ManifestError` whose message is the quarantine
 reason: not JSON (or nested deeper than `MAX_NESTING`), a wrong type anywhere, text that
 is not valid Unicode, a path that is absolute, escapes the root, holds a NUL byte or
-passes the file-system's name limits, more media than `MAX_MEDIA_PER_ROW`.
+passes the file-system's name limits, more media than `MAX_MEDIA_PER_ROW` (or the
+caller's limit), a number outside `MAX_JSON_INT` or not finite (`NaN`, `Infinity`,
+`1e999`): every numeric field a row can carry is bounded where it is parsed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ TASKS = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa", "text")
 MAX_NESTING = 64
 #: Media files one row may name (each is opened and tokenized).
 MAX_MEDIA_PER_ROW = 64
+#: Largest integer a line may hold anywhere (`id`, `meta`): a 64-bit signed integer.
+#: Python parses any length (up to 4,300 digits); nothing downstream can store that.
+MAX_JSON_INT = 2**63 - 1
 #: Limits of POSIX file systems: bytes of one path component, and of a whole path.
 NAME_MAX, PATH_MAX = 255, 4096
 
@@ -159,18 +164,46 @@ def _nesting(line: str) -> int:
     return deepest
 
 
-def parse_line(line: str, root: Path | None = None, check_files: bool = True) -> Sample:
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19:  # checked on the digits, before Python converts them
+        raise ManifestError(f"integer of {len(text.lstrip('-'))} digits is outside ±{MAX_JSON_INT}")
+    value = int(text)
+    if abs(value) > MAX_JSON_INT:
+        raise ManifestError(f"integer {value} is outside ±{MAX_JSON_INT}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ManifestError(f"number {text[:40]} is not finite")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ManifestError(f"{name} is not a JSON number")
+
+
+def load_json(text: str) -> Any:
+    """`json.loads` with every number bounded: integers within ±`MAX_JSON_INT`, floats
+    finite, no `NaN`/`Infinity` (which Python's parser accepts). Raises ManifestError."""
+    try:
+        return json.loads(text, parse_int=_bounded_int, parse_float=_finite_float,
+                          parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"not valid JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:
+        raise ManifestError("JSON nested too deeply") from None
+
+
+def parse_line(line: str, root: Path | None = None, check_files: bool = True,
+               max_media: int = MAX_MEDIA_PER_ROW) -> Sample:
     """Parse and validate one JSONL line (raises ManifestError with the reason)."""
     if line.count("[") + line.count("{") > MAX_NESTING:  # only then can it nest that deep
         depth = _nesting(line)
         if depth > MAX_NESTING:
             raise ManifestError(f"JSON nested {depth} levels deep, over the limit of {MAX_NESTING}")
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"not valid JSON: {err.msg} at column {err.colno}") from None
-    except RecursionError:  # unreachable after the nesting check; kept as the last guard
-        raise ManifestError("JSON nested too deeply") from None
+    data = load_json(line)
     if not isinstance(data, dict):
         raise ManifestError("a manifest line must be a JSON object")
     messages = data.get("messages")
@@ -187,9 +220,9 @@ def parse_line(line: str, root: Path | None = None, check_files: bool = True) ->
     images, audios = data.get("images", []) or [], data.get("audios", []) or []
     if not isinstance(images, list) or not isinstance(audios, list):
         raise ManifestError("'images' and 'audios' must be lists")
-    if len(images) + len(audios) > MAX_MEDIA_PER_ROW:
+    if len(images) + len(audios) > max_media:
         raise ManifestError(f"{len(images) + len(audios)} media files, over the limit of "
-                            f"{MAX_MEDIA_PER_ROW} per row")
+                            f"{max_media} per row")
     meta = data.get("meta")
     if meta is None:
         meta = {}

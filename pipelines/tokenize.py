@@ -9,7 +9,11 @@ ask for a GPU each when the config says so.
 
 Reliability: row content never stops the job. Every exception while parsing,
 validating, opening, decoding or encoding a row sends that row to quarantine with the
-reason; only infrastructure (disk, Ray) can fail a run, with a message saying so.
+reason; only infrastructure (disk, Ray) can fail a run, with a message saying so. What
+a row may cost is bounded by its work, not by counting rows: validation reads every
+media file's header (regular files within `max_file_bytes`; pixels, rate, channels,
+length) and sums the row's decoded bytes against `max_row_decoded_bytes`, so a row
+naming a large image 64 times is quarantined before an actor decodes any of it.
 
 Resume bookkeeping: the manifest is cut into parts of `rows_per_part` lines. Parts are
 processed in waves; a wave's output is written by Ray Data to a staging folder, then
@@ -46,7 +50,7 @@ from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from omni_model.tokenizers import load_image_tokenizer, load_speech_tokenizer
 from omni_model.tokenizers.mel import resample, to_mono
 from pipelines.manifest import ManifestError, parse_line, read_bounded_lines, resolve_media, sample_id
-from pipelines.media import MediaError, load_audio, load_image
+from pipelines.media import MediaError, MediaLimits, check_row_media, load_audio, load_image
 from pipelines.shards import (PARTS_DIR, SHARD_SCHEMA, SUCCESS_FILE, atomic_write_text, image_part,
                               shard_files, speech_part, text_part, tokenizer_identity, write_quarantine,
                               write_shard)
@@ -69,11 +73,22 @@ class TokenizeConfig:
     speech_workers: int = 1  #: speech tokenizer actors
     num_cpus_per_worker: float = 0.5
     num_gpus_per_worker: float = 0.0  #: > 0 on GPU clusters (the actors then use CUDA)
-    max_image_pixels: int = 40_000_000
-    max_audio_seconds: float = 600.0
+    max_image_pixels: int = 40_000_000  #: width x height of one image, from its header
+    max_audio_seconds: float = 600.0  #: length of one audio file, from its header
     max_sample_rate: int = 192_000  #: audio above this rate is refused (read from the header)
     max_channels: int = 8  #: audio with more channels is refused
     max_line_bytes: int = 1_000_000  #: a longer manifest line is quarantined unparsed
+    max_file_bytes: int = 256 * 2**20  #: a larger media file (or anything not a regular file) is refused
+    max_media_per_row: int = 64  #: media files one row may name
+    #: a row's media decoded (RGB at 4 bytes a pixel, float32 audio), summed from their
+    #: headers before any is decoded: what one row may cost a tokenizer actor
+    max_row_decoded_bytes: int = 256 * 2**20
+
+    def media_limits(self) -> MediaLimits:
+        """The media limits of this config, checked per file and per row."""
+        return MediaLimits(self.max_file_bytes, self.max_image_pixels, self.max_audio_seconds,
+                           self.max_sample_rate, self.max_channels, self.max_media_per_row,
+                           self.max_row_decoded_bytes)
 
 
 #: The run's fixed parameters; a re-run into the same folder must match them.
@@ -89,17 +104,26 @@ def row_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"[:2000]
 
 
-def validate_rows(batch: dict[str, np.ndarray], data_root: str,
-                  max_line_bytes: int | None = None) -> dict[str, np.ndarray]:
-    """Parse and check manifest lines; bad ones get a `reason` (quarantine)."""
+def validate_rows(batch: dict[str, np.ndarray], data_root: str, max_line_bytes: int | None = None,
+                  limits: MediaLimits | None = None) -> dict[str, np.ndarray]:
+    """Parse and check manifest lines; bad ones get a `reason` (quarantine).
+
+    With `limits`, a row's media are checked from the file system and their headers
+    (`check_row_media`): a row whose media, together, would decode past the row's
+    budget is quarantined here, before any tokenizer actor decodes them.
+    """
     root = Path(data_root)
+    limits = limits or MediaLimits()
     samples, reasons = [], []
     sizes = batch["bytes"] if "bytes" in batch else [0] * len(batch["raw"])
     for raw, size in zip(batch["raw"], sizes):
         try:
             if max_line_bytes is not None and int(size) > max_line_bytes:
                 raise ManifestError(f"line of {int(size)} bytes is over the limit of {max_line_bytes}")
-            samples.append(json.dumps(asdict(parse_line(str(raw), root))))
+            sample = parse_line(str(raw), root, max_media=limits.max_media_per_row)
+            check_row_media([resolve_media(root, rel) for rel in sample.images],
+                            [resolve_media(root, rel) for rel in sample.audios], limits)
+            samples.append(json.dumps(asdict(sample)))
             reasons.append("")
         except Exception as err:  # noqa: BLE001 - row content never stops the job
             samples.append("")
@@ -288,7 +312,8 @@ def _build_dataset(rows: list[dict], cfg: TokenizeConfig):
 
     device = "cuda" if cfg.num_gpus_per_worker > 0 else "cpu"
     ds = ray.data.from_items(rows).map_batches(
-        validate_rows, fn_kwargs={"data_root": cfg.data_root, "max_line_bytes": cfg.max_line_bytes},
+        validate_rows, fn_kwargs={"data_root": cfg.data_root, "max_line_bytes": cfg.max_line_bytes,
+                                  "limits": cfg.media_limits()},
         batch_size=cfg.batch_size, num_cpus=0.25)
     stages = []
     if cfg.image_tokenizer:

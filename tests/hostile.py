@@ -126,3 +126,22 @@ def hostile_manifest_rows(root: Path, max_line_bytes: int = 100_000) -> dict[str
         "'hostile/out.png' escapes the data root": image("hostile/out.png"),  # a symlink out
         "missing file 'hostile/folder.png'": image("hostile/folder.png"),
     }
+
+
+def blank_png(side: int) -> bytes:
+    """A valid `side` x `side` RGB PNG of one colour, compressed row by row (a 6300 x
+    6300 one is ~120 KB on disk and 159 MB decoded), built without holding its pixels."""
+    row = b"\0" + b"\x80" * (3 * side)  # filter byte "none", then the row's pixels
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def long_flac(path: Path, seconds: float, rate: int = 192_000, channels: int = 8) -> None:
+    """A real FLAC of near-silence, written a second at a time (300 s at 192 kHz x 8
+    channels is a few hundred KB on disk and 1.8 GB decoded as float32)."""
+    block = np.full((rate, channels), 1e-3, np.float32)
+    with sf.SoundFile(path, "w", rate, channels, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(int(seconds)):
+            f.write(block)

@@ -5,8 +5,10 @@ in tests/test_data_pipeline.py."""
 
 import json
 import resource
+import time
 
 import numpy as np
+import pytest
 
 from pipelines.tokenize import ImageStage, SpeechStage, TokenizeConfig, read_parts, validate_rows
 from tests.hostile import hostile_manifest_rows, png_bytes, wav_bytes
@@ -58,3 +60,73 @@ def test_an_overlong_line_is_never_held_whole(tmp_path):
     reasons = validate_rows(_batch(rows), str(tmp_path), 1000)["reason"]
     assert "line of 5000009 bytes is over the limit of 1000" in reasons[0]
     assert "'messages' must be a non-empty list" in reasons[1]
+
+
+def _budget_attack(root):
+    """The issue's measured data set at its own scale: one row naming a 128 KB PNG of
+    6300 x 6300 64 times (10 GB decoded), one naming a 476 KB FLAC of 300 s at 192 kHz x
+    8 channels 16 times (29 GB decoded), three valid rows. Every file is within the
+    per-file limits: only the row's budget refuses them."""
+    from tests.hostile import blank_png, long_flac
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "wide.png").write_bytes(blank_png(6300))
+    long_flac(root / "long.flac", 300)
+    (root / "good.png").write_bytes(png_bytes(40, 24))
+    (root / "good.wav").write_bytes(wav_bytes(1.0))
+    chat = lambda user, **kw: json.dumps({"messages": [{"role": "user", "content": user},  # noqa: E731
+                                                       {"role": "assistant", "content": "x"}], **kw})
+    return [chat("<|image|>Describe.", images=["good.png"]),
+            chat("<|image|>" * 64, images=["wide.png"] * 64),
+            chat("Transcribe.<|audio|>", audios=["good.wav"]),
+            chat("<|audio|>" * 16, audios=["long.flac"] * 16),
+            chat("<|image|>Describe.", images=["good.png"])]
+
+
+def test_a_rows_media_are_refused_from_their_headers_before_any_is_decoded(tmp_path, fixtures_dir):
+    """The budget is per row and checked from headers: one 6300 x 6300 image (159 MB
+    decoded) passes, four of them in one row do not, and refusing them costs no memory."""
+    from tests.hostile import blank_png
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "wide.png").write_bytes(blank_png(6300))
+    chat = lambda n: json.dumps({"messages": [{"role": "user", "content": "<|image|>" * n},  # noqa: E731
+                                              {"role": "assistant", "content": "x"}], "images": ["wide.png"] * n})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(chat(4) + "\n" + chat(3) + "\n")
+    cfg = TokenizeConfig(max_row_decoded_bytes=500 * 2**20)
+    rows = read_parts(manifest, 10)[0]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    batch = validate_rows(_batch(rows), str(root), limits=cfg.media_limits())
+    batch = ImageStage(str(root), str(fixtures_dir / "magvit_tiny_a"), max_pixels=cfg.max_image_pixels)(
+        {**batch, "reason": np.array([batch["reason"][0], "skipped here"], dtype=object)})
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert "the row's 4 media would decode to 606 MiB, over the budget of 500 MiB" in batch["reason"][0]
+    assert batch["reason"][1] == "skipped here"  # (3 x 151 MiB is within it: decoding it is not this test's)
+    assert grown_mib < 100, f"peak memory grew by {grown_mib:.0f} MiB"
+
+
+@pytest.mark.timeout(300)
+def test_the_issues_budget_attack_ends_in_quarantine_fast_through_ray_data(ray_session, tmp_path, fixtures_dir):
+    """Measured before: the tokenize job ran 15 minutes at 23 of 24 GB, its actor
+    restarted 5 times, nothing written. Now: both rows in quarantine, the three valid
+    rows in shards, in seconds."""
+    from pipelines.shards import read_quarantine, read_shards
+    from pipelines.tokenize import tokenize_manifest
+
+    root = tmp_path / "data"
+    manifest = tmp_path / "attack.jsonl"
+    manifest.write_text("\n".join(_budget_attack(root)) + "\n")
+    start = time.perf_counter()
+    summary = tokenize_manifest(TokenizeConfig(
+        manifest=str(manifest), data_root=str(root), out=str(tmp_path / "shards"),
+        image_tokenizer=str(fixtures_dir / "magvit_tiny_a"), speech_tokenizer=str(fixtures_dir / "glm4voice_tiny_a"),
+        rows_per_part=8, batch_size=8))
+    seconds = time.perf_counter() - start
+    assert summary["totals"] == {"rows": 5, "shard_rows": 3, "quarantined": 2}
+    assert sorted(read_shards(tmp_path / "shards").column("line").to_pylist()) == [1, 3, 5]
+    reasons = {r["line"]: r["reason"] for r in read_quarantine(tmp_path / "shards").to_pylist()}
+    assert "the row's 64 media would decode to 9690 MiB, over the budget of 256 MiB" in reasons[2]
+    assert "the row's 16 media would decode to 28125 MiB, over the budget of 256 MiB" in reasons[4]
+    assert seconds < 120, f"took {seconds:.0f} s"
