@@ -58,7 +58,9 @@ def _stage(shards, run_dir, stage=1, **kw) -> StageConfig:
         model=model,
         data=DataConfig(shards=str(shards), mixture=mixture, max_seq_len=160, rows_per_step=4, max_pads=4),
         optim=OptimConfig(lr=kw.pop("lr", 3e-3), warmup_ratio=0.1),
-        train=ScheduleConfig(max_steps=kw.pop("max_steps", 30), log_every=5, checkpoint_every=10),
+        train=ScheduleConfig(max_steps=kw.pop("max_steps", 30), log_every=5,
+                             checkpoint_every=kw.pop("checkpoint_every", 10),
+                             max_nonfinite_in_row=kw.pop("max_nonfinite_in_row", 8)),
         scaling=ScalingConfig(num_workers=2, cpus_per_worker=1, backend=kw.pop("backend", "auto"),
                               zero_stage=kw.pop("zero_stage", 2)))
     assert not kw
@@ -116,9 +118,51 @@ def test_stage3_mixes_sdvi_with_replay(stage1, shards, tmp_path):
 
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes(shards, tmp_path):
+    """Rank 1 exits after step 15: Ray starts a new worker group, which goes on from the
+    step-10 checkpoint (steps 11-15 again, not 1-15) and finishes."""
     result = run_stage(_stage(shards, tmp_path / "run", max_steps=20, max_failures=2), fail_at_step=15)
     assert (tmp_path / "run" / ".failed_once").exists()
     assert json.loads((Path(result["final"]) / "train_state.json").read_text())["step"] == 20
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == [5, 10, 15, 15, 20]
+
+
+def _finite(folder) -> bool:
+    return all(torch.isfinite(t).all() for t in Transformer.from_pretrained(folder).state_dict().values())
+
+
+def test_non_finite_steps_are_skipped_counted_and_too_many_in_a_row_stop_the_stage(shards, tmp_path):
+    """Rank 1's loss is NaN twice at the 4th step, then at every try of the 8th (the
+    `nonfinite_at` hook). Both ranks skip the same tries (DDP would otherwise hang or
+    drift), the skips are counted, the weights stay finite; the third skip in a row
+    (`train.max_nonfinite_in_row=3`) stops the stage with an error, at once (no retry
+    of the worker group into the same steps), and no `final/` is exported."""
+    from pipelines.train import NonFiniteTraining
+
+    run_dir = tmp_path / "run"
+    cfg = _stage(shards, run_dir, max_steps=10, checkpoint_every=5, max_nonfinite_in_row=3, max_failures=2)
+    with pytest.raises(NonFiniteTraining, match=r"3 steps in a row had a non-finite loss or gradient norm "
+                                                r"\(train.max_nonfinite_in_row=3; 5 skipped in all\): "
+                                                r"stopped before step 8"):
+        run_stage(cfg, nonfinite_at={3: 2, 7: 100})
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == [5]  # one worker group: no retry logged step 5 again
+    assert metrics[0]["skipped_nonfinite"] == 2 and torch.isfinite(torch.tensor(metrics[0]["loss"]))
+    checkpoint = latest_checkpoint(run_dir)
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert state["step"] == 5 and state["nonfinite_skipped"] == 2
+    assert _finite(checkpoint)
+    assert not (run_dir / "final").exists()
+
+
+def test_a_deepspeed_step_with_a_non_finite_loss_is_skipped(shards, tmp_path):
+    """The DeepSpeed path skips through ZeRO's own overflow check, over both ranks."""
+    run_dir = tmp_path / "ds"
+    result = run_stage(_stage(shards, run_dir, max_steps=6, backend="deepspeed"), nonfinite_at={3: 2})
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == [5, 6]
+    assert [m["skipped_nonfinite"] for m in metrics] == [2, 2]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert _finite(result["final"])
 
 
 def test_interrupted_deepspeed_run_resumes_from_its_checkpoint(shards, tmp_path):
@@ -166,8 +210,24 @@ def test_a_checkpoint_cut_short_is_neither_resumed_nor_the_next_start(stage1, tm
             (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:1000])
         assert not checkpoint_complete(cut)
     assert latest_checkpoint(copy) == good
+    # a rank's own file cut short (rank 1's state; each rank lists its files and sizes):
+    # the newest checkpoint is skipped, and a worker resuming from it takes the previous one
+    from ray.train import Checkpoint
+
+    from pipelines.train.checkpoint import restored_checkpoint
+
+    for name in ("checkpoint_missing", "checkpoint_truncated"):
+        shutil.rmtree(good.parent / name)
+    previous = max((p for p in good.parent.glob("checkpoint_*") if p.is_dir() and p != good), key=lambda p: p.name)
+    assert json.loads((previous / "train_state.json").read_text())["step"] == 30
+    rank_1 = good / "rank_1.pt"
+    rank_1.write_bytes(rank_1.read_bytes()[:-10])
+    assert not checkpoint_complete(good)
+    assert latest_checkpoint(copy) == previous
+    with restored_checkpoint(Checkpoint.from_directory(str(good)), copy) as (folder, recorded):
+        assert folder == previous and recorded["step"] == 30
     shutil.rmtree(copy / "final")
-    assert resolve_previous(f"latest:{copy}") == good
+    assert resolve_previous(f"latest:{copy}") == previous
     assert not list(run_dir.glob(".final.*"))  # the export's temporary folder is gone
 
 

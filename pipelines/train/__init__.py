@@ -35,7 +35,7 @@ from pipelines.train.checkpoint import (TOKENIZERS_FILE, TRAIN_STATE, checkpoint
                                         resolve_previous)
 from pipelines.train.config import (DataConfig, DataSource, FreshModel, ModelConfig, OptimConfig, RunConfig,
                                     ScalingConfig, ScheduleConfig, StageConfig)
-from pipelines.train.guards import StageStalled, fit_to_cluster
+from pipelines.train.guards import NonFiniteTraining, RunDirBusy, StageStalled, fit_to_cluster
 from pipelines.train.loop import objective_of, train_loop_per_worker
 from pipelines.train.mixture import AssembleSamples, build_dataset, mixture_rules, read_mixture
 from pipelines.train.parallelism import deepspeed_config, lr_schedule
@@ -43,7 +43,7 @@ from pipelines.train.stage import run_stage
 from pipelines.train.start import build_model, load_text_tokenizer, resolve_vocab
 
 __all__ = ["AssembleSamples", "DataConfig", "DataSource", "FreshModel", "ModelConfig", "OptimConfig", "RunConfig",
-           "ScalingConfig", "ScheduleConfig", "StageConfig", "StageStalled", "TOKENIZERS_FILE", "TRAIN_STATE",
+           "NonFiniteTraining", "RunDirBusy", "ScalingConfig", "ScheduleConfig", "StageConfig", "StageStalled", "TOKENIZERS_FILE", "TRAIN_STATE",
            "build_dataset", "build_model", "checkpoint_complete", "deepspeed_config", "fit_to_cluster",
            "latest_checkpoint", "load_text_tokenizer", "lr_schedule", "mixture_rules", "objective_of",
            "read_mixture", "resolve_previous", "resolve_vocab", "run_stage", "train_loop_per_worker"]

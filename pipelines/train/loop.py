@@ -71,16 +71,16 @@ class _FailOnce:
 
 
 class _PoisonLoss:
-    """Test hook (`run_stage(..., nonfinite_at=(S, N))`, never in a stage's config): rank
-    1's loss is NaN the first N times step S is tried (a skipped step is tried again),
-    as a bad batch or an overflow would make it."""
+    """Test hook (`run_stage(..., nonfinite_at={S: N})`, never in a stage's config):
+    rank 1's loss is NaN the first N times step S is tried (a skipped step is tried
+    again), as a bad batch or an overflow would make it."""
 
-    def __init__(self, at: tuple[int, int] | None, rank: int) -> None:
-        self.step, self.left = at if at is not None and rank == 1 else (None, 0)
+    def __init__(self, at: dict[int, int] | None, rank: int) -> None:
+        self.left = dict(at or {}) if rank == 1 else {}
 
     def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        if step == self.step and self.left > 0:
-            self.left -= 1
+        if self.left.get(step, 0) > 0:
+            self.left[step] -= 1
             return loss * float("nan")
         return loss
 

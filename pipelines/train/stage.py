@@ -22,12 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 def run_stage(cfg: StageConfig, *, fail_at_step: int | None = None,
-              nonfinite_at: tuple[int, int] | None = None) -> dict[str, Any]:
+              nonfinite_at: dict[int, int] | None = None) -> dict[str, Any]:
     """Train one stage on a started Ray; returns the final metrics and the final model path.
     The run folder is locked for the stage's time (`RunDirBusy` if another run holds it).
 
     Test hooks, kept out of the stage's config: `fail_at_step` (rank 1 exits once at that
-    step, as a crashed worker) and `nonfinite_at=(S, N)` (rank 1's loss is NaN the first
+    step, as a crashed worker) and `nonfinite_at={S: N}` (rank 1's loss is NaN the first
     N times step S is tried)."""
     run_dir = Path(cfg.run.dir).resolve()
     with run_dir_lock(run_dir):
@@ -35,7 +35,7 @@ def run_stage(cfg: StageConfig, *, fail_at_step: int | None = None,
 
 
 def _run_stage(cfg: StageConfig, run_dir: Path, fail_at_step: int | None,
-               nonfinite_at: tuple[int, int] | None) -> dict[str, Any]:
+               nonfinite_at: dict[int, int] | None) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
