@@ -147,7 +147,24 @@ def audio_info(source: str | Path | bytes, max_seconds: float | None = None,
     return info
 
 
-def check_row_media(images: Sequence[str | Path], audios: Sequence[str | Path], limits: MediaLimits) -> int:
+def decoded_bytes(kind: str, source: str | Path | bytes, limits: MediaLimits) -> int:
+    """What one image or audio file costs decoded, from its header alone (its own
+    limits checked on the way): RGB at 4 bytes a pixel, float32 frames x channels.
+    A path must be a regular file within `limits.max_file_bytes`; bytes must be as small."""
+    if isinstance(source, bytes):
+        if len(source) > limits.max_file_bytes:
+            raise MediaError(f"{len(source)} bytes of {kind}, over the limit of {limits.max_file_bytes} bytes")
+    else:
+        check_regular_file(source, limits.max_file_bytes)
+    if kind == "image":
+        width, height = image_size(source, limits.max_image_pixels)
+        return width * height * IMAGE_BYTES_PER_PIXEL
+    info = audio_info(source, limits.max_audio_seconds, limits.max_sample_rate, limits.max_channels)
+    return int(info.frames) * int(info.channels) * AUDIO_BYTES_PER_SAMPLE
+
+
+def check_row_media(images: Sequence[str | Path | bytes], audios: Sequence[str | Path | bytes],
+                    limits: MediaLimits) -> int:
     """Check a row's media from the file system and their headers alone: how many,
     each a regular file within its size, format, pixel, rate, channel and length
     limits, and all of them decoded within `limits.max_row_decoded_bytes`. Returns the
@@ -156,23 +173,16 @@ def check_row_media(images: Sequence[str | Path], audios: Sequence[str | Path], 
     if count > limits.max_media_per_row:
         raise MediaError(f"{count} media files, over the limit of {limits.max_media_per_row} per row")
     total = 0
-    sizes: dict[str, int] = {}  # a file named many times is probed once, counted each time
-    for kind, paths in (("image", images), ("audio", audios)):
-        for path in paths:
-            key = f"{kind}:{path}"
-            if key not in sizes:
+    costs: dict[tuple, int] = {}  # a file named many times is probed once, counted each time
+    for kind, sources in (("image", images), ("audio", audios)):
+        for source in sources:
+            key = (kind, source if not isinstance(source, bytes) else id(source))
+            if key not in costs:
                 try:
-                    check_regular_file(path, limits.max_file_bytes)
-                    if kind == "image":
-                        w, h = image_size(path, limits.max_image_pixels)
-                        sizes[key] = w * h * IMAGE_BYTES_PER_PIXEL
-                    else:
-                        info = audio_info(path, limits.max_audio_seconds, limits.max_sample_rate,
-                                          limits.max_channels)
-                        sizes[key] = int(info.frames) * int(info.channels) * AUDIO_BYTES_PER_SAMPLE
+                    costs[key] = decoded_bytes(kind, source, limits)
                 except MediaError as err:
                     raise MediaError(f"{kind}: {err}") from None
-            total += sizes[key]
+            total += costs[key]
     if total > limits.max_row_decoded_bytes:
         raise MediaError(f"the row's {count} media would decode to {total / 2**20:.0f} MiB, over the "
                          f"budget of {limits.max_row_decoded_bytes / 2**20:.0f} MiB a row "

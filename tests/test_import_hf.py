@@ -5,6 +5,7 @@ rows go to quarantine with their reason; the manifest tokenizes through the Ray 
 and loads as evaluation cases. Nothing comes from a hub."""
 
 import io
+import os
 import json
 
 import datasets
@@ -143,6 +144,10 @@ def test_the_command_line(asr_on_disk, tmp_path, capsys):
     assert import_main(["--dataset", str(asr_on_disk), "--task", "asr", "--out", str(tmp_path / "o"),
                         "--columns", "text=transcription", "--limit", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["written"] == 2
+    assert import_main(["--dataset", str(asr_on_disk), "--task", "asr", "--out", str(tmp_path / "capped"),
+                        "--columns", "text=transcription", "--max-file-bytes", "1000"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 0
+    assert "over the limit of 1000 bytes" in _quarantine(tmp_path / "capped")[0]["reason"]
     assert import_main(["--dataset", str(tmp_path / "none"), "--task", "asr", "--out", str(tmp_path / "o")]) == 2
     assert "no dataset folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -168,3 +173,131 @@ def test_an_imported_manifest_tokenizes_through_the_ray_data_job(ray_session, as
     seconds = [len(load_audio(out / r.audios[0])[0]) / 16000 for r in _manifest(out, "asr")]
     rates = [len(p["codes"]) / s for p, s in zip(sorted(speech, key=lambda p: len(p["codes"])), sorted(seconds))]
     assert np.allclose(rates, speech[0]["frame_rate"], rtol=0.15)
+
+
+# ---------------------------------------------------------------------- hostile datasets
+def _written_values(out):
+    """The level of every clip the import wrote (the good clips hold 0.1, the secret 0.3)."""
+    return sorted({round(float(np.abs(load_audio(p)[0]).max()), 2) for p in (out / "media").glob("*.wav")})
+
+
+def test_no_field_or_type_in_an_audiofolder_reads_outside_it_and_every_bad_row_is_quarantined(tmp_path):
+    """The issue's audiofolder: `"audio": {"bytes": "/a/file.wav"}` was read from that path
+    into media/; `"file_name": 5` stopped the import with a TypeError; a FIFO hung it."""
+    from tests.hostile import wav_bytes
+
+    folder = tmp_path / "voices"
+    (folder / "clips").mkdir(parents=True)
+    for name in ("0.wav", "1.wav", "2.wav"):
+        (folder / "clips" / name).write_bytes(wav_bytes(0.5, value=0.1))
+    (folder / "clips" / "big.wav").write_bytes(wav_bytes(4.0, value=0.1))  # 128 KB: over the cap below
+    os.mkfifo(folder / "clips" / "fifo.wav")  # opened for reading, a FIFO blocks until a writer comes
+    secret = tmp_path / "secret.wav"
+    secret.write_bytes(wav_bytes(0.5, value=0.3))
+    (folder / "clips" / "link.wav").symlink_to(secret)
+    lines = [
+        {"file_name": "clips/0.wav", "sentence": "good zero"},
+        {"file_name": "clips/1.wav", "sentence": "bytes as a path", "audio": {"bytes": str(secret)}},
+        {"file_name": 5, "sentence": "a number"},
+        {"file_name": ["clips/1.wav"], "sentence": "a list"},
+        {"file_name": {"path": str(secret)}, "sentence": "an object"},
+        {"file_name": str(secret), "sentence": "absolute"},
+        {"file_name": "../secret.wav", "sentence": "up and out"},
+        {"file_name": "clips/link.wav", "sentence": "a symlink out"},
+        {"file_name": "clips/fifo.wav", "sentence": "a fifo"},
+        {"file_name": "clips/big.wav", "sentence": "too big"},
+        {"file_name": "clips/2.wav", "sentence": 7},
+        {"file_name": "clips/1.wav", "sentence": "good one"},
+    ]
+    text = [json.dumps(x) for x in lines]
+    text.insert(2, "{not json")
+    text.insert(3, '{"file_name": "clips/2.wav", "sentence": "huge", "n": ' + "9" * 5000 + "}")
+    (folder / "metadata.jsonl").write_text("\n".join(text) + "\n")
+    out = tmp_path / "tts"
+    summary = import_dataset(ImportConfig(str(folder), "tts", str(out), {"text": "sentence"},
+                                          max_file_bytes=100_000))
+    assert summary["written"] == 2 and summary["quarantined"] == 12
+    rows = _manifest(out, "tts")
+    assert [r.messages[0]["content"].splitlines()[1] for r in rows] == ["good zero", "good one"]
+    assert _written_values(out) == [0.1]  # nothing of the secret clip was copied in
+    reasons = {q["line"]: q["reason"] for q in _quarantine(out)}
+    assert all(q["file"] == "metadata.jsonl" for q in _quarantine(out))
+    expected = {
+        2: "an 'audio' column beside file_name",  # its "bytes", a path, never followed
+        3: "not valid JSON",
+        4: "integer",  # 5,000 digits
+        5: "file_name must be a non-empty string, not int",
+        6: "file_name must be a non-empty string, not list",
+        7: "file_name must be a non-empty string, not dict",
+        8: "outside the dataset folder",
+        9: "outside the dataset folder",
+        10: "outside the dataset folder",
+        11: "not a regular file",
+        12: "over the limit of 100000 bytes",
+        13: "the text is empty or not text",
+    }
+    for line, reason in expected.items():
+        assert reason in reasons[line], (line, reasons[line])
+
+
+def test_a_mapped_media_column_is_checked_whatever_type_carries_the_path(tmp_path):
+    """A column mapped to a role may hold a dict, a string, nested lists or bytes: paths
+    in any of them resolve inside the dataset folder or the row is quarantined; bytes
+    given as bytes are used as bytes."""
+    from tests.hostile import wav_bytes
+
+    folder = tmp_path / "voices"
+    (folder / "clips").mkdir(parents=True)
+    (folder / "clips" / "0.wav").write_bytes(wav_bytes(0.5, value=0.1))
+    secret = tmp_path / "secret.wav"
+    secret.write_bytes(wav_bytes(0.5, value=0.3))
+    inline = list(wav_bytes(0.5, value=0.1))  # JSON cannot hold bytes: a list of ints is not bytes either
+    voices = [
+        {"path": "clips/0.wav"},  # good
+        "clips/0.wav",  # good: a plain string path
+        {"bytes": str(secret), "path": "clips/0.wav"},
+        {"bytes": None, "path": "../secret.wav"},
+        {"path": str(secret)},
+        {"path": ["clips/0.wav"]},
+        [[str(secret)]],
+        {"bytes": inline},
+        5,
+        None,
+    ]
+    lines = [json.dumps({"file_name": "clips/0.wav", "sentence": f"row {i}", "voice": v})
+             for i, v in enumerate(voices)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "tts"
+    summary = import_dataset(ImportConfig(str(folder), "tts", str(out), {"text": "sentence", "audio": "voice"}))
+    assert summary["written"] == 2 and summary["quarantined"] == 8
+    assert _written_values(out) == [0.1]
+    reasons = [q["reason"] for q in _quarantine(out)]
+    for reason, expected in zip(reasons, ["is text, not bytes", "outside the dataset folder",
+                                          "outside the dataset folder", "path must be a non-empty string",
+                                          "media must be", "bytes must be bytes", "media must be",
+                                          "no media"]):
+        assert expected in reason, (expected, reason)
+
+
+def test_a_parquet_struct_whose_bytes_is_a_string_is_not_read_as_a_path(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "set" / "data").mkdir(parents=True)
+    (tmp_path / "set" / "pictures").mkdir()
+    (tmp_path / "set" / "pictures" / "0.png").write_bytes(_png(0))
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(_png(1))
+    kind = pa.struct([("bytes", pa.string()), ("path", pa.string())])
+    table = pa.table({
+        "image": pa.array([{"bytes": None, "path": "pictures/0.png"}, {"bytes": str(outside), "path": None},
+                           {"bytes": "../outside.png", "path": None}, {"bytes": None, "path": str(outside)}],
+                          type=kind),
+        "text": ["inside", "absolute bytes", "relative bytes", "absolute path"]})
+    pq.write_table(table, tmp_path / "set" / "data" / "test-00000.parquet")
+    out = tmp_path / "t2i"
+    summary = import_dataset(ImportConfig(str(tmp_path / "set"), "t2i", str(out)))
+    assert summary["written"] == 1 and summary["quarantined"] == 3
+    assert [p.read_bytes() == outside.read_bytes() for p in (out / "media").iterdir()] == [False]
+    assert [q["index"] for q in _quarantine(out)] == [1, 2, 3]
+    assert all("not bytes" in q["reason"] for q in _quarantine(out)[:2])
