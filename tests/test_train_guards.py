@@ -96,7 +96,8 @@ def test_the_one_line_reason_of_a_failed_fit():
     assert failure_reason(ControllerError(TimeoutError("workers did not start"))) == \
         "TimeoutError: workers did not start"
     assert failure_reason(ValueError("")) == "ValueError"
-    assert "\n" not in failure_reason(RuntimeError("a\nb\n" * 100)) and len(failure_reason(RuntimeError("x" * 5000))) < 600
+    assert "\n" not in failure_reason(RuntimeError("a\nb\n" * 100))
+    assert len(failure_reason(RuntimeError("x" * 5000))) <= 500
 
 
 def _checkpoint_folder(folder):

@@ -21,9 +21,12 @@ Guards (issue: a mis-sized cluster used to hang silently): before `fit`, `fit_to
 compares what the stage asks for with the cluster and either shrinks the data side's
 CPU requests to what is left or fails at once, naming the numbers; during `fit`, a
 watchdog fails the stage when no step completes within `run.stall_timeout_s`, saying
-what is pending. A checkpoint counts only when every file it lists is there at its
+what is pending. A checkpoint counts only when every file each rank lists is there at its
 size (`checkpoint_complete`), so a save cut short is never resumed from, and `final/`
-appears whole or not at all. The text tokenizer is copied into every checkpoint.
+appears whole or not at all. A step with a non-finite loss or gradient norm is skipped
+on every rank and counted (`train.max_nonfinite_in_row` in a row stop the stage); weights
+are checked finite before every save and export; `run.dir` is locked for one run. The
+text tokenizer is copied into every checkpoint.
 
 Modules, one concern each: `config` (the stage's dataclasses), `start` (vocab and first
 weights), `mixture` (the data stream), `parallelism` (DDP or DeepSpeed, optimizer,
@@ -42,8 +45,9 @@ from pipelines.train.parallelism import deepspeed_config, lr_schedule
 from pipelines.train.stage import run_stage
 from pipelines.train.start import build_model, load_text_tokenizer, resolve_vocab
 
-__all__ = ["AssembleSamples", "DataConfig", "DataSource", "FreshModel", "ModelConfig", "OptimConfig", "RunConfig",
-           "NonFiniteTraining", "RunDirBusy", "ScalingConfig", "ScheduleConfig", "StageConfig", "StageStalled", "TOKENIZERS_FILE", "TRAIN_STATE",
+__all__ = ["AssembleSamples", "DataConfig", "DataSource", "FreshModel", "ModelConfig", "NonFiniteTraining",
+           "OptimConfig", "RunConfig", "RunDirBusy", "ScalingConfig", "ScheduleConfig", "StageConfig", "StageStalled",
+           "TOKENIZERS_FILE", "TRAIN_STATE",
            "build_dataset", "build_model", "checkpoint_complete", "deepspeed_config", "fit_to_cluster",
            "latest_checkpoint", "load_text_tokenizer", "lr_schedule", "mixture_rules", "objective_of",
            "read_mixture", "resolve_previous", "resolve_vocab", "run_stage", "train_loop_per_worker"]
