@@ -8,6 +8,10 @@
 # world, fewer steps and a smaller model, for CI's time budget. Every step is one of the
 # jobs in jobs/, run with its configs/tiny/ YAML plus the overrides below; each prints
 # its wall time, and the times go to RUNS_DIR/timings.txt.
+#
+# Run it again on the same RUNS_DIR and it goes on where it stopped: the steps that
+# finished with the same settings are skipped, a training stage resumes from its last
+# complete checkpoint (scripts/steps.sh). Delete RUNS_DIR to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -54,34 +58,15 @@ if [ "$TOKENIZERS_MODE" = train ]; then
   # full: 1,707 s measured with 5,000 decoder steps at ~6 steps/s; the 7,000 more now: ~1,150 s
   if [ "$PROFILE" = ci ]; then EXPECTED[tokenizers]=158; else EXPECTED[tokenizers]=2850; fi
 fi
-DONE_EXPECTED=0
-
-mkdir -p "$RUNS"
-: > "$RUNS/timings.txt"
-step() {  # step NAME COMMAND...: runs it, says how far the chain is, records its time
-  local name=$1; shift
-  local start=$SECONDS index=0 i=0 left=0 s
-  for s in "${ORDER[@]}"; do
-    i=$((i + 1))
-    [ "$s" = "$name" ] && index=$i
-    [ "$index" -gt 0 ] && left=$((left + EXPECTED[$s]))
-  done
-  if [ "$DONE_EXPECTED" -gt 0 ]; then
-    left=$((left * SECONDS / DONE_EXPECTED))
-    echo "==> [$index/${#ORDER[@]}] $name: ${SECONDS} s so far, about $(( (left + 59) / 60 )) min left at this pace"
-  else
-    echo "==> [$index/${#ORDER[@]}] $name: about $(( (left + 59) / 60 )) min in all at the pace of the measured run in this script"
-  fi
-  "$@"
-  DONE_EXPECTED=$((DONE_EXPECTED + EXPECTED[$name]))
-  local line="$name $((SECONDS - start)) s"
-  if [ -f "$RUNS/$name/metrics.jsonl" ]; then  # a training stage: its pace, to tell a slow machine from a slow change
-    line="$line, $($PY -c 'import json, statistics, sys
+# shellcheck source=scripts/steps.sh
+source scripts/steps.sh
+chain_start "$RUNS" "${ORDER[@]}"
+step_note() {  # a training stage's median pace, to tell a slow machine from a slow change
+  [ -f "$RUNS/$1/metrics.jsonl" ] || return 0
+  $PY -c 'import json, statistics, sys
 rows = [json.loads(line).get("tokens_per_s") for line in open(sys.argv[1])]
 rates = [r for r in rows[1:] or rows if r]  # the first includes the warm-up
-print(f"{statistics.median(rates):.0f} tokens/s" if rates else "tokens/s unknown")' "$RUNS/$name/metrics.jsonl")"
-  fi
-  echo "$line" | tee -a "$RUNS/timings.txt"
+print(f"{statistics.median(rates):.0f} tokens/s" if rates else "tokens/s unknown")' "$RUNS/$1/metrics.jsonl"
 }
 
 W="$RUNS/world"
@@ -125,5 +110,5 @@ step evaluate $PY jobs/evaluate.py --config configs/tiny/evaluate.yaml evaluate.
   "evaluate.calibrate_from=[$RUNS/shards/train, $RUNS/shards/sdvi]" "${EVAL[@]}"
 # Serving reads the response lengths measured on the training shards from the model folder.
 cp "$RUNS/report/presets.json" "$RUNS/stage3/final/presets.json"
-echo "total $SECONDS s" | tee -a "$RUNS/timings.txt"
+echo "total $SECONDS s (this run)" | tee -a "$RUNS/timings.txt"
 echo "report: $RUNS/report/report.md"
