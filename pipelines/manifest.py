@@ -246,7 +246,9 @@ def parse_line(line: str, root: Path | None = None, check_files: bool = True,
             check_media_path(rel)
             continue
         path = resolve_media(root, rel)
-        if check_files and not path.is_file():
+        if check_files and not path.is_file():  # stat only: a FIFO is never opened here
+            if path.exists() and not path.is_dir():
+                raise ManifestError(f"media path {_short(rel)} is not a regular file")
             raise ManifestError(f"missing file {_short(rel)}")
     try:
         json.dumps(meta).encode("utf-8")

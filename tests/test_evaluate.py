@@ -269,6 +269,14 @@ def test_a_users_manifest_of_any_tasks_is_scored_with_the_fields_metrics(tmp_pat
         def transcribe(self, wave, rate):
             return "the quick brown dog"
 
+    # a bad row is quarantined with where it is, and the rest are still evaluated
+    manifest.write_text(manifest.read_text() + json.dumps(
+        {"task": "vqa", "messages": [{"role": "user", "content": "<|image|>q"}, {"role": "assistant", "content": "a"}],
+         "images": ["media/photo0.png"], "audios": [], "meta": {"answers": "red"}}) + "\n")
+    quarantine = []
+    assert len(load_cases(replace(cfg, max_per_task=99), "vqa", quarantine)) == 3
+    assert [(q["source"], q["line"]) for q in quarantine] == [(str(manifest), 16)]
+    assert "meta.answers must be a non-empty list" in quarantine[0]["reason"]
     metrics = evaluate(replace(cfg, model=str(tmp_path / "model"), image_tokenizer=str(IMAGE_TOKENIZER),
                                speech_tokenizer=str(tmp_path / "codec"), out=str(tmp_path / "report"),
                                sampler=SamplerConfig(steps=4), calibrate_from=(), runs=(),
@@ -280,13 +288,52 @@ def test_a_users_manifest_of_any_tasks_is_scored_with_the_fields_metrics(tmp_pat
     assert {"wer", "cer"} <= set(tasks["asr"]) and tasks["t2i"]["unscored"] == 3 and "overall" not in tasks["t2i"]
     assert {"intelligibility_wer", "intelligibility_cer"} <= set(tasks["tts"])
     assert "t2i_steps" not in metrics  # no scenes: no checker curve
+    assert metrics["quarantined"] == {"vqa": 1} and tasks["vqa"]["n"] == 3
+    written = [json.loads(line) for line in (tmp_path / "report" / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["line"], q["task"]) for q in written] == [(16, "vqa")]
     report = (tmp_path / "report" / "report.md").read_text()
     assert str(manifest) in report and "| caption | 3 | cider |" in report and "| vqa | 3 | vqa_accuracy |" in report
-    # a bad row is refused with where it is
-    manifest.write_text(manifest.read_text() + json.dumps(
-        {"task": "vqa", "messages": [{"role": "user", "content": "<|image|>q"}, {"role": "assistant", "content": "a"}],
-         "images": ["media/photo0.png"], "audios": [], "meta": {"answers": "red"}}) + "\n")
-    with pytest.raises(ValueError, match=r"mine.jsonl:16: meta.answers must be a non-empty list"):
-        load_cases(replace(cfg, max_per_task=99), "vqa")
+    assert "Quarantined (not evaluated; `quarantine.jsonl` says why): vqa 1." in report
     with pytest.raises(FileNotFoundError, match="no such file or folder: .*nope.jsonl"):
         load_cases(replace(cfg, manifests=(str(tmp_path / "nope.jsonl"),)), "vqa")
+
+
+def test_one_bad_case_is_quarantined_and_audio_is_read_within_its_limit(tmp_path):
+    """Measured before: the evaluation read audio of any length, and one bad row (here
+    a scene that is not one, a clip over the limit, a FIFO, a line that is not JSON)
+    stopped it. Now each is quarantined with its file, line and reason; the rest load."""
+    import os
+
+    from pipelines.media import MediaLimits
+    from tests.hostile import wav_bytes
+
+    root = tmp_path / "set"
+    (root / "media").mkdir(parents=True)
+    (root / "media" / "short.wav").write_bytes(wav_bytes(1.0))
+    (root / "media" / "long.wav").write_bytes(wav_bytes(3.0))
+    os.mkfifo(root / "media" / "fifo.wav")
+    render(make_scene(11, 0), 32).save(root / "media" / "photo.png")
+    asr = lambda clip: {"task": "asr", "messages": [{"role": "user", "content": "Transcribe.<|audio|>"},  # noqa: E731
+                                                    {"role": "assistant", "content": "hum"}], "audios": [clip]}
+    t2i = lambda meta: {"task": "t2i", "messages": [{"role": "user", "content": "Draw it."},  # noqa: E731
+                                                    {"role": "assistant", "content": "<|image|>"}],
+                        "images": ["media/photo.png"], "meta": meta}
+    lines = [json.dumps(asr("media/short.wav")), json.dumps(asr("media/long.wav")), "{not json",
+             json.dumps(asr("media/fifo.wav")), json.dumps(t2i({"scene": {"objects": [{"colour": 5}]}})),
+             json.dumps(t2i({"scene": {"things": []}})), json.dumps(t2i({})),
+             json.dumps(asr("media/short.wav"))]
+    manifest = root / "mine.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    cfg = EvalConfig(data_root=str(root), manifests=(str(manifest),), limits=MediaLimits(max_audio_seconds=2.0))
+    quarantine = []
+    assert len(load_cases(cfg, "asr", quarantine)) == 2
+    assert len(load_cases(cfg, "t2i", quarantine)) == 1
+    reasons = {}
+    for q in quarantine:
+        assert q["source"] == str(manifest)
+        reasons.setdefault(q["line"], q["reason"])
+    assert sorted(reasons) == [2, 3, 4, 5, 6]
+    assert "audio: audio of 3.0s exceeds 2s" in reasons[2]
+    assert "not valid JSON" in reasons[3]
+    assert "not a regular file" in reasons[4]
+    assert "TypeError" in reasons[5] and "KeyError" in reasons[6]

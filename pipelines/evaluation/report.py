@@ -30,6 +30,10 @@ def format_report(metrics: dict) -> str:
             rows.append(f"| {task} | {result['n']} | {key} | {value:.3f} | {guess} | {result['mean_steps']:.1f} |")
     sources = ", ".join(f"`{m}`" for m in metrics.get("manifests", [])) or "held-out world scenes"
     text = f"# Evaluation\n\nModel `{metrics.get('model', '?')}` on {sources}.\n\n" + "\n".join(rows) + "\n"
+    quarantined = metrics.get("quarantined") or {}
+    if quarantined:
+        text += (f"\nQuarantined (not evaluated; `quarantine.jsonl` says why): "
+                 + ", ".join(f"{task} {n}" for task, n in sorted(quarantined.items(), key=lambda kv: str(kv[0]))) + ".\n")
     if metrics.get("t2i_steps"):
         text += "\n## Text-to-image accuracy against sampler steps\n\n"
         text += "| steps | position penalty | overall | colour | shape | seconds |\n|---|---|---|---|---|---|\n"

@@ -1,6 +1,12 @@
 """The evaluation's driver: load the model once, then per task load its cases, generate
 their answers in batches (`AnyToAny.generate_many`), score them and the prior guess, and
-write the report folder."""
+write the report folder.
+
+One case never stops the evaluation: a row that cannot be loaded (`load_cases`) or
+whose inputs the model cannot take (`AnyToAny.prepare`) is quarantined, written to
+`quarantine.jsonl` in the report folder with its file, line and reason, and counted in
+`metrics.json` (`quarantined`, per task).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from pipelines.evaluation.cases import load_cases
 from pipelines.evaluation.report import write_report
 from pipelines.evaluation.scores import chance_levels, score_images
 from pipelines.evaluation.tasks import TASKS, Case, Prediction, prior_guess, spec
+from pipelines.media import MediaLimits
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,11 @@ class EvalConfig:
     grid: int = 12  #: generated images in t2i_grid.png
     wavs: int = 3  #: generated WAVs per speech task
     seed: int = 0
+    #: what a case's media may cost, checked from headers before decoding (a row over
+    #: any limit is quarantined): audio up to 60 s (a held-out question or answer is a
+    #: sentence), images up to 40 Mpx, the row's media within 256 MiB decoded
+    limits: MediaLimits = MediaLimits(max_audio_seconds=60.0)
+    max_line_bytes: int = 1_000_000  #: a longer manifest line is quarantined unparsed
 
     def __post_init__(self) -> None:
         for task in (*self.tasks, *self.task_sampler):
@@ -65,11 +77,28 @@ class EvalConfig:
             sampler_for(self, task)  # so do unknown or out-of-range options
 
 
+def prepare_cases(pipe: AnyToAny, cases: Sequence[Case], quarantine: list[dict]) -> tuple[list[Case], list]:
+    """The cases the model can take and their prepared inputs; one whose inputs it
+    refuses (or fails on) is appended to `quarantine` and left out."""
+    kept, prepared = [], []
+    for case in cases:
+        try:
+            prepared.append(pipe.prepare(case.inputs, spec(case.task).outputs))
+        except Exception as err:  # noqa: BLE001 - one case never stops the evaluation
+            quarantine.append({"task": case.task, "source": None, "line": None, "prompt": case.prompt[:200],
+                               "reason": f"could not prepare the inputs: {type(err).__name__}: {err}"[:2000]})
+            continue
+        kept.append(case)
+    return kept, prepared
+
+
 def run_cases(pipe: AnyToAny, cases: Sequence[Case], sampler: SamplerConfig,
-              batch_size: int) -> tuple[list[Output], float]:
-    """Every case's answer (case i with seed `sampler.seed + i`); returns outputs, seconds."""
+              batch_size: int, prepared: list | None = None) -> tuple[list[Output], float]:
+    """Every case's answer (case i with seed `sampler.seed + i`); returns outputs,
+    seconds. `prepared`: the cases' inputs already prepared (`prepare_cases`)."""
     start = time.perf_counter()
-    prepared = [pipe.prepare(c.inputs, spec(c.task).outputs) for c in cases]
+    if prepared is None:
+        prepared = [pipe.prepare(c.inputs, spec(c.task).outputs) for c in cases]
     with tqdm(total=len(cases), desc=cases[0].task if cases else "cases", unit="case", leave=False) as bar:
         outputs = pipe.generate_many(prepared, sampler, batch_size=batch_size, on_batch=bar.update)
     return outputs, time.perf_counter() - start
@@ -95,12 +124,13 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         recognizer = recognizer_factory()
     metrics: dict[str, Any] = {"model": cfg.model, "manifests": list(cfg.manifests), "tasks": {}}
     examples: dict[str, list] = {}
+    quarantine: list[dict] = []
     for task in tqdm(cfg.tasks, desc="evaluate", unit="task"):
-        cases = load_cases(cfg, task)
+        cases, prepared = prepare_cases(pipe, load_cases(cfg, task, quarantine), quarantine)
         if not cases:
             continue
         task_spec = TASKS[task]
-        outputs, seconds = run_cases(pipe, cases, sampler_for(cfg, task), cfg.batch_size)
+        outputs, seconds = run_cases(pipe, cases, sampler_for(cfg, task), cfg.batch_size, prepared)
         answers = [prediction(o, recognizer if task_spec.speaks else None) for o in outputs]
         result = task_spec.score(cases, answers)
         if task_spec.extra is not None:
@@ -112,14 +142,33 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         examples[task] = list(zip(cases, outputs))
         logger.info("%s: %s", task, result)
     if "t2i" in cfg.tasks and cfg.step_curve:
-        known = [c for c in load_cases(cfg, "t2i") if c.scene is not None]  # the checker needs the scene
-        if known:
+        known, _ = prepare_cases(pipe, [c for c in load_cases(cfg, "t2i", []) if c.scene is not None], [])
+        if known:  # (the checker needs the scene; the rows left out are quarantined above)
             metrics["t2i_steps"] = step_curve(pipe, cfg, known)
     if hasattr(recognizer, "close"):
         recognizer.close()  # the isolated Whisper's child process
     metrics["chance"] = chance_levels()
+    metrics["quarantined"] = write_quarantine(out_dir, quarantine)
     write_report(out_dir, metrics, examples, cfg.runs, cfg.grid, cfg.wavs)
     return metrics
+
+
+def write_quarantine(out_dir: Path, quarantine: list[dict]) -> dict[str, int]:
+    """`quarantine.jsonl` of the report folder; returns the count per task. A row of a
+    mixed-task file that does not parse is met once per task read: written once."""
+    seen, rows = set(), []
+    for q in quarantine:
+        key = (q["source"], q["line"]) if q["source"] is not None else id(q)
+        if key not in seen:
+            seen.add(key)
+            rows.append(q)
+    (out_dir / "quarantine.jsonl").write_text("".join(json.dumps(q) + "\n" for q in rows))
+    if rows:
+        logger.warning("%d rows quarantined: see %s", len(rows), out_dir / "quarantine.jsonl")
+    counts: dict[str, int] = {}
+    for q in rows:
+        counts[q["task"]] = counts.get(q["task"], 0) + 1
+    return counts
 
 
 def sampler_for(cfg: EvalConfig, task: str) -> SamplerConfig:
