@@ -74,3 +74,19 @@ def test_spoken_outputs_are_the_assistants_audio():
     assert tts.spoken_outputs() == ["t.wav"]
     asr = Sample([{"role": "user", "content": "<|audio|>"}, {"role": "assistant", "content": "hi"}], [], ["u.wav"])
     assert asr.spoken_outputs() == []
+
+
+@pytest.mark.parametrize("meta, reason", [
+    ('{"x": NaN}', "NaN is not a JSON number"),
+    ('{"x": -Infinity}', "-Infinity is not a JSON number"),
+    ('{"x": 1e999}', "number 1e999 is not finite"),
+    ('{"x": 9223372036854775808}', "integer 9223372036854775808 is outside"),
+    ('{"x": ' + "7" * 5000 + "}", "integer of 5000 digits is outside"),
+])
+def test_every_number_a_row_carries_is_bounded(root, meta, reason):
+    """Python's parser takes NaN, Infinity and integers of any length (up to 4,300
+    digits, then a bare ValueError); a row's numbers are refused past 64 bits or not finite."""
+    line = _row()[:-1] + ', "meta": ' + meta + "}"
+    with pytest.raises(ManifestError, match=reason):
+        parse_line(line, root)
+    assert parse_line(_row()[:-1] + ', "id": 9223372036854775807, "meta": {"x": 1.5}}', root).id == "9223372036854775807"
