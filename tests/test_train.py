@@ -309,10 +309,15 @@ def test_workers_killed_during_a_save_resume_from_a_complete_checkpoint(shards, 
     deadline = time.time() + 300
     while not killed and thread.is_alive() and time.time() < deadline:
         if any(p.is_dir() for p in (tmp_path / "run").glob("train/checkpoint_*")):
-            for proc in psutil.process_iter(["cmdline"]):
-                if any("RayTrainWorker" in part for part in proc.info["cmdline"] or ()):
-                    proc.kill()
-                    killed.append(proc.pid)
+            # only this session's workers: the Ray this process started is its descendant
+            # (other Ray instances on a shared machine have their own RayTrainWorkers)
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if any("RayTrainWorker" in part for part in proc.cmdline()):
+                        proc.kill()
+                        killed.append(proc.pid)
+                except psutil.NoSuchProcess:
+                    continue
         time.sleep(0.001)
     thread.join(600)
     assert len(killed) == 2, killed
