@@ -26,8 +26,10 @@ folder or the row is quarantined; stored bytes are used as bytes and only as byt
 string in `bytes`, which Parquet allows, is refused, never followed as a path). Only
 regular files are opened (a FIFO would block the import), each within
 `max_file_bytes`, and a row's media are checked from their headers against their
-limits and `max_row_decoded_bytes` before they are decoded. The manifest then goes through the tokenize job (Ray Data, the same
-quarantine) or straight into the evaluation (`evaluate.manifests`).
+limits and `max_row_decoded_bytes` before they are decoded.
+
+The manifest then goes through the tokenize job (Ray Data, the same quarantine) or
+straight into the evaluation (`evaluate.manifests`).
 
 Audio is read from the stored bytes with soundfile: `datasets` 5 decodes audio through
 torchcodec and FFmpeg, which this project does not install, so audio columns are cast
@@ -183,7 +185,8 @@ def _manifest_row(cfg: ImportConfig, root: Path, out: Path, index: int, row: dic
             meta["captions"] = captions
     else:  # vqa
         user = PROMPTS[task].format(question=text_of(value["question"], "question"))
-        humans = _answers(row.get(cfg.column("answers")), cfg.max_text_chars) if cfg.column("answers") in columns else []
+        has_humans = cfg.column("answers") in columns
+        humans = _answers(row.get(cfg.column("answers")), cfg.max_text_chars) if has_humans else []
         given = row.get(cfg.column("answer"))
         answer = text_of(given, "answer") if given is not None and given != "" else _most_common(humans)
         if humans:

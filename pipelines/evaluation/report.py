@@ -32,8 +32,8 @@ def format_report(metrics: dict) -> str:
     text = f"# Evaluation\n\nModel `{metrics.get('model', '?')}` on {sources}.\n\n" + "\n".join(rows) + "\n"
     quarantined = metrics.get("quarantined") or {}
     if quarantined:
-        text += (f"\nQuarantined (not evaluated; `quarantine.jsonl` says why): "
-                 + ", ".join(f"{task} {n}" for task, n in sorted(quarantined.items(), key=lambda kv: str(kv[0]))) + ".\n")
+        counts = ", ".join(f"{task} {n}" for task, n in sorted(quarantined.items(), key=lambda kv: str(kv[0])))
+        text += f"\nQuarantined (not evaluated; `quarantine.jsonl` says why): {counts}.\n"
     if metrics.get("t2i_steps"):
         text += "\n## Text-to-image accuracy against sampler steps\n\n"
         text += "| steps | position penalty | overall | colour | shape | seconds |\n|---|---|---|---|---|---|\n"
