@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from omni_model.config import RayConfig
 
@@ -47,13 +48,26 @@ def start_ray(cfg: RayConfig = RayConfig()) -> bool:
         return False
     # "local": a new Ray of our own even when a `ray start` cluster runs on this machine
     # (ray.init() would otherwise try to join it and refuse the resource arguments).
-    # With its dashboard: Ray Train's placement-group cleaner asks the state API whether
-    # the run's controller is alive. Without a dashboard of our own that query goes to
-    # the default port 8265: an error every second, or, when another Ray's dashboard
-    # answers there, "no such actor", and the cleaner removes the live run's placement
-    # group (the worker group dies mid-stage; tests/test_ray_setup.py).
+    #
+    # With a dashboard of its own, named to every process of the cluster: Ray Train's
+    # placement-group cleaner (a detached actor) asks the state API every second whether
+    # the run's controller is alive, and finds that API through RAY_API_SERVER_ADDRESS,
+    # else through the machine's *latest* Ray (/tmp/ray/ray_current_cluster), else port
+    # 8265. With no dashboard, or another Ray started later on the machine, or another
+    # Ray's dashboard on 8265, the answer came from a cluster that has no such actor: the
+    # cleaner took the live controller for dead and removed the run's placement group
+    # (the worker group died mid-stage). Set before ray.init, so that the raylet and
+    # every worker inherit it; tests/test_ray_setup.py.
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-             include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             _node_ip_address="127.0.0.1")
+    url = ray._private.worker.get_dashboard_url()
+    if url != f"127.0.0.1:{port}":
+        ray.shutdown()
+        raise RuntimeError(f"Ray's dashboard came up at {url or 'nowhere'}, not 127.0.0.1:{port} (port taken "
+                           "meanwhile?); Ray Train needs its state API there: start the job again")
     logger.info("started a local Ray with %s", ray.cluster_resources())
     return True
 
@@ -63,3 +77,10 @@ def stop_ray(owned: bool) -> None:
 
     if owned and ray.is_initialized():
         ray.shutdown()
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -105,6 +105,21 @@ def test_our_local_ray_listens_on_loopback_with_its_own_dashboard(ray_session):
     assert url.startswith("127.0.0.1:")
 
 
+def test_every_process_of_our_ray_asks_its_own_state_api(ray_session):
+    """The state API Ray Train's cleaner queries from its own worker process: ours, not
+    the machine's latest Ray nor whatever listens on 8265."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def state_api_address() -> str:
+        from ray.dashboard.utils import get_address_for_submission_client
+
+        return get_address_for_submission_client(None)
+
+    ours = ray._private.worker.get_dashboard_url()
+    assert ray.get(state_api_address.remote(), timeout=60) == f"http://{ours}"
+
+
 def test_the_shell_environment_never_turns_ray_authentication_off():
     out = subprocess.run(["bash", "-c", "unset RAY_AUTH_MODE; source scripts/env.sh; echo \"[${RAY_AUTH_MODE-}]\""],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout

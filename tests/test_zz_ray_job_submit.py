@@ -44,6 +44,7 @@ def test_ray_job_submit_runs_world_tokenize_and_stage1(tmp_path):
            "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the session's own Ray's, which is gone
     subprocess.run([str(bin_dir / "ray"), "start", "--head", "--num-cpus=2", "--port=6390",
                     "--dashboard-host=127.0.0.1", "--dashboard-port=8277", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=180)
