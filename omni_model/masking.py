@@ -94,7 +94,8 @@ def diffusion_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_mask: 
     """Cross-entropy on the masked positions, weighted by 1/t (`elbo`) or not (`none`).
 
     Args:
-        logits: `[B, L, V]` aligned with the targets (position i scores token i).
+        logits: `[B, L, V]` aligned with the targets (position i scores token i), or
+            `[N, V]` of the N masked positions only, row by row (`Transformer(logits_at=)`).
         target_ids: `[B, L]` the clean ids.
         target_mask: `[B, L]` bool, the positions that were masked.
         t: `[B, L]` (or `[B]`) noise level of each position.
@@ -109,7 +110,10 @@ def diffusion_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_mask: 
     # Only masked positions reach the (vocab-wide) softmax: with 176k ids the logits of
     # the unmasked majority would dominate the memory of the loss.
     sel = target_mask.bool()
-    token_loss = F.cross_entropy(logits[sel].float(), target_ids[sel], reduction="none")
+    scored = logits if logits.dim() == 2 else logits[sel]
+    if scored.shape[0] != int(sel.sum()):
+        raise ValueError(f"{scored.shape[0]} rows of logits for {int(sel.sum())} masked positions")
+    token_loss = F.cross_entropy(scored.float(), target_ids[sel], reduction="none")
     if weighting == "elbo":
         token_loss = token_loss / t[sel]
     if reduction == "none":

@@ -34,7 +34,7 @@ class Objective:
 class StepResult:
     loss: torch.Tensor  #: the scalar to back-propagate: the mean over masked positions
     per_position: torch.Tensor  #: `[B, L]` weighted loss (0 where not masked)
-    logits: torch.Tensor
+    logits: torch.Tensor  #: `[N, V]`: the N masked positions' only, row by row
     noisy: MaskedBatch
 
 
@@ -49,8 +49,10 @@ def diffusion_loss_of_batch(model: nn.Module, batch: Batch, vocab: Vocab, object
     # image positions from the clean sequence: masking may hide an image's start marker
     image_index = getattr(model, "module", model).image_index(batch.input_ids)
     with autocast if autocast is not None else contextlib.nullcontext():
+        # logits of the masked positions only: at a real vocabulary the output layer over
+        # every position would be the largest tensor of the step (3,072 x 176k a row)
         logits = model(noisy.noisy_ids, attention_mask=batch.attention_mask, doc_ids=batch.doc_ids,
-                       image_index=image_index)
+                       image_index=image_index, logits_at=noisy.target_mask)
     per_position = diffusion_loss(logits, batch.input_ids, noisy.target_mask, noisy.t, objective.weighting,
                                   reduction="none")
     if noisy.target_mask.any():

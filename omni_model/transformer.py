@@ -400,7 +400,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 return_cache: bool = False, image_index: torch.Tensor | None = None,
-                logits_range: tuple[int, int] | None = None,
+                logits_range: tuple[int, int] | None = None, logits_at: torch.Tensor | None = None,
                 ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         """Logits for every position, or for `logits_range` only (and, with
         `return_cache`, a `KVCache`).
@@ -420,7 +420,11 @@ class Transformer(nn.Module):
             logits_range: `(start, end)`: logits of positions `start:end` only. The
                 output layer is the largest tensor of a step at a real vocabulary
                 (positions x 176k): a sampler needs only the positions it predicts.
+            logits_at: `[batch, length]` bool: logits `[N, V]` of the N positions set
+                (row by row), and nothing else: training scores the masked positions only.
         """
+        if logits_at is not None and (return_cache or logits_range is not None):
+            raise ValueError("logits_at goes without return_cache and logits_range")
         if position_ids is None:
             if doc_ids is not None:
                 position_ids = positions_from_documents(doc_ids)
@@ -438,6 +442,11 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv if return_cache else None)
+        if logits_at is not None:
+            rows, cols = logits_at.nonzero(as_tuple=True)
+            if self.config.shift_logits:  # as in `head`: position i from position i-1, 0 from 0
+                cols = (cols - 1).clamp(min=0)
+            return self.lm_head(self.model.norm(x[rows, cols]))
         logits = self.head(x, *(logits_range or (0, input_ids.shape[1])))
         if not return_cache:
             return logits

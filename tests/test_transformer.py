@@ -284,8 +284,9 @@ def test_training_places_image_codes_by_the_clean_sequence_when_the_start_marker
     with torch.no_grad():
         clean = model(out.noisy.noisy_ids, image_index=image_code_index(batch.input_ids, vocab.boi_id, vocab.eoi_id))
         guessed = model(out.noisy.noisy_ids)
-    torch.testing.assert_close(out.logits.detach(), clean)
-    assert not torch.allclose(out.logits.detach(), guessed, atol=1e-3)
+    masked = out.noisy.target_mask
+    torch.testing.assert_close(out.logits.detach(), clean[masked])
+    assert not torch.allclose(out.logits.detach(), guessed[masked], atol=1e-3)
 
 
 @pytest.mark.parametrize("shift", [False, True])
@@ -300,3 +301,24 @@ def test_logits_of_a_range_equal_those_positions_of_the_full_pass(fixtures_dir, 
     assert part.shape == (2, window[1] - window[0], full.shape[-1])
     torch.testing.assert_close(part, full[:, window[0]:window[1]], atol=1e-5, rtol=0)
     torch.testing.assert_close(cached, part, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_logits_at_chosen_positions_equal_those_of_the_full_pass_and_train_alike(fixtures_dir, shift):
+    model = Transformer.from_pretrained(fixtures_dir / "dream_tiny_a", shift_logits=shift)
+    ids = load_file(fixtures_dir / "dream_tiny_a" / "reference.safetensors")["input_ids"]
+    chosen = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.3
+    chosen[0, 0] = True  # position 0 too (with the shift it keeps its own hidden state)
+    full = model(ids)
+    part = model(ids, logits_at=chosen)
+    assert part.shape == (int(chosen.sum()), full.shape[-1])
+    torch.testing.assert_close(part, full[chosen], atol=1e-5, rtol=0)
+    # the same loss and the same gradients as through the full logits
+    target = torch.randint(0, full.shape[-1], (int(chosen.sum()),))
+    grads = []
+    for scored in (lambda: model(ids)[chosen], lambda: model(ids, logits_at=chosen)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(scored(), target).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for through_full, through_part in zip(*grads):
+        torch.testing.assert_close(through_part, through_full, atol=1e-6, rtol=1e-4)

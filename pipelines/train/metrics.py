@@ -35,7 +35,7 @@ class MetricsWindow:
         tags = tags.clamp(min=0)
         self.loss.index_add_(0, tags[masked], per_pos[masked].float())
         self.count.index_add_(0, tags[masked], torch.ones_like(per_pos[masked], dtype=torch.float))
-        self.correct += (logits.argmax(-1)[masked] == targets[masked]).sum()
+        self.correct += (logits.argmax(-1) == targets[masked]).sum()  # logits: the masked positions
         self.tokens += attention.sum()
         self.steps += 1
 
