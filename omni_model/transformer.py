@@ -21,6 +21,7 @@ the sampler decides how often to refresh them (Fast-dLLM's prefix and dual cache
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -297,8 +298,11 @@ class Attention(nn.Module):
                 keys.scatter_(2, where, k)
                 values.scatter_(2, where, v)
             k, v = keys, values
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False,
-                                             enable_gqa=self.n_kv != self.n_heads)
+        if isinstance(attn_mask, torch.Tensor) or attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False,
+                                                 enable_gqa=self.n_kv != self.n_heads)
+        else:  # a FlexAttention BlockMask (`Transformer.attention = "flex"`)
+            out = _flex_attention(q.is_cuda)(q, k, v, block_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -384,6 +388,34 @@ def attention_mask_4d(attention_mask: torch.Tensor | None,
     return allowed[:, None]
 
 
+def document_block_mask(doc_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """`attention_mask_4d`'s rule as a FlexAttention `BlockMask`: a query attends to the
+    non-padding keys of its own document (and to itself). Packed rows leave most blocks
+    of the `[L, L]` grid empty, which FlexAttention skips; the dense boolean mask that
+    SDPA takes instead rules out its flash kernels and is computed in full."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, n = doc_ids.shape
+    keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(doc_ids, dtype=torch.bool)
+
+    def same_document(batch, head, q, kv):
+        return ((doc_ids[batch, q] == doc_ids[batch, kv]) & keep[batch, kv]) | (q == kv)
+
+    return create_block_mask(same_document, b, None, n, n, device=doc_ids.device)
+
+
+@functools.lru_cache(maxsize=2)
+def _flex_attention(compiled: bool):
+    """FlexAttention, compiled into one fused kernel on a GPU; eager elsewhere (a
+    reference implementation: right, slow, for tests on the CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+ATTENTION_KERNELS = ("sdpa", "flex")
+
+
 class Transformer(nn.Module):
     """Bidirectional transformer: `forward(input_ids) -> logits [batch, length, vocab]`."""
 
@@ -395,6 +427,9 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        #: how packed documents attend in a pass without a cache: `sdpa` with a dense
+        #: `[L, L]` boolean mask, or `flex` with a block-sparse one (GPU training)
+        self.attention = "sdpa"
 
     # ------------------------------------------------------------------ compute
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -435,7 +470,10 @@ class Transformer(nn.Module):
                 position_ids = position_ids.expand_as(input_ids)
         x = self.embed(input_ids, image_index)
         cos, sin = rotary_cos_sin(position_ids, self.config, x.dtype)
-        mask = attention_mask_4d(attention_mask, doc_ids)
+        if self.attention == "flex" and doc_ids is not None and not return_cache:
+            mask = document_block_mask(doc_ids, attention_mask)
+        else:
+            mask = attention_mask_4d(attention_mask, doc_ids)
         kv: list = []
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
@@ -549,6 +587,13 @@ class Transformer(nn.Module):
         inside = (image_index >= 0) & (image_index < self.config.image_position_embeddings)
         table = self.model.embed_image_positions(torch.where(inside, image_index, torch.zeros_like(image_index)))
         return x + table * inside[..., None].to(table.dtype)
+
+    def set_attention(self, kernel: str) -> "Transformer":
+        """`sdpa` or `flex` for packed documents (see `attention`)."""
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention {kernel!r}: one of {', '.join(ATTENTION_KERNELS)}")
+        self.attention = kernel
+        return self
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> "Transformer":
         """Recompute each block in the backward pass (less memory, ~30% more compute)."""

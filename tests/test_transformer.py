@@ -322,3 +322,26 @@ def test_logits_at_chosen_positions_equal_those_of_the_full_pass_and_train_alike
         grads.append([p.grad.clone() for p in model.parameters()])
     for through_full, through_part in zip(*grads):
         torch.testing.assert_close(through_part, through_full, atol=1e-6, rtol=1e-4)
+
+
+def test_flex_attention_over_packed_documents_equals_the_dense_mask(tiny_model):
+    """The block-sparse FlexAttention mask (GPU training) gives the dense SDPA mask's
+    logits: three documents and right padding in a row, two rows. (FlexAttention has no
+    backward pass on the CPU: its gradients are compared by benchmarks/gpu_check.py.)"""
+    torch.manual_seed(4)
+    ids = torch.randint(0, 200, (2, 150))
+    doc_ids = torch.cat([torch.zeros(2, 40), torch.ones(2, 70), torch.full((2, 40), 2)], 1).long()
+    attention = torch.ones(2, 150, dtype=torch.long)
+    attention[1, 130:] = 0
+    with torch.no_grad():
+        dense = tiny_model.set_attention("sdpa")(ids, attention_mask=attention, doc_ids=doc_ids)
+        flex = tiny_model.set_attention("flex")(ids, attention_mask=attention, doc_ids=doc_ids)
+    tiny_model.set_attention("sdpa")
+    keep = attention.bool()
+    torch.testing.assert_close(flex[keep], dense[keep], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="attention 'xla'"):
+        tiny_model.set_attention("xla")
+    from pipelines.train.config import ModelConfig
+
+    with pytest.raises(ValueError, match="model.attention 'xla'"):
+        ModelConfig(attention="xla")

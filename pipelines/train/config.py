@@ -36,6 +36,13 @@ class ModelConfig:
     fresh: FreshModel = field(default_factory=FreshModel)
     shift_logits: bool = False  #: Dream backbones predict position i from i-1
     gradient_checkpointing: bool = False
+    #: how packed documents attend: `sdpa` (a dense [L, L] mask; any device) or `flex`
+    #: (FlexAttention's block-sparse mask, compiled on a GPU: skips other documents' blocks)
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("sdpa", "flex"):
+            raise ValueError(f"model.attention {self.attention!r}: sdpa or flex")
 
 
 @dataclass(frozen=True)

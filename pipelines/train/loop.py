@@ -95,13 +95,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if cfg.model.attention == "flex" and device.type != "cuda":
+        raise ValueError("model.attention=flex needs a GPU worker (FlexAttention has no backward pass "
+                         "on the CPU); use model.attention=sdpa")
     vocab = Vocab.from_dict(config["vocab"])
 
     with restored_checkpoint(ray.train.get_checkpoint(), cfg.run.dir) as (resume_dir, recorded):
         torch.manual_seed(cfg.data.seed * 1000 + rank)
         state = TrainState.begin(rank, world, device, recorded, cfg.data.seed)
         model = build_model(cfg, vocab, config.get("init_path"), resume_dir)
-        model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+        model.set_gradient_checkpointing(cfg.model.gradient_checkpointing).set_attention(cfg.model.attention)
         opt = Optimisation(cfg, model, device, world, resume_dir)
         state.restore_rng(resume_dir)
     try:
