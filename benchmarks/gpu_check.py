@@ -246,6 +246,33 @@ def time_training(model, batches: list, vocab, steps: int, warmup: int, device: 
     return Timing(tokens / seconds, 1000 * seconds / steps, steps, first, peak)
 
 
+def flex_against_sdpa(model, batch, vocab, device: torch.device) -> dict[str, float]:
+    """One step's loss and gradients with the dense SDPA mask and with FlexAttention's
+    block mask, on the same masked batch (fp32, no autocast): their largest differences.
+    (FlexAttention has no backward pass on a CPU: this is where its gradients are checked.)"""
+    from omni_model.objective import Objective, diffusion_loss_of_batch
+
+    outs = []
+    for kernel in ("sdpa", "flex"):
+        model.set_attention(kernel).zero_grad(set_to_none=True)
+        out = diffusion_loss_of_batch(model, batch, vocab, Objective(),
+                                      generator=torch.Generator(device=device).manual_seed(0))
+        out.loss.backward()
+        outs.append((out.loss.item(), out.logits.detach().float(),
+                     torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        del out
+    model.set_attention("sdpa").zero_grad(set_to_none=True)
+    (loss_d, logits_d, grad_d), (loss_f, logits_f, grad_f) = outs
+    result = {"loss_sdpa": loss_d, "loss_flex": loss_f,
+              "logits_max_abs_diff": float((logits_d - logits_f).abs().max()),
+              "grad_rel_diff": float((grad_d - grad_f).norm() / grad_d.norm().clamp(min=1e-30))}
+    del outs, logits_d, logits_f, grad_d, grad_f
+    free_memory()
+    log(f"  flex vs sdpa: loss {loss_d:.5f} / {loss_f:.5f}, logits max diff {result['logits_max_abs_diff']:.2e}, "
+        f"gradient relative diff {result['grad_rel_diff']:.2e}")
+    return result
+
+
 class Check:
     """The stages and what they hand each other (stage b's model to stage d, stage a's
     train-shape speed to stage b's ratio)."""
@@ -400,6 +427,20 @@ class Check:
         if self.cuda:
             attempt("eager_fused_adamw", lambda: timed("eager_fused_adamw", model, batches, vocab, config, context,
                                                        max(5, a.steps // 2), 2, fused=True))
+
+        if self.cuda:  # FlexAttention's block-sparse document mask (model.attention=flex)
+            attempt("flex_vs_sdpa", lambda: variants.update(
+                flex_vs_sdpa=flex_against_sdpa(model, batches[0], vocab, self.device)))
+
+            def flex() -> None:
+                model.set_attention("flex")
+                try:
+                    timed("flex_attention_fused_adamw", model, batches, vocab, config, context,
+                          max(5, a.steps // 2), 3, fused=True)
+                finally:
+                    model.set_attention("sdpa")
+
+            attempt("flex_attention_fused_adamw", flex)
 
         def train_shape() -> None:
             """Stage (b)'s shape and vocabulary in plain PyTorch: (b)'s ratio base."""
