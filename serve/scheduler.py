@@ -19,6 +19,15 @@ unconditional row travels with its request). Every step:
 4. each request commits its positions and reports its own progress; a finished request
    leaves at once and is decoded on another thread while the next step runs.
 
+Failures stay with the request that caused them. A shared pass that raises is run again
+one request at a time: a request that fails alone leaves with `SamplingFailed` (its own
+error as the cause), the others go on from the same step. A request whose commit or
+progress callback raises leaves the same way. Waiting requests honour their client and
+deadline too: one no longer wanted leaves the queue at the next step, never computed.
+If the loop itself fails (outside any request's step), every request held and every one
+submitted after gets `SchedulerStopped` at once and `alive` turns false (the replica's
+health check reads it, so Serve replaces the replica).
+
 Threads: the steps run with `threads` torch threads, the decoding thread with one (see
 `serve/threads.py`: on a CPU, a second thread computing with several makes both slow).
 
@@ -29,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,6 +47,7 @@ import torch.nn.functional as F
 
 from omni_model.pipeline import AnyToAny, Output, Prepared
 from omni_model.sampler import Denoiser, Layout, SamplerConfig, forward_window, span_inputs
+from serve.errors import DecodingFailed, SamplingFailed, SchedulerStopped
 from serve.threads import single_threaded_pool
 
 logger = logging.getLogger(__name__)
@@ -81,19 +91,32 @@ class StepScheduler:
         self.forward_passes = 0  #: model calls (full passes shared, span passes per request)
         self.rows_stepped = 0  #: rows summed over steps (rows per step = rows_stepped / steps)
         self.stopped = 0  #: tickets dropped because nobody wanted them any more
+        self.failed = 0  #: tickets whose own step failed (the others went on)
         self._thread = threading.Thread(target=self._loop, name="step-scheduler", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ public
     def submit(self, ticket: Ticket) -> Future:
+        """Queue a ticket; its future fails at once with `SchedulerStopped` when the loop
+        is not running (nothing would ever resolve it)."""
         with self._lock:
+            if self._stop or not self._thread.is_alive():
+                _resolve(ticket.future, exc=SchedulerStopped())
+                return ticket.future
             self._incoming.append(ticket)
             self._lock.notify()
         return ticket.future
 
     @property
     def in_flight(self) -> int:
-        return len(self._active) + len(self._incoming)
+        """Tickets waiting or stepping (not those being decoded)."""
+        with self._lock:
+            return len(self._active) + len(self._incoming)
+
+    @property
+    def alive(self) -> bool:
+        """The loop is running (false once it failed or was closed)."""
+        return self._thread.is_alive() and not self._stop
 
     def close(self) -> None:
         with self._lock:
@@ -104,6 +127,20 @@ class StepScheduler:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        try:
+            self._run()
+            failure: BaseException = SchedulerStopped("the replica is shutting down")
+        except BaseException as exc:  # a bug outside any request's step: the loop cannot go on
+            logger.exception("the step scheduler's loop failed; failing its %d requests", self.in_flight)
+            failure = SchedulerStopped()
+            failure.__cause__ = exc
+        with self._lock:
+            self._stop = True  # submit() refuses from now on
+            held, self._active, self._incoming = self._active + self._incoming, [], []
+        for ticket in held:
+            _resolve(ticket.future, exc=failure)
+
+    def _run(self) -> None:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         torch.set_grad_enabled(False)
@@ -113,20 +150,25 @@ class StepScheduler:
                 while not self._stop and not self._incoming and not self._active:
                     self._lock.wait()
                 if self._stop:
-                    break
-                arrived, self._incoming = self._incoming, []
-            waiting = self._admit(arrived)
-            with self._lock:
-                self._incoming = waiting + self._incoming
-            try:
-                self.step()
-            except Exception as exc:  # a failed step fails its requests, not the replica
-                logger.exception("scheduler step failed for %d requests", len(self._active))
-                for ticket in self._active:
-                    _resolve(ticket.future, exc=exc)
-                self._active = []
-        for ticket in self._active + self._incoming:
-            _resolve(ticket.future, exc=RuntimeError("the replica is shutting down"))
+                    return
+                # under the lock (admission is cheap), so that `in_flight` never misses a
+                # ticket between the queue and the active set; the queue is replaced only
+                # after admission, so a failing loop still holds (and fails) every ticket
+                self._incoming = self._admit(self._still_wanted(list(self._incoming)))
+            self.step()
+
+    def _still_wanted(self, tickets: list[Ticket]) -> list[Ticket]:
+        """`tickets` less those nobody wants any more, which are resolved with their refusal."""
+        kept = []
+        for ticket in tickets:
+            if ticket.future.done():  # cancelled by its owner
+                continue
+            if _call(ticket.wanted, ticket, default=True):
+                kept.append(ticket)
+            else:
+                self.stopped += 1
+                _resolve(ticket.future, exc=_call(ticket.refusal, ticket, default=RuntimeError("no longer wanted")))
+        return kept
 
     def _admit(self, arrived: list[Ticket]) -> list[Ticket]:
         """Move arrived tickets in while the rows in flight stay within `max_rows`;
@@ -145,44 +187,81 @@ class StepScheduler:
                                         [ticket.prepared.uncond] if ticket.config.cfg_scale > 0 else None,
                                         [ticket.seed])
             except Exception as exc:
-                _resolve(ticket.future, exc=exc)
+                self._fail(ticket, exc)
                 continue
             self._active.append(ticket)
             rows += need
         return waiting
 
     def step(self) -> None:
-        """One denoising step over every active ticket."""
-        live = []
-        for ticket in self._active:
-            if ticket.wanted():
-                live.append(ticket)
-            else:
-                self.stopped += 1
-                _resolve(ticket.future, exc=ticket.refusal())
+        """One denoising step over every active ticket; a ticket whose own part of it
+        fails leaves with `SamplingFailed`, the others go on."""
+        live = self._still_wanted(self._active)
         self._active = live
         if not live:
             return
-        plans = [(t, *t.state.begin()) for t in live]
+        plans = []
+        for ticket in live:
+            try:
+                plans.append((ticket, *ticket.state.begin()))
+            except Exception as exc:
+                self._fail(ticket, exc)
         full = [(t, a, b) for t, a, b, is_full in plans if is_full]
         logits: dict[int, torch.Tensor] = {}
         for group in self._buckets(full, full_pass_sizes):
-            logits.update(self._full_pass(group))
+            logits.update(self._isolated(self._full_pass, group))
         spans = [(t, a, b) for t, a, b, is_full in plans if not is_full]
         for group in self._buckets(spans, span_pass_sizes):
-            logits.update(self._span_pass(group))
+            logits.update(self._isolated(self._span_pass, group))
+        live = [t for t in live if id(t) in logits]
         self.steps += 1
         self.rows_stepped += sum(t.state.rows for t in live)
+        stepped = []
         for ticket in live:
             ticket.shared = max(ticket.shared, len(live))
             state = ticket.state
-            state.advance(logits[id(ticket)])
-            if ticket.on_step is not None:
-                ticket.on_step(state.step, min(state.config.steps, ticket.layout.num_masked), state.response[0])
-        finished = [t for t in live if t.state.done]
-        self._active = [t for t in live if not t.state.done]
+            try:
+                state.advance(logits[id(ticket)])
+                if ticket.on_step is not None:
+                    ticket.on_step(state.step, min(state.config.steps, ticket.layout.num_masked), state.response[0])
+            except Exception as exc:
+                self._fail(ticket, exc)
+                continue
+            stepped.append(ticket)
+        finished = [t for t in stepped if t.state.done]
+        self._active = [t for t in stepped if not t.state.done]
         for ticket in finished:
             self._decoder.submit(self._decode, ticket)
+
+    def _isolated(self, run: Callable[[list[tuple[Ticket, int, int]]], dict[int, torch.Tensor]],
+                  group: list[tuple[Ticket, int, int]]) -> dict[int, torch.Tensor]:
+        """`run(group)`; when the shared pass raises, each ticket is run again alone so
+        that only the ticket(s) that fail alone leave (with their own error). Running a
+        pass again is safe: what it sets on a ticket (its padding frame, its cache) is
+        set again by the next try, and the step commits nothing before every pass is done."""
+        try:
+            return run(group)
+        except Exception as exc:
+            if len(group) == 1:
+                self._fail(group[0][0], exc)
+                return {}
+            logger.warning("a shared pass of %d requests failed (%s); running each alone", len(group),
+                           type(exc).__name__)
+        logits: dict[int, torch.Tensor] = {}
+        for item in group:
+            try:
+                logits.update(run([item]))
+            except Exception as exc:
+                self._fail(item[0], exc)
+        return logits
+
+    def _fail(self, ticket: Ticket, exc: Exception) -> None:
+        """Resolve `ticket` with `SamplingFailed` caused by `exc`; it leaves at this step."""
+        logger.error("a request's step failed; it leaves, the others go on", exc_info=exc)
+        self.failed += 1
+        failure = SamplingFailed()
+        failure.__cause__ = exc
+        _resolve(ticket.future, exc=failure)
 
     def _buckets(self, group: list[tuple[Ticket, int, int]],
                  sizes: Callable[[Ticket, int, int], tuple[int, ...]]) -> list[list[tuple[Ticket, int, int]]]:
@@ -244,7 +323,9 @@ class StepScheduler:
             _resolve(ticket.future, out)
         except Exception as exc:
             logger.exception("decoding a finished request failed")
-            _resolve(ticket.future, exc=exc)
+            failure = DecodingFailed()
+            failure.__cause__ = exc
+            _resolve(ticket.future, exc=failure)
 
 
 def full_pass_sizes(ticket: Ticket, a: int, b: int) -> tuple[int, int]:
@@ -257,11 +338,22 @@ def span_pass_sizes(ticket: Ticket, a: int, b: int) -> tuple[int]:
     return (b - a,)
 
 
+def _call(fn: Callable, ticket: Ticket, default):
+    """A ticket's own callback (`wanted`, `refusal`); one that raises answers `default`
+    rather than failing the loop."""
+    try:
+        return fn()
+    except Exception:
+        logger.exception("a request's callback failed")
+        return default
+
+
 def _resolve(future: Future, result: Output | None = None, exc: BaseException | None = None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # resolved (or cancelled by its owner) already
+        pass
 

@@ -6,6 +6,7 @@ the tiny any-to-any model of tests/any2any.py, whose trained answers are known."
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from omni_model.pipeline import AnyToAny
 from omni_model.sampler import Denoiser, SamplerConfig
 from omni_model.templates import Image, Speech, Text
-from serve.errors import Stopped
+from serve.errors import SamplingFailed, SchedulerStopped, Stopped
 from serve.scheduler import StepScheduler, Ticket, full_pass_sizes
 from tests.any2any import IMAGE_TOKENIZER, answer_lengths
 
@@ -190,3 +191,87 @@ def test_the_steps_run_with_the_schedulers_threads_and_decoding_with_one(pipe, a
         del pipe.decode
         scheduler.close()
     assert seen == {"step": 3, "decode": 1}
+
+
+def test_a_failing_request_fails_alone_and_the_others_finish(pipe, scheduler):
+    """8 concurrent requests; one's step callback raises after its logits, another's prompt
+    holds an id past the vocabulary so the shared forward pass itself fails. Each of the
+    two gets its own error; the other 6 finish with the answers they get alone."""
+    prepared = [pipe.prepare([f"Paint picture {seed}."], ["image"]) for seed in range(8)]
+    config = SamplerConfig(steps=16, temperature=1.0)
+    tickets = [Ticket(p, config, seed) for seed, p in enumerate(prepared)]
+
+    def broken_callback(done, most, ids):
+        if done == 3:
+            raise RuntimeError("a callback bug")
+
+    tickets[2].on_step = broken_callback
+    bad = tickets[5].prepared
+    out_of_vocab = torch.full_like(bad.prompt[:1], pipe.model.config.vocab_size)
+    tickets[5].prepared = type(bad)(torch.cat([bad.prompt, out_of_vocab]), bad.uncond, bad.regions, bad.outputs)
+    futures = [scheduler.submit(t) for t in tickets]
+    for i in (2, 5):
+        with pytest.raises(SamplingFailed) as err:
+            futures[i].result(timeout=300)
+        assert err.value.message == "the request's sampling failed"
+    assert isinstance(futures[2].exception().__cause__, RuntimeError)
+    assert isinstance(futures[5].exception().__cause__, IndexError)
+    healthy = [i for i in range(8) if i not in (2, 5)]
+    together = [futures[i].result(timeout=300) for i in healthy]
+    assert all(out.steps == 16 for out in together)
+    alone = [pipe.generate_batch([prepared[i]], config, seeds=[i])[0].image_codes for i in healthy]
+    assert [out.image_codes for out in together] == alone
+    assert scheduler.failed == 2 and scheduler.alive
+
+
+def test_a_waiting_request_no_longer_wanted_leaves_the_queue_without_being_computed(pipe):
+    """max_rows=2: a guided request fills them, so the next waits. Its client goes away
+    (or its deadline passes) while it waits: it leaves the queue at the next step, never
+    admitted, while the running request goes on."""
+    scheduler = StepScheduler(pipe, max_rows=2)
+    try:
+        running = Ticket(pipe.prepare(["Tell a long story."], ["text"], {"text": 200}),
+                         SamplerConfig(steps=200, cfg_scale=1.0), 0)
+        started = threading.Event()
+        running.on_step = lambda done, most, ids: started.set() if done == 2 else None
+        running_future = scheduler.submit(running)
+        assert started.wait(120)
+        wanted = threading.Event()
+        wanted.set()
+        waiting = Ticket(pipe.prepare(["Say hi."], ["text"], {"text": 8}), SamplerConfig(steps=4), 1,
+                         wanted=wanted.is_set, refusal=lambda: Stopped("the client went away"))
+        future = scheduler.submit(waiting)
+        time.sleep(0.5)
+        assert scheduler.in_flight == 2 and waiting.state is None  # it waits for rows
+        wanted.clear()
+        with pytest.raises(Stopped):
+            future.result(timeout=30)
+        assert waiting.state is None  # never admitted, never computed
+        assert not running_future.done() and scheduler.in_flight == 1 and scheduler.stopped == 1
+        running_future.cancel()
+    finally:
+        scheduler.close()
+
+
+def test_a_dead_scheduler_loop_fails_its_requests_refuses_new_ones_and_says_so(pipe):
+    """The loop raising outside a step (here: admission) ends the thread; its requests and
+    any submitted later get `SchedulerStopped` at once instead of waiting forever, and
+    `alive` turns false (the replica's health check reads it)."""
+    scheduler = StepScheduler(pipe)
+    try:
+        assert scheduler.alive
+
+        def broken_admit(arrived):
+            raise RuntimeError("a scheduler bug")
+
+        scheduler._admit = broken_admit
+        first = scheduler.submit(Ticket(pipe.prepare(["Say hi."], ["text"], {"text": 8}), SamplerConfig(steps=4), 0))
+        with pytest.raises(SchedulerStopped):
+            first.result(timeout=30)
+        scheduler._thread.join(timeout=30)
+        assert not scheduler.alive
+        later = scheduler.submit(Ticket(pipe.prepare(["Say hi."], ["text"], {"text": 8}), SamplerConfig(steps=4), 0))
+        with pytest.raises(SchedulerStopped):
+            later.result(timeout=5)
+    finally:
+        scheduler.close()
