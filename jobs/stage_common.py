@@ -19,7 +19,7 @@ def stage_main(stage: int, doc: str, argv: list[str]) -> int:
 
     try:
         cfg, result = run_ray_job(StageConfig, doc, f"configs/tiny/stage{stage}.yaml", argv,
-                                  lambda c: c.run.dir, run)
+                                  lambda c: None, run)  # run_stage saves it, under the run.dir lock
     except Exception as err:  # noqa: BLE001 - the whole story is logged; the last line says why
         logging.getLogger(__name__).exception("stage %d failed", stage)
         # the last line a chain's log shows: Ray's own errors are pages of worker tracebacks

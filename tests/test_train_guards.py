@@ -64,6 +64,7 @@ def test_a_failed_stage_job_ends_with_one_line_saying_why(tmp_path):
     reason, and it exits non-zero."""
     run_dir = tmp_path / "run"
     holder = _hold(run_dir)
+    (run_dir / "config.yaml").write_text("the holder's\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     try:
@@ -77,6 +78,7 @@ def test_a_failed_stage_job_ends_with_one_line_saying_why(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"stage 1 failed: RunDirBusy: {run_dir} is in use by another run (pid {holder.pid},"), \
         result.stderr[-3000:]
+    assert (run_dir / "config.yaml").read_text() == "the holder's\n"  # the refused run wrote nothing there
 
 
 def test_the_one_line_reason_of_a_failed_fit():

@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from omni_model.config import save_config
 from pipelines.shards import check_compatible
 from pipelines.train.checkpoint import (TRAIN_STATE, check_text_tokenizer, export_final, latest_checkpoint,
                                         text_tokenizer_entry)
@@ -31,6 +32,7 @@ def run_stage(cfg: StageConfig, *, fail_at_step: int | None = None,
     N times step S is tried)."""
     run_dir = Path(cfg.run.dir).resolve()
     with run_dir_lock(run_dir):
+        save_config(cfg, run_dir / "config.yaml")  # as given; the resolved paths go to the workers
         return _run_stage(cfg, run_dir, fail_at_step, nonfinite_at)
 
 
