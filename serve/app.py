@@ -5,7 +5,8 @@
                                then the result
     GET  /v1/models            the model and the input/output combinations it serves
     GET  /v1/stats             this replica's request and sampler-call counters
-    GET  /healthz              200 once the model is loaded
+    GET  /healthz              200 while the replica can generate (its model loaded, its
+                               step scheduler running), else 503
     GET  /docs, /openapi.json  the schema
 
 Concurrent requests share the model step by step (`batching.mode: step`, the default: a
@@ -15,9 +16,16 @@ batch`: one sampler call per group of equal layout and options, on one model thr
 The event loop keeps accepting meanwhile. Overload: beyond
 `max_ongoing_requests` per replica and `max_queued_requests` Serve's proxy answers 503
 with `Retry-After` (`serve.yaml`, `deployment`); the replica itself admits at most
-`limits.max_pending` requests to its model queue (503 beyond). A request whose client
-disconnects (Serve cancels it) or that passes `limits.request_timeout_s` stops its
-generation at the next denoising step, or before it starts.
+`limits.max_pending` requests to its model queue (503 beyond); a request holds its place
+until its generation has ended, however it ends. A request whose client disconnects
+(Serve cancels it) or that passes `limits.request_timeout_s` stops its generation at the
+next denoising step, or leaves the queue before it starts.
+
+Bodies are parsed and validated on the replica's parse threads (`Engine.parse_body`), so
+a large body does not hold up the event loop. A request that fails on the server gets a
+fixed message saying what failed (`serve/errors.py`); the exception itself goes to the
+replica's log. Serve's health check reads the step scheduler (`check_health`): a replica
+whose scheduler stopped is replaced.
 
 Build it with `build(cfg)` (jobs/deploy.py) or from a Serve config file / `serve run`
 through `build_app({"config": "configs/tiny/serve.yaml", ...overrides})`.
@@ -27,20 +35,20 @@ through `build_app({"config": "configs/tiny/serve.yaml", ...overrides})`.
 import asyncio
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from ray import serve
 from ray.serve.deployment import Application
 
 from serve.config import ServeConfig, load_serve_config
-from serve.errors import ClientError, Stopped
-from serve.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelList
+from serve.errors import ClientError, SchedulerStopped, ServerError, Stopped
+from serve.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelList, describe_errors
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +56,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
         (400, "malformed JSON or base64"), (413, "over a size limit"), (415, "unsupported media format"),
         (422, "invalid options, inputs or output combination"),
-        (503, "overloaded: retry after the Retry-After header's seconds"),
+        (500, "the request failed on the server (the message says what failed)"),
+        (503, "overloaded, or this replica cannot generate: retry after the Retry-After header's seconds"),
         (504, "the request passed the server's request timeout"))}
+
+#: the body of both generate routes, read by the route itself and validated off the event loop
+_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}}
 
 app = FastAPI(title="Omni-Diffusion", version="1",
               description="Any-to-any masked discrete diffusion over text, image and speech.")
@@ -92,6 +105,37 @@ def _too_large(limit: int) -> str:
 app.add_middleware(BodyLimit)
 
 
+def _openapi() -> dict:
+    """FastAPI's schema plus `GenerateRequest`, which the generate routes read themselves."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        body = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["GenerateRequest"] = body
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
+def failure(exc: BaseException) -> tuple[int, str, int | None]:
+    """(HTTP status, message, Retry-After) of a request that ended with `exc`. Messages
+    are the server's own: what failed, never an exception's text (logged instead)."""
+    if isinstance(exc, ClientError):
+        return exc.status, exc.message, exc.retry_after_s
+    if isinstance(exc, Stopped):  # nobody reads this: the client is gone (499, as nginx logs it)
+        return 499, "stopped: the client went away", None
+    if isinstance(exc, SchedulerStopped):
+        return exc.status, exc.message, 1
+    if isinstance(exc, ServerError):
+        logger.error("a request failed: %s", exc.message, exc_info=exc.__cause__ or exc)
+        return exc.status, exc.message, None
+    logger.error("a request failed", exc_info=exc)
+    return 500, ServerError.message, None
+
+
 @app.exception_handler(ClientError)
 async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
@@ -99,9 +143,12 @@ async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
 
 
 @app.exception_handler(Stopped)
-async def _stopped(request: Request, exc: Stopped) -> JSONResponse:
-    # nobody reads this: the client is gone (499, "client closed request", as nginx logs it)
-    return JSONResponse({"error": str(exc)}, status_code=499)
+@app.exception_handler(ServerError)
+@app.exception_handler(Exception)
+async def _failed(request: Request, exc: Exception) -> JSONResponse:
+    status, message, retry_after = failure(exc)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @app.exception_handler(HTTPException)
@@ -114,11 +161,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
-    parts = []
-    for e in errors[:5]:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
-    return JSONResponse({"error": "; ".join(parts)}, status_code=422)
+    return JSONResponse({"error": describe_errors(errors)}, status_code=422)
 
 
 @serve.deployment
@@ -145,12 +188,21 @@ class OmniDiffusion:
         self._pending = 0  # requests admitted to the model queue and not yet answered
         self._generate_batched.set_max_batch_size(cfg.batching.max_batch_size)
         self._generate_batched.set_batch_wait_timeout_s(cfg.batching.wait_timeout_s)
-        logger.info("replica ready: %s on %s (pid %d)", cfg.model.model, device, os.getpid())
+        logger.info("replica ready: %s on %s", cfg.model.model, device)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: raising marks the replica unhealthy, and Serve
+        replaces it (a replica whose scheduler stopped would refuse every request)."""
+        if not self.engine.healthy:
+            raise RuntimeError("the step scheduler's loop is not running")
 
     # ------------------------------------------------------------------ routes
     @app.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.cfg.model.name}
+    async def healthz(self) -> JSONResponse:
+        if not self.engine.healthy:
+            return JSONResponse({"status": "unavailable", "model": self.cfg.model.name,
+                                 "error": "the step scheduler is not running"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.cfg.model.name})
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
@@ -158,20 +210,34 @@ class OmniDiffusion:
 
     @app.get("/v1/stats")
     async def stats(self) -> dict:
-        return {"pid": os.getpid(), **self.engine.stats(), "pending": self._pending,
-                "max_batch_size": self.cfg.batching.max_batch_size}
+        return {**self.engine.stats(), "pending": self._pending, "max_batch_size": self.cfg.batching.max_batch_size}
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
-    async def generate(self, body: GenerateRequest) -> GenerateResponse:
-        job = await self._parse(body)
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS, openapi_extra=_BODY)
+    async def generate(self, request: Request) -> GenerateResponse:
+        job = await self._parse(request)
         self._admit()
-        try:
-            if self.engine.scheduler is not None:
+        if self.engine.scheduler is not None:
+            loop = asyncio.get_running_loop()
+            try:
                 ticket = self.engine.ticket(job)
-                output = await asyncio.wrap_future(self.engine.scheduler.submit(ticket))
-                return self.engine.response(job, output, ticket.shared)
+            except BaseException:
+                self._release()
+                raise
+            future = self.engine.scheduler.submit(ticket)
+            # the place in the model queue is given back when the ticket leaves the
+            # scheduler, not when the client leaves: a cancelled ticket may still wait
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+            try:
+                # shielded: a cancelled await would cancel the ticket's future, which would
+                # give the place back while the ticket is still queued
+                output = await asyncio.shield(asyncio.wrap_future(future))
+            except asyncio.CancelledError:  # the client went away: Serve cancels the request
+                job.cancelled.set()
+                raise
+            return self.engine.response(job, output, ticket.shared)
+        try:
             result = await self._generate_batched(job)
-        except asyncio.CancelledError:  # the client went away: Serve cancels the request
+        except asyncio.CancelledError:
             job.cancelled.set()
             raise
         finally:
@@ -184,9 +250,10 @@ class OmniDiffusion:
         "content": {"text/event-stream": {}},
         "description": "`event: progress` per step (step, max_steps, masked, and at some steps "
                        "a `preview` with the text so far and a base64 PNG), then `event: result` "
-                       "with a GenerateResponse, or `event: error`"}})
-    async def generate_stream(self, body: GenerateRequest) -> StreamingResponse:
-        job = await self._parse(body)  # refused requests get their 4xx before the stream starts
+                       "with a GenerateResponse, or `event: error` (`error`: what failed, `status`)"}},
+              openapi_extra=_BODY)
+    async def generate_stream(self, request: Request) -> StreamingResponse:
+        job = await self._parse(request)  # refused requests get their 4xx before the stream starts
         self._admit()  # released when the generation ends (below), however it ends
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -195,22 +262,22 @@ class OmniDiffusion:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, data))
 
         if self.engine.scheduler is not None:
-            ticket = self.engine.ticket(job, lambda event: emit("progress", event))
+            try:
+                ticket = self.engine.ticket(job, lambda event: emit("progress", event))
+            except BaseException:
+                self._release()
+                raise
 
-            def finished(future) -> None:  # on the scheduler's or the decoder's thread
+            def finish(future) -> None:  # on the events thread, after the stream's progress events
                 try:
                     emit("result", self.engine.response(job, future.result(), ticket.shared).model_dump())
-                except ClientError as exc:
-                    emit("error", {"error": exc.message, "status": exc.status})
-                except Stopped:
-                    emit("error", {"error": "stopped: the client went away"})
-                except Exception as exc:
-                    logger.exception("streamed generation failed")
-                    emit("error", {"error": f"generation failed: {exc}"})
+                except Exception as exc:  # reported in the stream: the 200 is already sent
+                    status, message, _ = failure(exc)
+                    emit("error", {"error": message, "status": status})
                 finally:
                     loop.call_soon_threadsafe(self._release)
 
-            self.engine.scheduler.submit(ticket).add_done_callback(finished)
+            self.engine.scheduler.submit(ticket).add_done_callback(lambda f: self.engine.after_events(lambda: finish(f)))
             return StreamingResponse(self._events(queue, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
 
@@ -218,13 +285,9 @@ class OmniDiffusion:
             try:
                 result = self.engine.stream(job, lambda event: emit("progress", event))
                 emit("result", result.model_dump())
-            except ClientError as exc:  # past the request timeout
-                emit("error", {"error": exc.message, "status": exc.status})
-            except Stopped:  # the client went away; nobody reads this
-                emit("error", {"error": "stopped: the client went away"})
             except Exception as exc:  # reported in the stream: the 200 is already sent
-                logger.exception("streamed generation failed")
-                emit("error", {"error": f"generation failed: {exc}"})
+                status, message, _ = failure(exc)
+                emit("error", {"error": message, "status": status})
             finally:  # on the event loop's thread, like the admission itself
                 loop.call_soon_threadsafe(self._release)
 
@@ -257,8 +320,10 @@ class OmniDiffusion:
     def _release(self) -> None:
         self._pending -= 1
 
-    async def _parse(self, body: GenerateRequest):
-        return await asyncio.get_running_loop().run_in_executor(self._parse_threads, self.engine.parse, body)
+    async def _parse(self, request: Request):
+        """The body (its size capped by `BodyLimit`) parsed and checked on a parse thread."""
+        raw = await request.body()
+        return await asyncio.get_running_loop().run_in_executor(self._parse_threads, self.engine.parse_body, raw)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _generate_batched(self, jobs: list) -> list:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from omni_model.config import RayConfig, load_config, to_dict
+from omni_model.sampler import CACHES
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,70 @@ class Limits:
     #: never more than the model's own positions
     max_total_tokens: int = 2_048
     max_steps: int = 256  #: sampler steps: the most forward passes a request can cost
+    # Caps on sampler options: whatever the request asks, never more (422 naming the cap);
+    # a request may ask for less. The deployment's `sampler` and the model's presets must
+    # fit them too (checked when the config loads and when the replica starts).
+    max_cfg_scale: float = 10.0  #: classifier-free guidance; 0: no guided requests (a guided one costs two rows)
+    max_temperature: float = 2.0
+    #: nucleus sampling; below 1, a request that sets no `top_p` samples with the cap
+    max_top_p: float = 1.0
+    #: top-k sampling; None: no cap; with one, a request that sets no `top_k` gets the cap
+    max_top_k: int | None = None
+    #: semi-autoregressive blocks; None: no cap; with one, a request that sets no
+    #: `block_length` gets the cap (a dual cache recomputes one block a step)
+    max_block_length: int | None = None
+    max_cache_refresh: int = 64  #: steps a key-value cache may go unrefreshed (staler is cheaper, worse)
+    max_repetition_penalty: float = 10.0
+    max_position_penalty: float = 10.0
+    #: the key-value caches a request may ask for (each holds keys and values of every layer)
+    caches: tuple[str, ...] = ("none", "prefix", "dual")
     #: seconds from arrival: a request still waiting or generating then gets 504 (a stream
     #: an error event) and its generation stops
     request_timeout_s: float = 120.0
     #: requests admitted to this replica's model queue (waiting or generating); beyond
     #: it 503 with Retry-After (Serve's own `max_ongoing_requests` bounds it too)
     max_pending: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = set(self.caches) - set(CACHES)
+        if unknown or not self.caches:
+            raise ValueError(f"limits.caches must be a non-empty subset of {CACHES}, not {list(self.caches)}")
+        if self.max_inputs < 1 or self.max_steps < 1:
+            raise ValueError("limits.max_inputs and limits.max_steps must be at least 1")
+
+
+#: sampler option -> the `Limits` field that caps it
+CAPPED_OPTIONS = {"steps": "max_steps", "cfg_scale": "max_cfg_scale", "temperature": "max_temperature",
+                  "top_p": "max_top_p", "top_k": "max_top_k", "block_length": "max_block_length",
+                  "cache_refresh": "max_cache_refresh", "repetition_penalty": "max_repetition_penalty",
+                  "position_penalty": "max_position_penalty"}
+
+#: capped options whose unset value (None) means "no bound": unset, they take the cap
+UNBOUNDED_WHEN_UNSET = ("top_p", "top_k", "block_length")
+
+
+def over_cap(options: Mapping[str, Any], limits: Limits) -> str | None:
+    """The first sampler option in `options` over its cap in `limits`, as a message
+    naming the cap; None when every one fits."""
+    for name, cap_field in CAPPED_OPTIONS.items():
+        value, cap = options.get(name), getattr(limits, cap_field)
+        if value is not None and cap is not None and value > cap:
+            return f"sampler.{name} {value:g} is over this deployment's cap of {cap:g} (limits.{cap_field})"
+    cache = options.get("cache")
+    if cache is not None and cache not in limits.caches:
+        return f"sampler.cache {cache!r} is not allowed here: limits.caches is {list(limits.caches)}"
+    return None
+
+
+def within_caps(options: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
+    """`options` with each unset unbounded option (`top_p`, `top_k`, `block_length`)
+    set to its cap, where there is one."""
+    out = dict(options)
+    for name in UNBOUNDED_WHEN_UNSET:
+        cap = getattr(limits, CAPPED_OPTIONS[name])
+        if out.get(name) is None and cap is not None and not (name == "top_p" and cap >= 1):
+            out[name] = cap
+    return out
 
 
 BATCHING_MODES = ("step", "batch")
@@ -89,7 +148,8 @@ class Batching:
 
 @dataclass(frozen=True)
 class SamplerDefaults:
-    """Sampler options a request leaves out (a request's own values win)."""
+    """Sampler options a request leaves out (a request's own values win, within the caps
+    of `limits`)."""
 
     steps: int = 16
     temperature: float = 0.0
@@ -141,6 +201,12 @@ class ServeConfig:
     http: Http = field(default_factory=Http)
     #: the Ray jobs/deploy.py joins or, outside a cluster, starts
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        defaults = {"steps": self.sampler.steps, "temperature": self.sampler.temperature, **self.sampler.options}
+        problem = over_cap(defaults, self.limits)
+        if problem:  # the deployment's own defaults must be requests it would serve
+            raise ValueError(f"the deployment's sampler defaults break a cap: {problem}")
 
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments of `Deployment.options`: replicas or autoscaling, resources,

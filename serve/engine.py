@@ -11,6 +11,11 @@ depend on what it was batched with.
 In step mode (`batching.mode: step`) jobs go to a `StepScheduler` instead (`ticket`):
 one denoising step at a time over every active job, whatever its layout.
 
+A body is parsed and checked on the replica's parse threads, not its event loop
+(`parse_body`): list lengths before the items are validated, the prompt's tokens
+estimated (at least) from its text and media sizes before any medium is tokenized,
+sampler options within the deployment's caps (`limits`).
+
 Every job carries a deadline (`limits.request_timeout_s` from its arrival) and a cancel
 flag (set when its client goes away). A job past either is not started; a sampler call
 stops at the next step once none of its jobs is still wanted. A job past its deadline
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import secrets
 import threading
 import time
@@ -29,16 +35,23 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from PIL import Image as PILImage
+from pydantic import ValidationError
+from pydantic_core import from_json
 
-from omni_model.pipeline import OUTPUTS, AnyToAny, Input, Output, Prepared, RequestError, batch_key, batches
+from omni_model.pipeline import OUTPUTS, AnyToAny, Audio, Input, Output, Prepared, RequestError, batch_key, batches
 from omni_model.sampler import Layout, SamplerConfig
-from serve.config import ServeConfig
+from omni_model.templates import Message, encode_prompt
+from serve.config import ServeConfig, over_cap, within_caps
 from serve.errors import ClientError, Stopped
 from serve.media import decode_audio, decode_image, encode_png, encode_wav
 from serve.scheduler import StepScheduler, Ticket
-from serve.schemas import GenerateRequest, GenerateResponse, ModelCard, Usage
+from serve.schemas import GenerateRequest, GenerateResponse, ModelCard, Usage, describe_errors
+from serve.threads import single_threaded_pool
 
 logger = logging.getLogger(__name__)
+
+OUTPUT_MODALITIES = ("text", "image", "speech")
 
 
 @dataclass
@@ -79,8 +92,31 @@ class Engine:
         #: prompt + response positions a request may have: the limit, within the model's
         self.max_total_tokens = min(cfg.limits.max_total_tokens,
                                     self.pipe.model.config.max_position_embeddings)
+        for kind, options in self.pipe.presets.sampler.items():
+            problem = over_cap(options, cfg.limits)
+            if problem:  # every request of that kind would be refused: say so at start instead
+                raise ValueError(f"the model's presets.json ({kind}) break a cap: {problem}")
+        #: prompt tokens of an empty user turn (the chat template's own)
+        self._template_tokens = len(encode_prompt([Message("user", ())], self.pipe.text_tokenizer, self.pipe.vocab))
+        self._codes_per_image = self._count_image_codes()
         self.scheduler = StepScheduler(self.pipe, cfg.batching.max_rows, cfg.batching.max_padding,
                                        threads=cfg.deployment.threads) if cfg.batching.mode == "step" else None
+        #: a stream's progress events, previews and result, in order, off the scheduler's
+        #: thread (a slow preview delays that stream's events, never anyone's steps)
+        self._events = single_threaded_pool(1, "events")
+
+    @property
+    def healthy(self) -> bool:
+        """The replica can generate: in step mode, its scheduler's loop is running."""
+        return self.scheduler is None or self.scheduler.alive
+
+    def _count_image_codes(self) -> int:
+        """Codes an input image becomes (the tokenizer resizes every image to its own
+        resolution), measured once; 0 without an image tokenizer."""
+        if self.pipe.image_tokenizer is None:
+            return 0
+        with torch.no_grad():
+            return int(self.pipe.image_tokenizer.encode([PILImage.new("RGB", (8, 8))]).shape[-1])
 
     def stats(self) -> dict:
         """Counters for `GET /v1/stats`."""
@@ -88,8 +124,9 @@ class Engine:
         if self.scheduler is None:
             return {**stats, "sampler_calls": self.sampler_calls}
         s = self.scheduler
-        return {**stats, "stopped": self.stopped + s.stopped, "steps": s.steps, "forward_passes": s.forward_passes,
-                "rows_per_step": round(s.rows_stepped / max(1, s.steps), 2), "in_flight": s.in_flight}
+        return {**stats, "stopped": self.stopped + s.stopped, "failed": s.failed, "steps": s.steps,
+                "forward_passes": s.forward_passes, "rows_per_step": round(s.rows_stepped / max(1, s.steps), 2),
+                "in_flight": s.in_flight}
 
     @property
     def _speaks(self) -> bool:
@@ -105,6 +142,27 @@ class Engine:
         return ModelCard(id=self.cfg.model.name, outputs=outputs, inputs=inputs)
 
     # ------------------------------------------------------------------ requests
+    def parse_body(self, raw: bytes) -> Job:
+        """An HTTP body -> a `Job`, or a `ClientError`: JSON (400), list lengths before
+        any item is validated (a body of 8 MB holds 500,000 tiny parts), the schema (422),
+        then `parse`."""
+        try:
+            body = from_json(raw)
+        except ValueError:
+            raise ClientError("the body is not valid JSON", 400) from None
+        if isinstance(body, dict):
+            inputs, outputs = body.get("inputs"), body.get("outputs")
+            if isinstance(inputs, list) and len(inputs) > self.cfg.limits.max_inputs:
+                raise ClientError(f"{len(inputs)} input parts, over the limit of {self.cfg.limits.max_inputs}", 413)
+            if isinstance(outputs, list) and len(outputs) > len(OUTPUT_MODALITIES):
+                raise ClientError(f"outputs: {len(outputs)} items; at most {len(OUTPUT_MODALITIES)} "
+                                  f"({', '.join(OUTPUT_MODALITIES)}), each once", 422)
+        try:
+            request = GenerateRequest.model_validate(body)
+        except ValidationError as exc:
+            raise ClientError(describe_errors(exc.errors()), 422) from None
+        return self.parse(request)
+
     def parse(self, request: GenerateRequest) -> Job:
         """Limits, media, sampler options and the prompt: a `Job`, or a `ClientError`."""
         start = time.perf_counter()
@@ -133,6 +191,7 @@ class Engine:
         config, seed = self.sampler_config(request)
         lengths = {k: v for k, v in (request.lengths.model_dump() if request.lengths else {}).items()
                    if v is not None}
+        self._check_estimate(inputs, request.outputs, lengths)
         try:
             prepared = self.pipe.prepare(inputs, request.outputs, lengths)
         except RequestError as exc:
@@ -149,23 +208,53 @@ class Engine:
                               f"positions) make {total}, over the limit of {self.max_total_tokens}", 413)
         return Job(prepared, config, seed, start, start + limits.request_timeout_s)
 
+    def _check_estimate(self, inputs: list[Input], outputs: list[str], lengths: dict[str, int]) -> None:
+        """413 when the prompt and response cannot fit `max_total_tokens`, counted before
+        any medium is tokenized: text tokens exactly, media from their sizes (an image's
+        codes, an audio's seconds at the codec's rate, less one), the response from the
+        lengths asked for and an image output's grid. It never counts more than `prepare`
+        will (the exact count after it is checked too), so it refuses no request that fits."""
+        text = self.pipe.text_tokenizer
+        prompt = self._template_tokens
+        for x in inputs:
+            if isinstance(x, str):
+                prompt += len(text.encode(x))
+            elif isinstance(x, PILImage.Image):
+                prompt += self._codes_per_image + 2  # begin and end of image
+            elif isinstance(x, Audio) and self.pipe.speech_codec is not None:
+                prompt += max(0, math.floor(x.seconds * self.pipe.speech_codec.codes_per_second) - 1) + 2
+        wanted = tuple(o for o in OUTPUT_MODALITIES if o in outputs)
+        if OUTPUTS.get(wanted) == "spoken":  # one spoken answer holds the text and the speech
+            response = lengths.get("spoken", 0)
+        else:  # the lengths of the wanted outputs only: `prepare` ignores the others
+            response = sum(lengths.get(o, 0) for o in ("text", "speech") if o in wanted)
+        if "image" in wanted and self.pipe.image_tokenizer is not None:
+            rows, cols = self.pipe.image_grid()
+            response += rows * cols
+        if prompt + response > self.max_total_tokens:
+            raise ClientError(f"the prompt (at least {prompt} tokens, counted from the inputs' sizes) and the "
+                              f"response (at least {response} positions) make more than the limit of "
+                              f"{self.max_total_tokens}", 413)
+
     def sampler_config(self, request: GenerateRequest) -> tuple[SamplerConfig, int]:
         """The request's sampler options over the deployment's defaults, over the
-        model's presets for this kind of output (`presets.json`)."""
+        model's presets for this kind of output (`presets.json`), within the caps of
+        `limits`: a request over a cap gets a 422 naming it."""
         given = request.sampler.model_dump(exclude_none=True)
+        problem = over_cap(given, self.cfg.limits)
+        if problem:
+            raise ClientError(problem, 422)
         defaults = self.cfg.sampler
         presets = self.pipe.preset_options(request.outputs)
         for key in ("steps", "seed"):  # the deployment's steps, the request's seed
             presets.pop(key, None)
         steps = given.pop("steps", defaults.steps)
-        if steps > self.cfg.limits.max_steps:
-            raise ClientError(f"steps {steps} is over the limit of {self.cfg.limits.max_steps}", 422)
         seed = given.pop("seed", None)
         if seed is None:
             seed = secrets.randbelow(2**31)
         confidence = defaults.image_confidence if "image" in request.outputs else defaults.confidence
-        options = {"temperature": defaults.temperature, "confidence": confidence, **presets, **defaults.options,
-                   **given}
+        options = within_caps({"temperature": defaults.temperature, "confidence": confidence, **presets,
+                               **defaults.options, **given}, self.cfg.limits)
         try:
             return SamplerConfig(steps=steps, seed=seed, **options), seed
         except ValueError as exc:
@@ -243,14 +332,25 @@ class Engine:
             previews = max(0, self.cfg.sampler.stream_previews)
             marks = {round(bound * (k + 1) / (previews + 1)) for k in range(previews)}
 
-            def on_step(done: int, most: int, ids: torch.Tensor) -> None:
+            def progress(done: int, most: int, ids: torch.Tensor) -> None:  # on the events thread
                 event = {"step": done, "max_steps": most, "masked": int((ids == self.pipe.vocab.mask_id).sum())}
                 if done in marks:
-                    event["preview"] = self.preview(job.prepared, layout, ids)
+                    try:
+                        event["preview"] = self.preview(job.prepared, layout, ids)
+                    except Exception:  # a preview is a courtesy: the stream goes on without it
+                        logger.exception("a stream's preview failed")
                 emit(event)
+
+            def on_step(done: int, most: int, ids: torch.Tensor) -> None:  # on the scheduler's thread
+                self._events.submit(progress, done, most, ids.clone())  # the next step changes ids
         self.requests += 1
         return Ticket(job.prepared, job.config, job.seed, wanted=lambda: job.wanted,
                       refusal=lambda: job.refusal(timeout), on_step=on_step)
+
+    def after_events(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the events thread once the progress events queued so far are
+        emitted (a stream's result comes after its last progress event)."""
+        self._events.submit(fn)
 
     def _generate(self, batch: list[Job], on_step=None) -> list[Output]:
         self.sampler_calls += 1

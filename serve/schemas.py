@@ -6,17 +6,25 @@
      "sampler": {"steps": 16, "seed": 7}}
 
 Images travel as base64 PNG or JPEG, audio as base64 WAV or FLAC, in both directions.
-Field ranges here are the ones any deployment accepts; the deployment's own limits
-(`serve.yaml`, `limits`) are checked after, with the same kind of 4xx.
+Field ranges here are the ones any deployment accepts (every number and list has an
+upper bound); the deployment's own limits and caps (`serve.yaml`, `limits`) are checked
+after, with the same kind of 4xx. The replica validates bodies on its parse threads,
+not on its event loop (`Engine.parse_body`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Modality = Literal["text", "image", "speech"]
+
+#: bounds any deployment applies (its `limits` are usually far lower)
+MAX_INPUT_PARTS = 64
+MAX_POSITIONS = 1_000_000  #: steps, lengths, positions, block lengths, top-k
+MAX_TEXT_CHARS = 1_000_000
+MAX_DATA_CHARS = 200_000_000
 
 
 class InputPart(BaseModel):
@@ -25,8 +33,9 @@ class InputPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text", "image", "audio"]
-    text: str | None = Field(None, description="the text of a text part")
-    data: str | None = Field(None, description="base64 PNG/JPEG (image) or WAV/FLAC (audio)")
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="the text of a text part")
+    data: str | None = Field(None, max_length=MAX_DATA_CHARS,
+                             description="base64 PNG/JPEG (image) or WAV/FLAC (audio)")
 
     @model_validator(mode="after")
     def _has_content(self) -> "InputPart":
@@ -42,17 +51,17 @@ class SamplerOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int | None = Field(None, ge=1, description="denoising steps (an upper bound with `threshold`)")
+    steps: int | None = Field(None, ge=1, le=MAX_POSITIONS, description="denoising steps (an upper bound with `threshold`)")
     temperature: float | None = Field(None, ge=0, le=10)
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1, le=MAX_POSITIONS)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same output; "
                              "unset: the server draws one and returns it in `usage`")
     confidence: Literal["probability", "margin", "entropy", "random"] | None = None
     position_penalty: float | None = Field(None, ge=1, le=100)
-    position_penalty_start: int | None = Field(None, ge=0)
+    position_penalty_start: int | None = Field(None, ge=0, le=MAX_POSITIONS)
     repetition_penalty: float | None = Field(None, ge=1, le=100)
-    block_length: int | None = Field(None, ge=1)
+    block_length: int | None = Field(None, ge=1, le=MAX_POSITIONS)
     cfg_scale: float | None = Field(None, ge=0, le=100, description="classifier-free guidance; 0 = off")
     threshold: float | None = Field(None, gt=0, le=1, description="commit every prediction above "
                                     "this confidence in one step (parallel decoding)")
@@ -73,16 +82,17 @@ class Lengths(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: int | None = Field(None, ge=1)
-    speech: int | None = Field(None, ge=1)
-    spoken: int | None = Field(None, ge=3, description="a spoken answer: text, boa, speech")
+    text: int | None = Field(None, ge=1, le=MAX_POSITIONS)
+    speech: int | None = Field(None, ge=1, le=MAX_POSITIONS)
+    spoken: int | None = Field(None, ge=3, le=MAX_POSITIONS, description="a spoken answer: text, boa, speech")
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[InputPart] = Field(..., min_length=1, description="the user turn, in order")
-    outputs: list[Modality] = Field(..., min_length=1, description="text, image, speech, or a "
+    inputs: list[InputPart] = Field(..., min_length=1, max_length=MAX_INPUT_PARTS,
+                                    description="the user turn, in order")
+    outputs: list[Modality] = Field(..., min_length=1, max_length=3, description="text, image, speech, or a "
                                     "supported combination: [text, speech], [text, image, speech]")
     sampler: SamplerOptions = Field(default_factory=SamplerOptions)
     lengths: Lengths | None = None
@@ -121,3 +131,12 @@ class ModelList(BaseModel):
 
 class ErrorBody(BaseModel):
     error: str
+
+
+def describe_errors(errors: list[dict[str, Any]]) -> str:
+    """Pydantic's validation errors as one message naming each field (the first five)."""
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{where or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)

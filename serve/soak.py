@@ -1,9 +1,11 @@
 """A bounded soak run against a deployed app (HTTP only, no Ray): closed-loop clients
 send a mix of valid requests of every task, streams (some hung up after their first
-event) and hostile requests for a fixed time, and the replica's memory is read from
-/proc (the replica must run on this machine: loopback only).
+event), plain requests hung up while they wait or run, and hostile requests for a fixed
+time; the replica's memory is read from /proc before and after (the replica must run on
+this machine: loopback only), and its model queue must be empty once the clients stop.
 
-    report = soak("http://127.0.0.1:8000", seconds=180, valid=[...], hostile=[...])
+    report = soak("http://127.0.0.1:8000", seconds=180, valid=[...], hostile=[...],
+                  pids=lambda: replica_pids("omni", "OmniDiffusion"))
 
 Used by `benchmarks/serve_soak.py` (the figures in README's "Measured" and docs/reliability.md) and, briefly,
 by the tests.
@@ -18,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -30,8 +33,12 @@ class SoakReport:
     by_kind: Counter = field(default_factory=Counter)  #: "valid:t2i", "hostile:...", "stream", ...
     unexpected: list[str] = field(default_factory=list)  #: a valid request refused, a hostile one served...
     streams_hung_up: int = 0
+    requests_hung_up: int = 0  #: plain requests whose client left before the answer
     replica_pids: set[int] = field(default_factory=set)
     replica_peak_rss_mib: float = 0.0  #: VmHWM of the replica process(es)
+    replica_rss_start_mib: float = 0.0  #: VmRSS after one request of each valid kind, before the soak
+    replica_rss_end_mib: float = 0.0  #: VmRSS once the soak's requests have left the replica
+    left_in_queue: dict = field(default_factory=dict)  #: `pending` and `in_flight` after the soak (both 0)
 
     @property
     def server_errors(self) -> int:
@@ -43,26 +50,62 @@ class SoakReport:
                 "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                 "by_kind": dict(sorted(self.by_kind.items())), "server_errors": self.server_errors,
                 "unexpected": self.unexpected[:20], "streams_hung_up": self.streams_hung_up,
-                "replica_pids": sorted(self.replica_pids),
-                "replica_peak_rss_mib": round(self.replica_peak_rss_mib, 1)}
+                "requests_hung_up": self.requests_hung_up, "replica_pids": sorted(self.replica_pids),
+                "replica_peak_rss_mib": round(self.replica_peak_rss_mib, 1),
+                "replica_rss_start_mib": round(self.replica_rss_start_mib, 1),
+                "replica_rss_end_mib": round(self.replica_rss_end_mib, 1), "left_in_queue": self.left_in_queue}
 
 
-def peak_rss_mib(pid: int) -> float:
-    """The peak resident memory (VmHWM) of a process on this machine, in MiB."""
+def _status_mib(pid: int, key: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory (VmHWM) of a process on this machine, in MiB."""
+    return _status_mib(pid, "VmHWM")
+
+
+def rss_mib(pid: int) -> float:
+    """The resident memory (VmRSS) of a process on this machine now, in MiB."""
+    return _status_mib(pid, "VmRSS")
+
+
+def replica_pids(app: str, deployment: str) -> set[int]:
+    """The processes of a Serve deployment's replicas on this machine: Ray names each
+    replica's process after its actor, `ray::ServeReplica:<app>:<deployment>`."""
+    title = f"ServeReplica:{app}:{deployment}".encode()
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            if title in cmdline.split(b"\0")[0]:
+                pids.add(int(proc.name))
+    return pids
+
+
 def soak(url: str, seconds: float, valid: list[tuple[str, dict]], hostile: list[tuple[str, dict, int]],
          clients: int = 6, hostile_share: float = 0.25, stream_share: float = 0.15,
-         seed: int = 0) -> SoakReport:
+         hang_up_share: float = 0.05, seed: int = 0, pids: Callable[[], set[int]] = set) -> SoakReport:
     """Run for `seconds`: each client draws a hostile request (name, body, expected 4xx)
     with `hostile_share`, a stream of a valid one with `stream_share` (half of them hung
-    up after the first event), else a valid request, which must answer 200."""
+    up after the first event), a valid request it hangs up on after 0.2 s with
+    `hang_up_share`, else a valid request, which must answer 200. `pids()`: the
+    replica processes (`replica_pids`), read before, during and after."""
     report = SoakReport()
     lock = threading.Lock()
+    with requests.Session() as session:  # one of each valid kind first: memory is read after the warm-up
+        for name, body in valid:
+            r = session.post(url + "/v1/generate", json=body, timeout=300)
+            if r.status_code != 200:
+                report.unexpected.append(f"warm-up {name}: {r.status_code} {r.text[:120]}")
+    report.replica_pids |= pids()
+    report.replica_rss_start_mib = sum(rss_mib(p) for p in report.replica_pids if Path(f"/proc/{p}").exists())
     stop_at = time.perf_counter() + seconds
 
     def record(kind: str, status: int, problem: str | None = None) -> None:
@@ -85,7 +128,17 @@ def soak(url: str, seconds: float, valid: list[tuple[str, dict]], hostile: list[
                                      headers={"Content-Type": "application/json"})
                     record(f"hostile:{name}", r.status_code,
                            None if r.status_code == expected else f"{name}: {r.status_code} {r.text[:120]}")
-                elif draw < hostile_share + stream_share:
+                elif draw < hostile_share + hang_up_share:
+                    name, body = rng.choice(valid)
+                    try:  # the client leaves while the request waits or runs: Serve cancels it
+                        r = session.post(url + "/v1/generate", json=body, timeout=(10, 0.2))
+                        record(f"valid:{name}", r.status_code,
+                               None if r.status_code == 200 else f"{name}: {r.status_code} {r.text[:120]}")
+                    except requests.exceptions.ReadTimeout:
+                        with lock:
+                            report.requests_hung_up += 1
+                    session.close()  # a fresh connection: the old one still waits for its answer
+                elif draw < hostile_share + hang_up_share + stream_share:
                     name, body = rng.choice(valid)
                     hang_up = rng.random() < 0.5
                     events = []
@@ -106,9 +159,9 @@ def soak(url: str, seconds: float, valid: list[tuple[str, dict]], hostile: list[
                     record(f"valid:{name}", r.status_code,
                            None if r.status_code == 200 else f"{name}: {r.status_code} {r.text[:120]}")
                 if rng.random() < 0.1:  # the replica (a new one, if it was replaced)
-                    pid = session.get(url + "/v1/stats", timeout=30).json()["pid"]
+                    found = pids()
                     with lock:
-                        report.replica_pids.add(pid)
+                        report.replica_pids |= found
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
@@ -117,8 +170,16 @@ def soak(url: str, seconds: float, valid: list[tuple[str, dict]], hostile: list[
     for t in threads:
         t.join()
     report.seconds = time.perf_counter() - start
-    report.replica_pids.add(requests.get(url + "/v1/stats", timeout=30).json()["pid"])
-    report.replica_peak_rss_mib = max(peak_rss_mib(p) for p in report.replica_pids
-                                      if Path(f"/proc/{p}").exists()) if report.replica_pids else 0.0
+    deadline = time.perf_counter() + 60  # requests hung up last may still be in the queue
+    while True:
+        stats = requests.get(url + "/v1/stats", timeout=30).json()
+        report.left_in_queue = {"pending": stats.get("pending"), "in_flight": stats.get("in_flight", 0)}
+        if not any(report.left_in_queue.values()) or time.perf_counter() > deadline:
+            break
+        time.sleep(0.5)
+    report.replica_pids |= pids()
+    alive = [p for p in report.replica_pids if Path(f"/proc/{p}").exists()]
+    report.replica_peak_rss_mib = max((peak_rss_mib(p) for p in alive), default=0.0)
+    report.replica_rss_end_mib = sum(rss_mib(p) for p in alive)
     return report
 

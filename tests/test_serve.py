@@ -59,7 +59,7 @@ def server(ray_session, any2any):
         "batching.mode=step", "batching.max_batch_size=8", "batching.wait_timeout_s=0.05",
         "limits.max_steps=512", "limits.max_output_tokens=512", "limits.max_request_bytes=400000",
         "limits.max_image_pixels=65536", "limits.max_audio_seconds=5", "limits.max_pending=12",
-        f"http.port={port}"])
+        "limits.max_top_p=0.95", "limits.caches=[none,prefix]", f"http.port={port}"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg), name="omni", route_prefix="/")
     yield f"http://127.0.0.1:{port}", tasks, codec
@@ -94,6 +94,14 @@ def _stats(url: str) -> dict:
     return requests.get(url + "/v1/stats", timeout=30).json()
 
 
+def _replica_pid(app: str = "omni", deployment: str = "OmniDiffusion") -> int:
+    from serve.soak import replica_pids
+
+    pids = replica_pids(app, deployment)
+    assert len(pids) == 1, pids
+    return pids.pop()
+
+
 def test_health_models_and_schema(server):
     url, _, _ = server
     assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
@@ -103,6 +111,10 @@ def test_health_models_and_schema(server):
     schema = requests.get(url + "/openapi.json", timeout=30).json()
     assert {"/v1/generate", "/v1/generate/stream", "/v1/models", "/healthz"} <= set(schema["paths"])
     assert "GenerateRequest" in schema["components"]["schemas"]
+    body = schema["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/GenerateRequest"}
+    assert {"InputPart", "SamplerOptions", "Lengths"} <= set(schema["components"]["schemas"])
+    assert "pid" not in _stats(url)  # the replica's process id is nobody's business
 
 
 @pytest.mark.parametrize("task", ["t2i", "vqa", "asr", "tts", "s2i", "svqa", "all"])
@@ -284,7 +296,29 @@ def _bad_requests() -> list[tuple[str, object, int, str]]:
         ("16 channels", _audio(wav_bytes(channels=16, seconds=0.1)), 413, "16 channels"),
         ("NaN audio", _audio(nan_wav()), 422, "non-finite"),
         ("8 x 2,000 emoji", {"inputs": [{"type": "text", "text": "\U0001F600" * 2000}] * 8, "outputs": ["text"]},
-         413, "the prompt (64019 tokens)"),  # byte-level: 4 tokens an emoji
+         413, "the prompt (at least 64019 tokens"),  # byte-level: 4 tokens an emoji, counted before any model work
+        # hardening round two: caps, bounds, list lengths, tokens counted before the media are tokenized
+        ("cfg_scale over the cap", {"inputs": [text], "outputs": ["image"], "sampler": {"cfg_scale": 50}}, 422,
+         "limits.max_cfg_scale"),
+        ("temperature over the cap", {"inputs": [text], "outputs": ["text"], "sampler": {"temperature": 9}}, 422,
+         "limits.max_temperature"),
+        ("top_p over the cap", {"inputs": [text], "outputs": ["text"], "sampler": {"top_p": 1.0}}, 422,
+         "limits.max_top_p"),
+        ("cache not allowed", {"inputs": [text], "outputs": ["text"], "sampler": {"cache": "dual"}}, 422,
+         "limits.caches"),
+        ("10,000 input parts", {"inputs": [{"type": "text", "text": ""}] * 10_000, "outputs": ["text"]}, 413,
+         "10000 input parts"),
+        ("1,000 outputs", {"inputs": [text], "outputs": ["text"] * 1000}, 422, "at most 3"),
+        ("steps of 10^30", {"inputs": [text], "outputs": ["text"], "sampler": {"steps": 10**30}}, 422, "steps"),
+        ("top_k of 10^12", {"inputs": [text], "outputs": ["text"], "sampler": {"top_k": 10**12}}, 422, "top_k"),
+        ("a text length of 10^12", {"inputs": [text], "outputs": ["text"], "lengths": {"text": 10**12}}, 422,
+         "lengths.text"),
+        ("position_penalty_start of 2^70", {"inputs": [text], "outputs": ["image"],
+                                            "sampler": {"position_penalty_start": 2**70}}, 422,
+         "position_penalty_start"),
+        ("100,000 nested brackets", '{"inputs": ' + "[" * 100_000, 400, "not valid JSON"),
+        ("audio over the token limit", {"inputs": [{"type": "audio", "data": _tone(4.5)}], "outputs": ["text"],
+                                        "lengths": {"text": 480}}, 413, "counted from the inputs' sizes"),
     ]
 
 
@@ -379,18 +413,164 @@ def test_a_short_soak_of_mixed_streamed_and_hostile_requests(server):
     """`serve.soak` for 12 s (benchmarks/serve_soak.py runs it for minutes): every valid
     request answered 200, every hostile one its 4xx, no 5xx, streams hung up, one replica
     process throughout, its memory bounded."""
-    from serve.soak import soak
+    from serve.soak import replica_pids, soak
 
     url, tasks, _ = server
     valid = [(task, _body(tasks, task, steps=16)) for task in ("t2i", "vqa", "asr", "tts", "s2i", "svqa")]
     hostile = [(name, body, status) for name, body, status, _ in _bad_requests()]
-    pid = _stats(url)["pid"]
-    report = soak(url, 12, valid, hostile, clients=4)
+    pid = _replica_pid()
+    report = soak(url, 12, valid, hostile, clients=4, hang_up_share=0.1, pids=lambda: replica_pids("omni", "OmniDiffusion"))
     assert report.requests > 12 and report.server_errors == 0, report.to_dict()
     assert not report.unexpected, report.unexpected
     assert report.by_kind["stream"] > 0 and any(k.startswith("hostile:") for k in report.by_kind)
     assert report.replica_pids == {pid}
+    assert report.left_in_queue == {"pending": 0, "in_flight": 0}, report.to_dict()  # no place leaked
     assert report.replica_peak_rss_mib < 4096
+
+
+FAIL_SEED, KILL_SEED = 666, 667  #: seeds the faulty replica below fails on
+
+
+def _faulty_deployment():
+    """The real app's class with two faults injected in its replica: a request seeded
+    FAIL_SEED raises in its own step (a progress callback bug, with internals in its
+    message), one seeded KILL_SEED makes the scheduler's loop raise outside any step."""
+    from serve.app import OmniDiffusion
+
+    class Faulty(OmniDiffusion.func_or_class):
+        async def __init__(self, cfg):  # Serve's ingress classes initialise asynchronously
+            await super().__init__(cfg)
+            engine, scheduler = self.engine, self.engine.scheduler
+            make_ticket, admit = engine.ticket, scheduler._admit
+
+            def ticket(job, emit=None):
+                made = make_ticket(job, emit)
+                if job.seed == FAIL_SEED:
+                    inner = made.on_step
+
+                    def on_step(done, most, ids):
+                        if done == 2:
+                            raise RuntimeError("secret: /srv/internal/weights.bin at 0xdeadbeef")
+                        if inner is not None:
+                            inner(done, most, ids)
+                    made.on_step = on_step
+                return made
+
+            def broken_admit(arrived):
+                if any(t.seed == KILL_SEED for t in arrived):
+                    raise RuntimeError("a scheduler bug")
+                return admit(arrived)
+
+            engine.ticket, scheduler._admit = ticket, broken_admit
+
+    return Faulty
+
+
+@pytest.fixture(scope="module")
+def faulty_server(server, any2any):
+    """The faulty replica as a third app on /faulty: step mode, 2 rows in flight (a
+    guided request fills them), Serve's health check every second."""
+    from ray import serve
+
+    url, _, _ = server
+    folder, codec, _ = any2any
+    cfg = load_serve_config(ROOT / "configs/tiny/serve.yaml", [
+        f"model.model={folder}", f"model.image_tokenizer={IMAGE_TOKENIZER}", f"model.speech_tokenizer={codec}",
+        "deployment.num_replicas=1", "deployment.num_cpus=0.5", "deployment.name=Faulty",
+        "deployment.health_check_period_s=1", "batching.mode=step", "batching.max_rows=2",
+        "limits.max_steps=512", "limits.max_output_tokens=512"])
+    options = cfg.deployment_options()
+    serve.run(serve.deployment(_faulty_deployment()).options(**options).bind(cfg), name="omni_faulty",
+              route_prefix="/faulty")
+    yield url + "/faulty"
+    serve.delete("omni_faulty")
+
+
+def _events(url: str, body: dict) -> list[tuple[str, dict]]:
+    events, kind = [], None
+    with requests.post(url + "/v1/generate/stream", json=body, stream=True, timeout=120) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                kind = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[len("data: "):])))
+    return events
+
+
+def test_a_request_that_fails_in_its_step_fails_alone_with_a_fixed_message(faulty_server):
+    """One of 4 concurrent requests fails in its own step: it gets 500 saying what failed
+    (nothing of the exception's text), the 3 others their answers; a stream that fails
+    the same way ends with an error event saying the same."""
+    url = faulty_server
+    bodies = [{"inputs": [{"type": "text", "text": f"Say {i}."}], "outputs": ["text"], "lengths": {"text": 8},
+               "sampler": {"steps": 8, "seed": FAIL_SEED if i == 1 else i}} for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda b: _post(url, b), bodies))
+    assert [r.status_code for r in responses] == [200, 500, 200, 200], [r.text[:200] for r in responses]
+    assert responses[1].json() == {"error": "the request's sampling failed"}
+    events = _events(url, bodies[1])
+    assert events[-1] == ("error", {"error": "the request's sampling failed", "status": 500})
+    assert [e["step"] for k, e in events if k == "progress"] == [1]
+    assert "secret" not in json.dumps(events) and "secret" not in responses[1].text
+    assert _stats(url)["failed"] == 2
+
+
+def test_a_disconnected_request_keeps_its_place_until_its_waiting_ticket_leaves(faulty_server):
+    """A guided request fills the 2 rows; 3 more wait. Their clients hang up: their
+    tickets leave the queue at the next step, never computed, and only then give their
+    places in the model queue back (`pending` and the scheduler's `in_flight` agree)."""
+    url = faulty_server
+    long = {"inputs": [{"type": "text", "text": "Tell a long story."}], "outputs": ["text"],
+            "lengths": {"text": 400}, "sampler": {"steps": 400, "cfg_scale": 1.0}}
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_post, url, long)
+        deadline = time.time() + 60
+        while _stats(url).get("in_flight", 0) < 1 and time.time() < deadline:
+            time.sleep(0.1)
+        before = _stats(url)
+        short = {"inputs": [{"type": "text", "text": "Say hi."}], "outputs": ["text"], "lengths": {"text": 8},
+                 "sampler": {"steps": 8}}
+        for _ in range(3):
+            with pytest.raises(requests.exceptions.ReadTimeout):  # the client leaves while it waits
+                requests.post(url + "/v1/generate", json=short, timeout=(10, 1.0))
+        deadline = time.time() + 30
+        stats = _stats(url)
+        while time.time() < deadline and (stats["in_flight"] > 1 or stats["stopped"] < before["stopped"] + 3):
+            time.sleep(0.2)
+            stats = _stats(url)
+        assert not running.done(), "the long request finished before the test could look"
+        assert stats["in_flight"] == 1 and stats["pending"] == 1, stats
+        assert stats["stopped"] == before["stopped"] + 3, stats
+        assert running.result().status_code == 200
+    assert _stats(url)["pending"] == 0
+
+
+def test_zz_a_replica_whose_scheduler_died_says_so_and_is_replaced(faulty_server):
+    """The scheduler's loop raises outside any step: the request answers 503 with
+    Retry-After (so do new ones, at once), /healthz answers 503, Serve's health check
+    fails and Serve replaces the replica, which then serves again."""
+    url = faulty_server
+    body = {"inputs": [{"type": "text", "text": "Say hi."}], "outputs": ["text"], "lengths": {"text": 8},
+            "sampler": {"steps": 8, "seed": KILL_SEED}}
+    r = _post(url, body)
+    assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
+    assert r.json() == {"error": "this replica's scheduler stopped; retry"}
+    health = requests.get(url + "/healthz", timeout=30)
+    assert health.status_code == 503 and "scheduler" in health.json()["error"]
+    again = _post(url, {**body, "sampler": {"steps": 8, "seed": 1}})
+    assert again.status_code == 503, again.text  # refused at once, not left waiting
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("the replica was not replaced within 120 s")
+    assert _post(url, {**body, "sampler": {"steps": 8, "seed": 1}}).status_code == 200
 
 
 def test_overload_gets_503_with_retry_after_then_recovers(server):
@@ -422,20 +602,22 @@ def test_overload_gets_503_with_retry_after_then_recovers(server):
 
 def test_zz_a_killed_replica_is_replaced(server):
     """SIGKILL the replica's process: Serve starts a new one and requests succeed again."""
+    from serve.soak import replica_pids
+
     url, tasks, _ = server
-    pid = _stats(url)["pid"]
+    pid = _replica_pid()
     os.kill(pid, signal.SIGKILL)
     deadline = time.time() + 120
     new_pid = None
     while time.time() < deadline:
         try:
-            r = requests.get(url + "/v1/stats", timeout=5)
-            if r.status_code == 200 and r.json()["pid"] != pid:
-                new_pid = r.json()["pid"]
+            r = requests.get(url + "/healthz", timeout=5)
+            if r.status_code == 200 and replica_pids("omni", "OmniDiffusion") - {pid}:
+                new_pid = _replica_pid()
                 break
         except requests.RequestException:
             pass
         time.sleep(1)
-    assert new_pid is not None, "no replacement replica within 120 s"
+    assert new_pid is not None and new_pid != pid, "no replacement replica within 120 s"
     r = _post(url, _body(tasks, "vqa"))
     assert r.status_code == 200 and r.json()["text"] == "two"
