@@ -8,16 +8,25 @@ REGIONS = [Region("text", 6), Region("image", 8), Region("speech", 5)]
 
 
 class CallRecorder(torch.nn.Module):
-    """Wraps the real model to record what the sampler feeds it (not a mock)."""
+    """Wraps the real model to record what the sampler feeds it and the shape of the
+    logits it gets back (not a mock)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.inputs = []
+        self.shapes = []
 
     def forward(self, input_ids, **kwargs):
         self.inputs.append(input_ids.clone())
-        return self.model(input_ids, **kwargs)
+        out = self.model(input_ids, **kwargs)
+        self.shapes.append(tuple((out[0] if isinstance(out, tuple) else out).shape))
+        return out
+
+    def forward_span(self, *args):
+        out = self.model.forward_span(*args)
+        self.shapes.append(tuple(out.shape))
+        return out
 
 
 def test_layout_skeleton(vocab):
@@ -394,29 +403,10 @@ def test_new_sampler_options_are_checked():
 
 
 # ---------------------------------------------------------------- work per step
-class LogitRecorder(torch.nn.Module):
-    """Wraps the real model and records the shape of the logits it returns."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.shapes = []
-
-    def forward(self, input_ids, **kwargs):
-        out = self.model(input_ids, **kwargs)
-        self.shapes.append(tuple((out[0] if isinstance(out, tuple) else out).shape))
-        return out
-
-    def forward_span(self, *args):
-        out = self.model.forward_span(*args)
-        self.shapes.append(tuple(out.shape))
-        return out
-
-
 def test_logits_are_computed_for_the_response_positions_only(tiny_model, vocab):
     layout = make_layout(vocab, REGIONS)
     prompt = torch.randint(0, 256, (2, 30))
-    recorder = LogitRecorder(tiny_model)
+    recorder = CallRecorder(tiny_model)
     generate(recorder, prompt, layout, SamplerConfig(steps=4))
     assert recorder.shapes == [(2, layout.length, vocab.size)] * 4  # never the 30 prompt positions
     recorder.shapes.clear()  # a block at a time with a dual cache: full passes cover the block only
