@@ -38,6 +38,7 @@ class SoakReport:
     replica_peak_rss_mib: float = 0.0  #: VmHWM of the replica process(es)
     replica_rss_start_mib: float = 0.0  #: VmRSS after one request of each valid kind, before the soak
     replica_rss_end_mib: float = 0.0  #: VmRSS once the soak's requests have left the replica
+    replica_rss_series_mib: list = field(default_factory=list)  #: (seconds into the soak, VmRSS), every 10% of it
     left_in_queue: dict = field(default_factory=dict)  #: `pending` and `in_flight` after the soak (both 0)
 
     @property
@@ -53,7 +54,9 @@ class SoakReport:
                 "requests_hung_up": self.requests_hung_up, "replica_pids": sorted(self.replica_pids),
                 "replica_peak_rss_mib": round(self.replica_peak_rss_mib, 1),
                 "replica_rss_start_mib": round(self.replica_rss_start_mib, 1),
-                "replica_rss_end_mib": round(self.replica_rss_end_mib, 1), "left_in_queue": self.left_in_queue}
+                "replica_rss_end_mib": round(self.replica_rss_end_mib, 1),
+                "replica_rss_series_mib": [(round(t), round(m, 1)) for t, m in self.replica_rss_series_mib],
+                "left_in_queue": self.left_in_queue}
 
 
 def _status_mib(pid: int, key: str) -> float:
@@ -163,8 +166,15 @@ def soak(url: str, seconds: float, valid: list[tuple[str, dict]], hostile: list[
                     with lock:
                         report.replica_pids |= found
 
+    def memory() -> None:  # is it flat? the replicas' resident memory every 10% of the soak
+        while time.perf_counter() < stop_at:
+            time.sleep(seconds / 10)
+            alive = [p for p in report.replica_pids if Path(f"/proc/{p}").exists()]
+            report.replica_rss_series_mib.append((time.perf_counter() - start, sum(rss_mib(p) for p in alive)))
+
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    threads.append(threading.Thread(target=memory, daemon=True))
     for t in threads:
         t.start()
     for t in threads:
