@@ -295,13 +295,17 @@ class StepScheduler:
             ticket.state.frame = (left, right)
         cached = any(t.state.config.cache != "none" for t, _, _ in group)
         self.forward_passes += 1
-        out = self.pipe.model(torch.cat(ids), attention_mask=torch.cat(attn), return_cache=cached)
+        # logits only for the response positions some ticket predicts this step: never the
+        # prompts (at a real vocabulary the output layer is the pass's largest tensor)
+        lo, hi = min(a for _, a, _ in group), max(b for _, _, b in group)
+        out = self.pipe.model(torch.cat(ids), attention_mask=torch.cat(attn), return_cache=cached,
+                              logits_range=(plen + lo, plen + hi))
         out, kv = out if cached else (out, None)
         logits, row = {}, 0
         for ticket, a, b in group:
             rows = slice(row, row + ticket.state.rows)
             row += ticket.state.rows
-            logits[id(ticket)] = out[rows, plen + a:plen + b]
+            logits[id(ticket)] = out[rows, a - lo:b - lo]
             if ticket.state.config.cache != "none":
                 ticket.state.kv = kv.rows(rows)
         return logits
