@@ -79,24 +79,10 @@ def hostile_requests() -> list[tuple[str, object, int]]:
 def any2any_requests(root: Path) -> tuple[list[str], list[tuple[str, dict]]]:
     """(model overrides, (task, body) of each of the seven tasks) of the tests' tiny
     any-to-any model, trained into `root`."""
-    import numpy as np
-    from PIL import Image as PILImage
-
-    from omni_model.pipeline import Audio
-    from serve.media import encode_png, encode_wav
-    from tests.any2any import IMAGE_TOKENIZER, answer_lengths, train_any2any
+    from tests.any2any import IMAGE_TOKENIZER, answer_lengths, request_part, train_any2any
 
     folder, codec, tasks = train_any2any(root)
-
-    def part(x) -> dict:
-        if isinstance(x, str):
-            return {"type": "text", "text": x}
-        if isinstance(x, PILImage.Image):
-            return {"type": "image", "data": encode_png(x)}
-        assert isinstance(x, Audio)
-        return {"type": "audio", "data": encode_wav(np.asarray(x.waveform), x.sample_rate)}
-
-    valid = [(task, {"inputs": [part(x) for x in inputs], "outputs": outputs,
+    valid = [(task, {"inputs": [request_part(x) for x in inputs], "outputs": outputs,
                      "lengths": answer_lengths(parts, outputs), "sampler": {"steps": 16}})
              for task, (inputs, outputs, parts) in tasks.items()]
     return [f"model.model={folder}", f"model.image_tokenizer={IMAGE_TOKENIZER}", f"model.speech_tokenizer={codec}"], valid

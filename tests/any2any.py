@@ -79,3 +79,18 @@ def answer_lengths(parts, outputs) -> dict:
     if outputs == ["text", "image", "speech"]:
         return {"text": n_text, "speech": n_speech + 2 + MAX_PADS}
     return {}
+
+
+def request_part(x) -> dict:
+    """One input of `train_any2any`'s tasks as the HTTP API takes it (text, a PNG, a WAV)."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from serve.media import encode_png, encode_wav
+
+    if isinstance(x, str):
+        return {"type": "text", "text": x}
+    if isinstance(x, PILImage.Image):
+        return {"type": "image", "data": encode_png(x)}
+    assert isinstance(x, Audio)
+    return {"type": "audio", "data": encode_wav(np.asarray(x.waveform), x.sample_rate)}

@@ -24,13 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
-from omni_model.pipeline import Audio
 from omni_model.templates import Image, Speech, Text
 from omni_model.tokenizers.codec import SpeechCodec
 from omni_model.tokenizers.image import MagVitTokenizer
 from serve.config import load_serve_config
-from serve.media import encode_png, encode_wav
-from tests.any2any import IMAGE_TOKENIZER, answer_lengths
+from tests.any2any import IMAGE_TOKENIZER, answer_lengths, request_part
 from tests.hostile import iccp_bomb_png, lying_flac, nan_wav, pcx_named_png, pixel_bomb_png, png_bytes, wav_bytes
 from tests.conftest import ROOT
 
@@ -66,18 +64,9 @@ def server(ray_session, any2any):
     serve.shutdown()
 
 
-def _part(x) -> dict:
-    if isinstance(x, str):
-        return {"type": "text", "text": x}
-    if isinstance(x, PILImage.Image):
-        return {"type": "image", "data": encode_png(x)}
-    assert isinstance(x, Audio)
-    return {"type": "audio", "data": encode_wav(np.asarray(x.waveform), x.sample_rate)}
-
-
 def _body(tasks, task: str, **sampler) -> dict:
     inputs, outputs, parts = tasks[task]
-    return {"inputs": [_part(x) for x in inputs], "outputs": outputs,
+    return {"inputs": [request_part(x) for x in inputs], "outputs": outputs,
             "lengths": answer_lengths(parts, outputs), "sampler": {"steps": 64, **sampler}}
 
 
