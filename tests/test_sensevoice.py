@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from omni_model.tokenizers.sensevoice import (AUDIO_PREFIX, PROJECTOR_PREFIX, ResamplerProjector,
                                               SenseVoiceEncoder, SenseVoiceEncoderConfig, SenseVoiceFrontend,
                                               SenseVoiceFrontendConfig, SpeechInput, apply_lfr, context_positions,
-                                              load_cmvn, read_prefixed, sinusoids)
+                                              kaldi_fbank, load_cmvn, read_prefixed, sinusoids)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,18 @@ def test_dither_reproduces_seeded_original(folder, ref, batch):
     assert max_diff(first, seeded(99)) > 1e-3
     clean, _ = SenseVoiceFrontend.from_folder(folder, dither=0.0)(*batch)
     assert torch.equal(clean, SenseVoiceFrontend.from_folder(folder, dither=0.0)(*batch)[0])
+
+
+@pytest.mark.parametrize("window", ["hamming", "hanning", "povey", "rectangular", "blackman"])
+@pytest.mark.parametrize("snip_edges", [True, False])
+def test_fbank_options_match_kaldi(ref, window, snip_edges):
+    config = SenseVoiceFrontendConfig(window=window, snip_edges=snip_edges, dither=0.0)
+    for tag, n in (("", 1601), ("short_", 150)):
+        expected = ref[f"options_{tag}fbank_{window}_{int(snip_edges)}"]
+        wave = ref["speech"][2000:2000 + n] * (1 << 15)
+        ours, counts = kaldi_fbank(wave[None], [n], config)
+        assert counts.tolist() == [expected.shape[0]] == [config.fbank_frames(n)]
+        assert max_diff(ours[0], expected) < 1e-3  # measured <= 2e-6
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 36, 37])
