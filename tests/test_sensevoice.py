@@ -215,7 +215,15 @@ def test_bf16_weights_match_released_inference(folder, state, ref):
         out = projector(hidden)
     scale = ref["projected_bf16_model"].abs().max().item()
     assert max_diff(hidden, ref["encoder_out_bf16_model"]) <= 2 ** -7 * ref["encoder_out_bf16_model"].abs().max()
-    assert max_diff(out, ref["projected_bf16_model"]) <= 2 ** -7 * scale
+    assert max_diff(out, ref["projected_bf16_model"]) <= 2 ** -7 * scale  # measured 0.0
+    # a whole SpeechInput cast to bfloat16 keeps its front end in float32, as the original's is
+    chain = SpeechInput(SenseVoiceFrontend.from_folder(folder, dither=0.0), encoder, projector).to(torch.bfloat16)
+    speech, lengths = ref["speech"], ref["waveform_lengths"].tolist()
+    features, _ = chain.frontend([speech, speech[: lengths[1]]])
+    assert features.dtype == torch.float32 and max_diff(features, ref["features"]) < 1e-3
+    with torch.no_grad():
+        out, _ = chain([speech, speech[: lengths[1]]])
+    assert out.dtype == torch.bfloat16 and max_diff(out, ref["projected_bf16_model"]) <= 2 ** -7 * scale
 
 
 def test_padded_row_equals_alone(encoder, ref):

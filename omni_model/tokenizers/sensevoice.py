@@ -295,7 +295,9 @@ def apply_lfr(features: torch.Tensor, lengths: torch.Tensor, lfr_m: int, lfr_n: 
 class SenseVoiceFrontend(nn.Module):
     """Waveforms -> SenseVoice features `[B, T, 560]` (funasr `WavFrontend` + padding).
 
-    No weights: the CMVN is a buffer (so `.to(device)` moves it), not in a state dict.
+    No weights, and always float32 on the waveforms' device: the CMVN is a plain tensor,
+    not a buffer, so casting a `SpeechInput` to bfloat16 leaves the features as the
+    original computes them (its front end is not part of the model).
     """
 
     def __init__(self, config: SenseVoiceFrontendConfig = SenseVoiceFrontendConfig(),
@@ -304,8 +306,7 @@ class SenseVoiceFrontend(nn.Module):
         self.config = config
         if cmvn is not None and cmvn.shape[-1] < config.output_size:
             raise ValueError(f"CMVN has {cmvn.shape[-1]} values, features {config.output_size}")
-        self.register_buffer("cmvn", None if cmvn is None else cmvn[:, : config.output_size].float().clone(),
-                             persistent=False)
+        self.cmvn = None if cmvn is None else cmvn[:, : config.output_size].float().clone()
 
     @classmethod
     def from_folder(cls, folder: str | Path, **overrides: Any) -> "SenseVoiceFrontend":
@@ -331,13 +332,14 @@ class SenseVoiceFrontend(nn.Module):
         """`[B, N]` (with `lengths`, else all N) or a list of 1-D waveforms at `config.fs`,
         in [-1, 1] -> features `[B, T, output_size]` (zero after each row's length) and
         the lengths (long)."""
-        waveforms, lengths = _pad_waveforms(waveforms, lengths, self.cmvn.device if self.cmvn is not None else None)
+        waveforms, lengths = _pad_waveforms(waveforms, lengths)
         fbank, counts = self.fbank(waveforms, lengths, generator)
         feats, out_lengths = apply_lfr(fbank, counts, self.config.lfr_m, self.config.lfr_n)
         if self.cmvn is not None:
             valid = (torch.arange(feats.shape[1])[None, :] < out_lengths[:, None]).to(feats.device)
             # add, then multiply, as funasr does: the same float32 roundings
-            feats = (feats + self.cmvn[0]) * self.cmvn[1] * valid[..., None]
+            cmvn = self.cmvn.to(feats.device)
+            feats = (feats + cmvn[0]) * cmvn[1] * valid[..., None]
         return feats, out_lengths
 
     def num_frames(self, num_samples: int) -> int:
@@ -346,8 +348,7 @@ class SenseVoiceFrontend(nn.Module):
 
 
 def _pad_waveforms(waveforms: torch.Tensor | Sequence[torch.Tensor | np.ndarray],
-                   lengths: Sequence[int] | torch.Tensor | None,
-                   device: torch.device | None) -> tuple[torch.Tensor, list[int]]:
+                   lengths: Sequence[int] | torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
     if isinstance(waveforms, torch.Tensor) and waveforms.dim() == 2:
         batch = waveforms
         lengths = [batch.shape[1]] * batch.shape[0] if lengths is None else [int(n) for n in lengths]
@@ -357,7 +358,7 @@ def _pad_waveforms(waveforms: torch.Tensor | Sequence[torch.Tensor | np.ndarray]
         lengths = [r.numel() for r in rows] if lengths is None else [int(n) for n in lengths]
     if len(lengths) != batch.shape[0] or any(n > batch.shape[1] for n in lengths):
         raise ValueError(f"lengths {lengths} do not fit waveforms of shape {tuple(batch.shape)}")
-    return (batch if device is None else batch.to(device)), lengths
+    return batch, lengths
 
 
 # --------------------------------------------------------------------------- encoder
@@ -690,7 +691,7 @@ class SpeechInput(nn.Module):
             waveforms = [waveforms]
         rows = [self.prepare(w, sample_rate) for w in waveforms]
         features, lengths = self.frontend(rows, generator=generator)
-        return self.embed_features(features.to(self.projector.mlp[0].weight.device), lengths)
+        return self.embed_features(features.to(self.projector.mlp[0].weight.device), lengths)  # front end on CPU
 
     def prepare(self, waveform: torch.Tensor | np.ndarray, sample_rate: int) -> torch.Tensor:
         """One utterance -> mono float32 at the front end's rate."""
