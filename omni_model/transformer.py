@@ -436,6 +436,7 @@ class Transformer(nn.Module):
                 doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 return_cache: bool = False, image_index: torch.Tensor | None = None,
                 logits_range: tuple[int, int] | None = None, logits_at: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None,
                 ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         """Logits for every position, or for `logits_range` only (and, with
         `return_cache`, a `KVCache`).
@@ -457,6 +458,9 @@ class Transformer(nn.Module):
                 (positions x 176k): a sampler needs only the positions it predicts.
             logits_at: `[batch, length]` bool: logits `[N, V]` of the N positions set
                 (row by row), and nothing else: training scores the masked positions only.
+            inputs_embeds: `[batch, length, hidden]` input vectors instead of the embeddings
+                of `input_ids` (which still give the shape): the released model writes its
+                speech encoder's outputs over `<|context_of_audio|>` positions.
         """
         if logits_at is not None and (return_cache or logits_range is not None):
             raise ValueError("logits_at goes without return_cache and logits_range")
@@ -468,7 +472,7 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
                 position_ids = position_ids.expand_as(input_ids)
-        x = self.embed(input_ids, image_index)
+        x = self.embed(input_ids, image_index) if inputs_embeds is None else inputs_embeds
         cos, sin = rotary_cos_sin(position_ids, self.config, x.dtype)
         if self.attention == "flex" and doc_ids is not None and not return_cache:
             mask = document_block_mask(doc_ids, attention_mask)
@@ -679,7 +683,13 @@ class Transformer(nn.Module):
         config = TransformerConfig.from_json(path / CONFIG_FILE)
         if overrides:
             config = config.replace(**overrides)
-        state = _load_safetensors_folder(path, device)
+        return cls.from_state(config, load_safetensors_folder(path, device), dtype, where=str(path))
+
+    @classmethod
+    def from_state(cls, config: TransformerConfig, state: dict[str, torch.Tensor],
+                   dtype: torch.dtype | None = None, where: str = "the state dict") -> "Transformer":
+        """A model of `config` holding exactly the tensors of `state` (every name and shape
+        checked; `state` is consumed)."""
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         if dtype is not None:
@@ -692,12 +702,12 @@ class Transformer(nn.Module):
         unexpected = sorted(set(state) - set(expected))
         wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
         if missing or unexpected or wrong:
-            raise ValueError(f"checkpoint {path} does not match its config: missing={missing[:5]} "
+            raise ValueError(f"checkpoint {where} does not match its config: missing={missing[:5]} "
                              f"unexpected={unexpected[:5]} wrong_shape={wrong[:5]}")
         model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        logger.info("loaded %s (%.1fM parameters)", path, model.num_parameters / 1e6)
+        logger.info("loaded %s (%.1fM parameters)", where, model.num_parameters / 1e6)
         return model
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -712,7 +722,8 @@ class Transformer(nn.Module):
         return path
 
 
-def _load_safetensors_folder(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+def load_safetensors_folder(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's `model.safetensors` or of the shards its index names."""
     index = path / WEIGHTS_INDEX_FILE
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -1,0 +1,208 @@
+"""The released model's folder: load it strictly, run it, save it in the same format.
+
+A release folder holds `config.json` (Dream's fields), the weights as
+`model.safetensors` or shards with `model.safetensors.index.json` (the Dream backbone
+`model.*` / `lm_head.weight`, the SenseVoiceSmall encoder `model.audio_model.model.*` and
+the projector `model.audio_projection.*`), Dream's slow tokenizer files with the
+release's added tokens, usually `generation_config.json`, and the SenseVoiceSmall folder
+its speech front end is configured from (`config.yaml`, `am.mvn`; the official code
+fetches it from the hub as `FunAudioLLM/SenseVoiceSmall`, here it is a path, by default
+`SenseVoiceSmall/` inside the release folder).
+
+Every tensor in the weights is used, or named as kept-but-unused (SenseVoice's CTC head,
+written back on save); anything else, missing or misshapen, is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from omni_model.release.prompts import ReleasePrompt
+from omni_model.release.sampler import OfficialSamplerConfig, generate
+from omni_model.release.tokenizer import ReleaseFormatError, ReleaseTokenizer
+from omni_model.tokenizers.sensevoice import (AUDIO_PREFIX, PROJECTOR_PREFIX, UNUSED_AUDIO_KEYS, ResamplerProjector,
+                                              SenseVoiceEncoder, SenseVoiceEncoderConfig, SenseVoiceFrontend,
+                                              SpeechInput)
+from omni_model.transformer import (CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, Transformer, TransformerConfig,
+                                    load_safetensors_folder)
+from omni_model.vocab import Vocab
+
+logger = logging.getLogger(__name__)
+
+SENSEVOICE_FOLDER = "SenseVoiceSmall"
+GENERATION_CONFIG = "generation_config.json"
+#: the largest weight shard `save_pretrained` writes (transformers' default size)
+SHARD_BYTES = 5 * 1024**3
+
+
+def is_release_folder(folder: str | Path) -> bool:
+    """Whether `folder` is in the released model's format (Dream's slow tokenizer files
+    beside the weights) rather than the project's own (`vocab.json` as a `Vocab`)."""
+    folder = Path(folder)
+    return (folder / "merges.txt").is_file() and (folder / "tokenizer_config.json").is_file()
+
+
+class ReleaseModel(torch.nn.Module):
+    """The released Omni-Diffusion model: backbone, speech input, tokenizer and ids."""
+
+    def __init__(self, transformer: Transformer, speech: SpeechInput, tokenizer: ReleaseTokenizer,
+                 vocab: Vocab, source: Path, kept: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.speech = speech
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.source = source
+        self._kept = kept  # tensors the model does not use, written back on save
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_folder(cls, folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    sensevoice_folder: str | Path | None = None, **frontend_overrides) -> "ReleaseModel":
+        """Load a release folder strictly. `dtype`: cast every weight (None: as stored;
+        the release stores bfloat16). `frontend_overrides`: SenseVoice front-end
+        settings, e.g. `dither=0.0` for reproducible features (the official default 1.0
+        adds noise)."""
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file():
+            raise ReleaseFormatError(f"{folder}: no {CONFIG_FILE}")
+        sensevoice_folder = Path(sensevoice_folder) if sensevoice_folder else folder / SENSEVOICE_FOLDER
+        if not sensevoice_folder.is_dir():
+            raise ReleaseFormatError(f"no SenseVoiceSmall folder at {sensevoice_folder} (its config.yaml and am.mvn "
+                                     "configure the speech front end; pass sensevoice_folder=)")
+        tokenizer = ReleaseTokenizer.from_folder(folder)
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+        config = TransformerConfig.from_dict(raw).replace(shift_logits=True)
+        vocab = tokenizer.vocab(config.vocab_size)
+        state = load_safetensors_folder(folder, device)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        audio = {k: state.pop(k) for k in [k for k in state if k.startswith(AUDIO_PREFIX)]}
+        projector = {k: state.pop(k) for k in [k for k in state if k.startswith(PROJECTOR_PREFIX)]}
+        if not audio or not projector:
+            raise ReleaseFormatError(f"{folder}: the weights hold no speech encoder ({AUDIO_PREFIX}*) or "
+                                     f"no projector ({PROJECTOR_PREFIX}*): not a release checkpoint")
+        kept = {AUDIO_PREFIX + k: audio[AUDIO_PREFIX + k] for k in UNUSED_AUDIO_KEYS if AUDIO_PREFIX + k in audio}
+        encoder = SenseVoiceEncoder(SenseVoiceEncoderConfig.from_folder(sensevoice_folder))
+        encoder.load_release_state(audio)
+        speech = SpeechInput(SenseVoiceFrontend.from_folder(sensevoice_folder, **frontend_overrides), encoder,
+                             ResamplerProjector.from_state(projector))
+        try:
+            transformer = Transformer.from_state(config, state, where=str(folder))
+        except ValueError as e:
+            raise ReleaseFormatError(str(e)) from None
+        if speech.projector.mlp[2].weight.shape[0] != config.hidden_size:
+            raise ReleaseFormatError(f"{folder}: the projector gives {speech.projector.mlp[2].weight.shape[0]} "
+                                     f"features, the backbone's hidden size is {config.hidden_size}")
+        model = cls(transformer, speech.to(device), tokenizer, vocab, folder, kept).eval()
+        logger.info("loaded release %s (%.1fM parameters)", folder, sum(p.numel() for p in model.parameters()) / 1e6)
+        return model
+
+    # ------------------------------------------------------------------ compute
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.lm_head.weight.dtype
+
+    def speech_features(self, waveform: torch.Tensor | np.ndarray, sample_rate: int,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """One utterance -> SenseVoice front-end features `[T, 560]` (what the official
+        tokenizer's `encode(is_contiguous=True)` returns)."""
+        wave = self.speech.prepare(waveform, sample_rate)
+        feats, lengths = self.speech.frontend([wave], generator=generator)
+        return feats[0, :int(lengths[0])]
+
+    def prompt_embeds(self, prompt: ReleasePrompt, features: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """`[1, P, H]` input vectors of a prompt: token embeddings, with each speech
+        input's projected encoder rows written over its context positions."""
+        if len(features) != len(prompt.audio_spans):
+            raise ValueError(f"the prompt has {len(prompt.audio_spans)} speech inputs, {len(features)} given")
+        ids = torch.tensor([prompt.ids], device=self.transformer.lm_head.weight.device)
+        vectors = self.transformer.model.embed_tokens(ids)
+        if features:
+            rows, lengths = self.speech.embed_features(*_pad(features))
+            vectors = vectors.clone()
+            for (start, length), r, n in zip(prompt.audio_spans, rows, lengths):
+                if int(n) != length:
+                    raise ValueError(f"a speech input of {int(n)} encoder rows for {length} context positions")
+                vectors[0, start:start + length] = r[:length].to(vectors.dtype)
+        return vectors
+
+    def logits(self, vectors: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Logits of positions `start:` (position i scored from i - 1, as Dream does)."""
+        ids = torch.zeros(vectors.shape[:2], dtype=torch.long, device=vectors.device)
+        return self.transformer(ids, inputs_embeds=vectors, logits_range=(start, vectors.shape[1]))
+
+    @torch.no_grad()
+    def generate(self, prompt: ReleasePrompt, config: OfficialSamplerConfig, features: Sequence[torch.Tensor] = (),
+                 unconditional: Sequence[int] | None = None, generator: torch.Generator | None = None) -> list[int]:
+        """The response ids the official `DreamModel.generate` returns for this prompt."""
+        vectors = self.prompt_embeds(prompt, features)
+        embed = self.transformer.model.embed_tokens
+        return generate(self.logits, embed, vectors, self.vocab, config, unconditional, generator).tolist()
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a release folder: weights (sharded at 5 GB with an index, as
+        transformers does), `config.json`, and the source folder's tokenizer files,
+        generation config, SenseVoiceSmall folder and code files copied unchanged."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.transformer.state_dict().items()}
+        if self.transformer.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        state.update({AUDIO_PREFIX + k: v.detach().contiguous().cpu()
+                      for k, v in self.speech.encoder.state_dict().items()})
+        state.update({PROJECTOR_PREFIX + k: v.detach().contiguous().cpu()
+                      for k, v in self.speech.projector.state_dict().items()})
+        state.update({k: v.detach().contiguous().cpu() for k, v in self._kept.items()})
+        _save_sharded(state, path)
+        config = json.loads((self.source / CONFIG_FILE).read_text())
+        config["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for file in [*self.tokenizer.files(), *self.source.glob("*.py"), self.source / GENERATION_CONFIG]:
+            if file.is_file():
+                shutil.copy2(file, path / file.name)
+        if (self.source / SENSEVOICE_FOLDER).is_dir():
+            shutil.copytree(self.source / SENSEVOICE_FOLDER, path / SENSEVOICE_FOLDER, dirs_exist_ok=True)
+        return path
+
+
+def _pad(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([f.shape[0] for f in features])
+    out = features[0].new_zeros(len(features), int(lengths.max()), features[0].shape[1])
+    for i, f in enumerate(features):
+        out[i, :f.shape[0]] = f
+    return out, lengths
+
+
+def _save_sharded(state: dict[str, torch.Tensor], path: Path) -> None:
+    for old in [path / WEIGHTS_FILE, path / WEIGHTS_INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in state:  # in the order the modules hold them, as transformers writes them
+        n = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + n > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += n
+    if len(shards) == 1:
+        save_file(shards[0], str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (path / WEIGHTS_INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                       "weight_map": weight_map}, indent=2) + "\n")
