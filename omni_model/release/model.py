@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -25,10 +26,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from omni_model.release.prompts import ReleasePrompt
-from omni_model.release.sampler import OfficialSamplerConfig, generate
+from omni_model.release.images import INPUT_RESOLUTION, input_pixels
+from omni_model.release.prompts import ReleasePrompt, task_prompt
+from omni_model.release.response import ReleaseResponse, parse_response
+from omni_model.release.sampler import OfficialSamplerConfig, generate, preset, unconditional_prompt
 from omni_model.release.tokenizer import ReleaseFormatError, ReleaseTokenizer
-from omni_model.tokenizers.sensevoice import (AUDIO_PREFIX, PROJECTOR_PREFIX, UNUSED_AUDIO_KEYS, ResamplerProjector,
+from omni_model.tokenizers.sensevoice import (AUDIO_PREFIX, context_positions, PROJECTOR_PREFIX, UNUSED_AUDIO_KEYS, ResamplerProjector,
                                               SenseVoiceEncoder, SenseVoiceEncoderConfig, SenseVoiceFrontend,
                                               SpeechInput)
 from omni_model.transformer import (CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, Transformer, TransformerConfig,
@@ -147,6 +150,34 @@ class ReleaseModel(torch.nn.Module):
         vectors = self.prompt_embeds(prompt, features)
         embed = self.transformer.model.embed_tokens
         return generate(self.logits, embed, vectors, self.vocab, config, unconditional, generator).tolist()
+
+    @torch.no_grad()
+    def run(self, task: str, text: str | None = None, image=None, audio: tuple | None = None,
+            image_tokenizer=None, config: OfficialSamplerConfig | None = None, seed: int = 42,
+            image_resolution: int = INPUT_RESOLUTION) -> ReleaseResponse:
+        """One request end to end, as the official inference runs it: `task` one of
+        t2i, vqa, asr, tts, s2i, svqa (sqa too); `image` a PIL image (needs
+        `image_tokenizer`, a MAGVIT-v2 tokenizer); `audio` `(waveform, sample_rate)`;
+        `config` the sampler settings (default: the task's official preset). `seed`
+        seeds torch's draws and the text-to-image guidance prompt (the official
+        inference seeds 42). Speech output ends at GLM-4-Voice codes."""
+        codes = None
+        if image is not None:
+            if image_tokenizer is None:
+                raise ValueError("an image input needs image_tokenizer= (MAGVIT-v2)")
+            pixels = input_pixels(image, image_resolution)[None].to(self.transformer.lm_head.weight.device)
+            codes = image_tokenizer.encode(pixels)[0].tolist()
+        features = [self.speech_features(*audio)] if audio is not None else []
+        frames = context_positions(features[0].shape[0]) if features else None
+        prompt = task_prompt(task, self.tokenizer, self.vocab, text, codes, frames)
+        config = config or preset(task)
+        unconditional = None
+        if config.cfg > 0:
+            unconditional = unconditional_prompt(config.task, self.tokenizer.encode, self.vocab, len(prompt.ids),
+                                                 random.Random(seed))
+        generator = torch.Generator(device=self.transformer.lm_head.weight.device).manual_seed(seed)
+        ids = self.generate(prompt, config, features, unconditional, generator)
+        return parse_response(ids, self.tokenizer, self.vocab)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, path: str | Path) -> Path:
