@@ -58,6 +58,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     return cls(**kwargs)
 
 
+def with_extra(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build dataclass `cls` from a foreign config file's mapping (a checkpoint's
+    `config.json`, SenseVoice's `config.yaml`): the keys that name fields set them, the
+    rest go into the field `extra` unread (kept so the file can be written back)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    known = {k: v for k, v in data.items() if k in names}
+    return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     """Scalars and sequences to the annotated type.
 

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omni_model.activations import ACTIVATIONS
+from omni_model.config import with_extra
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,7 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TransformerConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
-        return cls(**known, extra=extra)
+        return with_extra(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"architectures": ["DreamModel"], "model_type": "Dream",

@@ -125,10 +125,9 @@ def encode_segments(segments: Sequence[Segment], tokenizer: ReleaseTokenizer, vo
             text.append(seg)
             continue
         flush()
-        if seg == context and (not ids or ids[-1] != context):
-            spans.append((len(ids), 0))
-        if seg == context:
-            spans[-1] = (spans[-1][0], spans[-1][1] + 1)
+        if seg == context:  # a run of context positions is one speech input
+            start, n = spans.pop() if ids and ids[-1] == context else (len(ids), 0)
+            spans.append((start, n + 1))
         ids.append(int(seg))
     flush()
     return ReleasePrompt(ids, spans)

@@ -53,6 +53,7 @@ import yaml
 from safetensors import safe_open
 from torch import nn
 
+from omni_model.config import with_extra
 from omni_model.tokenizers.mel import SAMPLE_RATE, resample, to_mono
 
 logger = logging.getLogger(__name__)
@@ -121,9 +122,7 @@ class SenseVoiceFrontendConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SenseVoiceFrontendConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in data.items() if k in names},
-                   extra={k: v for k, v in data.items() if k not in names})
+        return with_extra(cls, data)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "SenseVoiceFrontendConfig":
@@ -399,9 +398,7 @@ class SenseVoiceEncoderConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SenseVoiceEncoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in data.items() if k in names},
-                   extra={k: v for k, v in data.items() if k not in names})
+        return with_extra(cls, data)
 
     @classmethod
     def from_folder(cls, folder: str | Path, **overrides: Any) -> "SenseVoiceEncoderConfig":

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_model.activations import ACTIVATIONS
+from omni_model.config import with_extra
 from omni_model.tokenizers.base import (check_finite, fingerprint, load_strict, read_config,
                                         save_folder)
 from omni_model.tokenizers.mel import SAMPLE_RATE, MelConfig, log_mel, resample, to_mono
@@ -97,9 +98,7 @@ class WhisperVQConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WhisperVQConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in data.items() if k in names},
-                   extra={k: v for k, v in data.items() if k not in names})
+        return with_extra(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra)
