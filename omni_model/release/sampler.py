@@ -239,8 +239,7 @@ def _logits(forward: Forward, embed: Embed, x: torch.Tensor, prompt_embeds: torc
             config: OfficialSamplerConfig, unconditional: Sequence[int] | None) -> torch.Tensor:
     """Logits `[1, N, V]` of the response positions (guided when `cfg` > 0)."""
     P = prompt_embeds.shape[1]
-    vectors = embed(x)
-    vectors[:, :P] = prompt_embeds
+    vectors = torch.cat([prompt_embeds, embed(x[:, P:])], dim=1)  # the prompt's ids are placeholders
     if config.cfg <= 0:
         return forward(vectors, P)
     un_ids = torch.cat([torch.tensor([list(unconditional)], dtype=x.dtype, device=x.device), x[:, P:]], dim=1)
