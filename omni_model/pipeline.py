@@ -153,8 +153,19 @@ class AnyToAny:
         it). Every tokenizer is checked against the fingerprint recorded there: a model
         trained on other ids or codes would answer in the wrong language. Presets
         default to `presets.json` in the folder when present.
+
+        A folder in the released model's format (`is_release_folder`) gives a
+        `ReleaseAnyToAny`: the same requests, answered with the release's own prompts
+        and official sampler settings (`presets` do not apply to it).
         """
         folder = Path(folder)
+        from omni_model.release.model import is_release_folder
+
+        if is_release_folder(folder):
+            from omni_model.release.pipeline import ReleaseAnyToAny
+
+            return ReleaseAnyToAny.from_pretrained(folder, image_tokenizer, speech_tokenizer, text_tokenizer,
+                                                   device)  # type: ignore[return-value]
         model = Transformer.from_pretrained(folder).to(device).eval()
         vocab = Vocab.load(folder)
         recorded = json.loads((folder / "tokenizers.json").read_text()) \

@@ -54,3 +54,11 @@ def to_uint8(decoded: torch.Tensor) -> np.ndarray:
     official inference converts it)."""
     image = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0) * 255.0
     return image.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+
+
+def output_image(codes: Sequence[int], image_tokenizer) -> Image.Image:
+    """256 response codes (`output_codes`) as the official inference shows them: a
+    16 x 16 grid decoded by MAGVIT-v2, truncated to uint8."""
+    side = int(round(len(codes) ** 0.5))
+    decoded = image_tokenizer.decode(torch.tensor([list(codes)]), (side, side))[0]
+    return Image.fromarray(to_uint8(decoded))

@@ -20,7 +20,7 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -145,11 +145,36 @@ class ReleaseModel(torch.nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: ReleasePrompt, config: OfficialSamplerConfig, features: Sequence[torch.Tensor] = (),
-                 unconditional: Sequence[int] | None = None, generator: torch.Generator | None = None) -> list[int]:
-        """The response ids the official `DreamModel.generate` returns for this prompt."""
+                 unconditional: Sequence[int] | None = None, generator: torch.Generator | None = None,
+                 on_step: Callable[[int], None] | None = None) -> list[int]:
+        """The response ids the official `DreamModel.generate` returns for this prompt.
+        `on_step(n)` before the n-th forward pass (n from 0): a server's deadline or
+        cancel check, which may raise to stop the call."""
         vectors = self.prompt_embeds(prompt, features)
         embed = self.transformer.model.embed_tokens
-        return generate(self.logits, embed, vectors, self.vocab, config, unconditional, generator).tolist()
+        forward = self.logits
+        if on_step is not None:
+            passes = [0]
+
+            def forward(vectors: torch.Tensor, start: int) -> torch.Tensor:
+                on_step(passes[0])
+                passes[0] += 1
+                return self.logits(vectors, start)
+        return generate(forward, embed, vectors, self.vocab, config, unconditional, generator).tolist()
+
+    def image_codes(self, image, image_tokenizer, resolution: int = INPUT_RESOLUTION) -> list[int]:
+        """An input image as the release takes it: resized and centre-cropped to
+        `resolution`, encoded by MAGVIT-v2 (1,024 codes at 512 px)."""
+        pixels = input_pixels(image, resolution)[None].to(self.transformer.lm_head.weight.device)
+        return image_tokenizer.encode(pixels)[0].tolist()
+
+    def unconditional(self, config: OfficialSamplerConfig, prompt: ReleasePrompt, seed: int) -> list[int] | None:
+        """The guidance prompt of `config` (None without guidance); `seed` seeds the
+        draws of the text-to-image one."""
+        if config.cfg <= 0:
+            return None
+        return unconditional_prompt(config.task, self.tokenizer.encode, self.vocab, len(prompt.ids),
+                                    random.Random(seed))
 
     @torch.no_grad()
     def run(self, task: str, text: str | None = None, image=None, audio: tuple | None = None,
@@ -165,18 +190,13 @@ class ReleaseModel(torch.nn.Module):
         if image is not None:
             if image_tokenizer is None:
                 raise ValueError("an image input needs image_tokenizer= (MAGVIT-v2)")
-            pixels = input_pixels(image, image_resolution)[None].to(self.transformer.lm_head.weight.device)
-            codes = image_tokenizer.encode(pixels)[0].tolist()
+            codes = self.image_codes(image, image_tokenizer, image_resolution)
         features = [self.speech_features(*audio)] if audio is not None else []
         frames = context_positions(features[0].shape[0]) if features else None
         prompt = task_prompt(task, self.tokenizer, self.vocab, text, codes, frames)
         config = config or preset(task)
-        unconditional = None
-        if config.cfg > 0:
-            unconditional = unconditional_prompt(config.task, self.tokenizer.encode, self.vocab, len(prompt.ids),
-                                                 random.Random(seed))
         generator = torch.Generator(device=self.transformer.lm_head.weight.device).manual_seed(seed)
-        ids = self.generate(prompt, config, features, unconditional, generator)
+        ids = self.generate(prompt, config, features, self.unconditional(config, prompt, seed), generator)
         return parse_response(ids, self.tokenizer, self.vocab)
 
     # ------------------------------------------------------------------ saving
