@@ -2,6 +2,13 @@
 their answers in batches (`AnyToAny.generate_many`), score them and the prior guess, and
 write the report folder.
 
+A release folder (the authors' checkpoint format) is evaluated through the same API
+(`ReleaseAnyToAny`): each task's inputs as the release's fixed prompts take them
+(`release_inputs`), the official evaluation scripts' sampler settings
+(`release_presets`), no response-length calibration and no steps curve (its sampler is
+the official one); its speech answers are codes until GLM-4-Voice's decoder is part of
+the project, so TTS reports their length, not their intelligibility.
+
 One case never stops the evaluation: a row that cannot be loaded (`load_cases`) or
 whose inputs the model cannot take (`AnyToAny.prepare`) is quarantined, written to
 `quarantine.jsonl` in the report folder with its file, line and reason, and counted in
@@ -13,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,6 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from omni_model.pipeline import OUTPUTS, AnyToAny, LengthPresets, Output, sampler_with
+from omni_model.release.pipeline import PRESET_KINDS, ReleaseAnyToAny
+from omni_model.release.sampler import OfficialSamplerConfig
 from omni_model.sampler import SamplerConfig
 from pipelines.evaluation.calibrate import calibrate_presets
 from pipelines.evaluation.cases import load_cases
@@ -69,21 +78,49 @@ class EvalConfig:
     #: sentence), images up to 40 Mpx, the row's media within 256 MiB decoded
     limits: MediaLimits = MediaLimits(max_audio_seconds=60.0)
     max_line_bytes: int = 1_000_000  #: a longer manifest line is quarantined unparsed
+    #: a release folder's sampler settings per task: "evaluation" (the official evaluation
+    #: scripts': LibriSpeech ASR, LibriTTS TTS, MME yes/no) or "inference" (tools/inference.py)
+    release_presets: str = "evaluation"
+    #: a release folder: official sampler options per task over its presets, e.g.
+    #: {vqa: {max_new_tokens: 16, steps: 16}}
+    release_sampler: dict = field(default_factory=dict)
+    #: a release folder: the side input images are resized and cropped to (512: 1,024 codes)
+    release_image_resolution: int = 512
 
     def __post_init__(self) -> None:
-        for task in (*self.tasks, *self.task_sampler):
+        for task in (*self.tasks, *self.task_sampler, *self.release_sampler):
             spec(task)  # an unknown task fails here, naming the known ones
         for task in self.task_sampler:
             sampler_for(self, task)  # so do unknown or out-of-range options
+        if self.release_presets not in PRESET_KINDS:
+            raise ValueError(f"release_presets {self.release_presets!r}: one of {', '.join(PRESET_KINDS)}")
+        for task, options in self.release_sampler.items():
+            try:
+                replace(OfficialSamplerConfig(task=task), **(options or {}))
+            except TypeError as exc:
+                raise ValueError(f"release_sampler.{task}: {exc}") from None
+
+
+def release_inputs(case: Case) -> list:
+    """A case's inputs as the release's fixed task prompts take them: the text to speak
+    (TTS) or draw (t2i) alone, the media alone where the prompt's instruction is its own
+    (ASR, speech-to-image, spoken VQA); VQA and captions as they are."""
+    media = [x for x in case.inputs if not isinstance(x, str)]
+    if case.task in ("tts", "t2i"):
+        return [case.reference]
+    if case.task in ("asr", "s2i", "svqa"):
+        return media
+    return list(case.inputs)
 
 
 def prepare_cases(pipe: AnyToAny, cases: Sequence[Case], quarantine: list[dict]) -> tuple[list[Case], list]:
     """The cases the model can take and their prepared inputs; one whose inputs it
     refuses (or fails on) is appended to `quarantine` and left out."""
     kept, prepared = [], []
+    release = isinstance(pipe, ReleaseAnyToAny)
     for case in cases:
         try:
-            prepared.append(pipe.prepare(case.inputs, spec(case.task).outputs))
+            prepared.append(pipe.prepare(release_inputs(case) if release else case.inputs, spec(case.task).outputs))
         except Exception as err:  # noqa: BLE001 - one case never stops the evaluation
             quarantine.append({"task": case.task, "source": None, "line": None, "prompt": case.prompt[:200],
                                "reason": f"could not prepare the inputs: {type(err).__name__}: {err}"[:2000]})
@@ -92,9 +129,10 @@ def prepare_cases(pipe: AnyToAny, cases: Sequence[Case], quarantine: list[dict])
     return kept, prepared
 
 
-def run_cases(pipe: AnyToAny, cases: Sequence[Case], sampler: SamplerConfig,
+def run_cases(pipe: AnyToAny, cases: Sequence[Case], sampler: SamplerConfig | dict | None,
               batch_size: int, prepared: list | None = None) -> tuple[list[Output], float]:
-    """Every case's answer (case i with seed `sampler.seed + i`); returns outputs,
+    """Every case's answer (case i with seed `sampler.seed + i`; a release: seed 42 and
+    `sampler` a dict of official options over each case's own); returns outputs,
     seconds. `prepared`: the cases' inputs already prepared (`prepare_cases`)."""
     start = time.perf_counter()
     if prepared is None:
@@ -110,13 +148,18 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = AnyToAny.from_pretrained(cfg.model, image_tokenizer=cfg.image_tokenizer,
                                     speech_tokenizer=cfg.speech_tokenizer, presets=cfg.presets)
-    if cfg.calibrate_from:
-        rate = getattr(pipe.speech_codec, "codes_per_second", 12.5)
-        pipe.presets = calibrate_presets(cfg.calibrate_from, pipe.text_tokenizer, cfg.presets, rate)
-    pipe.presets = replace(pipe.presets, sampler=recorded_sampler(cfg))
-    (out_dir / "presets.json").write_text(json.dumps(pipe.presets.to_dict(), indent=2) + "\n")
+    release = isinstance(pipe, ReleaseAnyToAny)
+    if release:
+        pipe.presets, pipe.image_resolution = cfg.release_presets, cfg.release_image_resolution
+    else:
+        if cfg.calibrate_from:
+            rate = getattr(pipe.speech_codec, "codes_per_second", 12.5)
+            pipe.presets = calibrate_presets(cfg.calibrate_from, pipe.text_tokenizer, cfg.presets, rate)
+        pipe.presets = replace(pipe.presets, sampler=recorded_sampler(cfg))
+        (out_dir / "presets.json").write_text(json.dumps(pipe.presets.to_dict(), indent=2) + "\n")
     recognizer = None
-    if cfg.transcribe and any(TASKS[t].speaks for t in cfg.tasks):
+    speaks = getattr(pipe.speech_codec, "can_decode", False)
+    if cfg.transcribe and speaks and any(TASKS[t].speaks for t in cfg.tasks):
         if recognizer_factory is None:
             from pipelines.asr import WhisperRecognizer
 
@@ -130,7 +173,8 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         if not cases:
             continue
         task_spec = TASKS[task]
-        outputs, seconds = run_cases(pipe, cases, sampler_for(cfg, task), cfg.batch_size, prepared)
+        sampler = cfg.release_sampler.get(task) if release else sampler_for(cfg, task)
+        outputs, seconds = run_cases(pipe, cases, sampler, cfg.batch_size, prepared)
         answers = [prediction(o, recognizer if task_spec.speaks else None) for o in outputs]
         result = task_spec.score(cases, answers)
         if task_spec.extra is not None:
@@ -139,9 +183,11 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
                       mean_steps=float(np.mean([o.steps for o in outputs])))
         metrics["tasks"][task] = result
         metrics.setdefault("prior_guess", {})[task] = prior_guess(task, cases, cfg.seed)
+        if release:  # the official settings the first case ran with (ASR and TTS scale per case)
+            metrics.setdefault("release_settings", {})[task] = asdict(pipe.settings(prepared[0], sampler))
         examples[task] = list(zip(cases, outputs))
         logger.info("%s: %s", task, result)
-    if "t2i" in cfg.tasks and cfg.step_curve:
+    if "t2i" in cfg.tasks and cfg.step_curve and not release:
         known, _ = prepare_cases(pipe, [c for c in load_cases(cfg, "t2i", []) if c.scene is not None], [])
         if known:  # (the checker needs the scene; the rows left out are quarantined above)
             metrics["t2i_steps"] = step_curve(pipe, cfg, known)
