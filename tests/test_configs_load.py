@@ -10,12 +10,15 @@ from jobs.tokenize_manifest import TokenizeJob
 from omni_model.config import load_config
 from pipelines.tokenizer_training import TokenizersConfig
 from pipelines.train import StageConfig
+from pipelines.train.release_config import ReleaseFinetuneConfig
 from serve.config import ServeConfig
 from tests.conftest import ROOT
 
 JOBS = {"demo": DemoConfig, "world": BuildWorldJob, "sdvi": BuildSDVIJob, "tokenize": TokenizeJob,
         "tokenizers": TokenizersConfig, "stage1": StageConfig, "stage2": StageConfig, "stage3": StageConfig,
         "evaluate": EvaluateJob, "serve": ServeConfig}
+#: a folder whose files are named after other jobs than the top-level ones
+FOLDER_JOBS = {"release": {"stage3": ReleaseFinetuneConfig, "stage3_tiny": ReleaseFinetuneConfig}}
 SERVE_APPS = {"serve_app"}  # Ray Serve's own config-file format
 
 
@@ -31,7 +34,7 @@ def test_config_files_load(path):
             args = dict(application.args)
             load_config(ServeConfig, ROOT / args.pop("config"), [f"{k}={v}" for k, v in args.items()])
         return
-    load_config(JOBS[path.stem], path)
+    load_config({**JOBS, **FOLDER_JOBS.get(path.parent.name, {})}[path.stem], path)
 
 
 def test_base_stages_reproduce_the_published_recipe():

@@ -1,0 +1,226 @@
+"""The loop every Ray Train worker of a release fine-tuning runs: the stages' loop
+(`pipelines/train/loop.py`) with the release's model, speech input and checkpoint
+format. Shared with it: `TrainState` (step, samples seen, random streams), the
+`StreamPacker` (documents packed with block-diagonal attention, as the official
+training packs them), the tail pads and the objective, `Optimisation` (DDP or DeepSpeed
+ZeRO, AdamW, warmup-cosine, a non-finite step skipped on every rank), the metrics and
+the rule that a checkpoint counts only when every rank's files are there.
+
+A checkpoint is a release folder (`ReleaseModel.save_pretrained`, rank 0) plus the
+optimizer (DDP's `optimizer.pt`, or DeepSpeed's `deepspeed/`), each rank's random
+state and `train_state.json`; a restarted worker group loads the source release for
+its tokenizer and files, then the checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from omni_model.batching import StreamPacker
+from omni_model.config import from_dict
+from omni_model.masking import add_tail_pad
+from omni_model.objective import Objective
+from omni_model.precision import autocast
+from omni_model.release.finetune import (ReleaseDiffusion, SpeechBatch, freeze_speech_encoder, load_release_weights,
+                                         release_loss)
+from omni_model.release.model import ReleaseModel
+from pipelines.manifest import TASKS
+from pipelines.train.checkpoint import TRAIN_STATE, TrainState, rank_manifest, restored_checkpoint
+from pipelines.train.guards import STOPPED_FILE, NonFiniteTraining
+from pipelines.train.metrics import MetricsWindow, MetricsWriter
+from pipelines.train.parallelism import Optimisation
+from pipelines.train.release_config import ReleaseFinetuneConfig
+
+logger = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+
+
+def build_release(cfg: ReleaseFinetuneConfig, device: torch.device | str = "cpu",
+                  resume_dir: Path | None = None) -> ReleaseModel:
+    """The release to train: the source folder (tokenizer, SenseVoiceSmall, files its
+    saves copy), its weights or a checkpoint's, the speech encoder frozen as configured."""
+    model = ReleaseModel.from_folder(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
+                                     sensevoice_folder=cfg.model.sensevoice_folder, dither=cfg.data.dither)
+    if resume_dir is not None:
+        load_release_weights(model, resume_dir)
+    if cfg.model.freeze_speech_encoder:
+        freeze_speech_encoder(model)
+    return model.to(device).train()
+
+
+def release_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(ReleaseFinetuneConfig, config["cfg"])
+    torch.set_num_threads(cfg.scaling.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    with restored_checkpoint(ray.train.get_checkpoint(), cfg.run.dir) as (resume_dir, recorded):
+        torch.manual_seed(cfg.data.seed * 1000 + rank)
+        state = TrainState.begin(rank, world, device, recorded, cfg.data.seed)
+        net = ReleaseDiffusion(build_release(cfg, "cpu", resume_dir))
+        net.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+        opt = Optimisation(cfg, net, device, world, resume_dir)  # type: ignore[arg-type] - the fields it reads
+        state.restore_rng(resume_dir)
+    try:
+        _train(cfg, config, state, net, opt)
+    except NonFiniteTraining as err:
+        if rank == 0:
+            (Path(cfg.run.dir) / STOPPED_FILE).write_text(str(err) + "\n")
+        logger.error("rank %d stops: %s", rank, err)
+
+
+class _Examples:
+    """The worker's examples as `(ids, response_mask, key)` for the packer; the speech
+    features and task of each wait under its key until its batch is assembled."""
+
+    def __init__(self, shard, skip: int, buffer: int, seed: int, dim: int) -> None:
+        self.shard, self.skip, self.buffer, self.seed, self.dim = shard, skip, buffer, seed, dim
+        self.pending: dict[int, tuple[int, list[int], list[torch.Tensor]]] = {}
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        task_index = {t: i for i, t in enumerate(TASKS)}
+        seen = 0
+        for batch in self.shard.iter_batches(batch_size=16, batch_format="pyarrow",
+                                             local_shuffle_buffer_size=self.buffer, local_shuffle_seed=self.seed):
+            for row in batch.to_pylist():
+                seen += 1
+                if seen <= self.skip:
+                    continue
+                flat = torch.tensor(row["audio_features"], dtype=torch.float32).view(-1, self.dim)
+                feats = list(flat.split(row["audio_frames"])) if row["audio_frames"] else []
+                self.pending[seen] = (task_index.get(row["task"], len(TASKS)), row["audio_starts"], feats)
+                yield (torch.tensor(row["input_ids"], dtype=torch.long),
+                       torch.tensor(row["response_mask"], dtype=torch.bool), seen)
+        raise RuntimeError(f"this worker's data ran out after {seen} samples: raise data.epochs")
+
+    def assemble(self, tags: torch.Tensor) -> tuple[SpeechBatch, torch.Tensor]:
+        """The speech inputs of a packed batch (by where each example landed) and the
+        per-position task tags for the metrics."""
+        features, spans = [], []
+        tasks = torch.full_like(tags, -1)
+        for row in range(tags.shape[0]):
+            keys, counts = torch.unique_consecutive(tags[row], return_counts=True)
+            offset = 0
+            for key, count in zip(keys.tolist(), counts.tolist()):
+                if key >= 0:
+                    task, starts, feats = self.pending.pop(key)
+                    tasks[row, offset:offset + count] = task
+                    for start, f in zip(starts, feats):
+                        features.append(f)
+                        spans.append((row, offset + start, f.shape[0] + 4))
+                offset += count
+        return SpeechBatch.of(features, spans), tasks
+
+
+def _padded(stream, pad_id: int, max_pads: int, gen: torch.Generator):
+    for ids, mask, key in stream:
+        ids, mask = add_tail_pad(ids, mask, pad_id, max_pads, gen)
+        yield ids, mask, key
+
+
+def _train(cfg: ReleaseFinetuneConfig, config: dict[str, Any], state: TrainState, net: ReleaseDiffusion,
+           opt: Optimisation) -> None:
+    import ray.train
+
+    rank, world, device = state.rank, state.world, state.device
+    release = net.release
+    vocab = release.vocab
+    examples = _Examples(ray.train.get_dataset_shard("train"), state.samples_seen, cfg.data.shuffle_buffer,
+                         cfg.data.seed * 1000 + rank, release.speech.frontend.config.output_size)
+    stream = _padded(iter(examples), vocab.pad_id, cfg.data.max_pads, state.generator)
+    packer = StreamPacker(cfg.data.max_seq_len, cfg.data.rows_per_step, vocab.pad_id)
+    objective = Objective(cfg.data.pad_ratio, cfg.optim.eps_t, cfg.optim.t_schedule, cfg.optim.weighting)
+    precision = "none" if opt.engine is not None else cfg.scaling.precision
+    writer = MetricsWriter(Path(cfg.run.dir)) if rank == 0 else None
+    n_tasks = len(TASKS) + 1
+    window = MetricsWindow(n_tasks, device)
+    fail_at = config.get("fail_at_step") if rank == 1 else None
+    in_row = 0
+    try:
+        while state.step < cfg.train.max_steps:
+            step = state.step
+            if step == fail_at and not (Path(cfg.run.dir) / ".failed_once").exists():
+                (Path(cfg.run.dir) / ".failed_once").write_text("rank 1 exited on purpose (fail_at_step)")
+                import os
+
+                os._exit(1)
+            t_start = time.perf_counter()
+            pending = MetricsWindow(n_tasks, device)
+            finite = torch.ones((), dtype=torch.bool, device=device)
+            for _ in range(cfg.optim.grad_accum):
+                t0 = time.perf_counter()
+                batch, tags, consumed = packer.next_batch(stream)
+                state.samples_seen += consumed
+                speech, tasks = examples.assemble(tags)
+                batch, speech, tasks = batch.to(device), speech.to(device), tasks.to(device)
+                pending.wait += time.perf_counter() - t0
+                out = release_loss(opt.net, batch, speech, vocab, objective, autocast=autocast(device, precision))
+                finite &= torch.isfinite(out.loss.detach())
+                opt.backward(out.loss)
+                pending.add(out.per_position.detach(), out.logits.detach(), batch.input_ids, out.noisy.target_mask,
+                            tasks, batch.attention_mask)
+            pending.time += time.perf_counter() - t_start
+            if not opt.step(finite):
+                in_row += 1
+                state.nonfinite_skipped += 1
+                if in_row >= cfg.train.max_nonfinite_in_row:
+                    raise NonFiniteTraining(f"{in_row} steps in a row had a non-finite loss or gradient norm: "
+                                            f"stopped before step {step + 1}; lower optim.lr or check the data")
+                continue
+            in_row = 0
+            window.merge(pending)
+            done = state.step = step + 1
+            if writer is not None:
+                writer.progress(done)
+            is_log = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
+            is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps
+            if not (is_log or is_ckpt):
+                continue
+            metrics = window.reduce(world) | {"step": done, "lr": opt.lr, "epoch_samples": state.samples_seen,
+                                              "skipped_nonfinite": state.nonfinite_skipped}
+            window = MetricsWindow(n_tasks, device)
+            if writer is not None:
+                writer.write(metrics)
+            if is_ckpt:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_release_checkpoint(Path(tmp), state, opt)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def save_release_checkpoint(folder: Path, state: TrainState, opt: Optimisation) -> None:
+    """`save_checkpoint`'s steps for a release: every rank its random state and its
+    share of the optimizer; rank 0 the release folder and `train_state.json`; then each
+    rank the list of the files it wrote (`checkpoint_complete`)."""
+    opt.check_finite()
+    rank, world, device = state.rank, state.world, state.device
+    torch.save({"torch_rng": torch.get_rng_state(), "generator": state.generator.get_state(),
+                "samples_seen": state.samples_seen}, folder / f"rank_{rank}.pt")
+    seen = [torch.tensor(state.samples_seen)]
+    if world > 1 and torch.distributed.is_initialized():
+        seen = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
+        torch.distributed.all_gather(seen, torch.tensor(state.samples_seen, device=device))
+    opt.save(folder, rank)  # rank 0: ReleaseDiffusion.save_pretrained, the release format
+    if rank == 0:
+        (folder / TRAIN_STATE).write_text(json.dumps({
+            "step": state.step, "samples_seen": {str(r): int(s) for r, s in enumerate(seen)}, "stage": "release",
+            "world": world, "manifests": True, "nonfinite_skipped": state.nonfinite_skipped}) + "\n")
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+             if f.is_file() and f.name != TRAIN_STATE}
+    (folder / rank_manifest(rank)).write_text(json.dumps(files) + "\n")
