@@ -172,6 +172,7 @@ class OmniDiffusion:
     def __init__(self, cfg: ServeConfig) -> None:
         import torch
 
+        from omni_model.release.model import is_release_folder
         from serve.engine import Engine
         from serve.threads import model_pool, single_threaded_pool
 
@@ -181,6 +182,8 @@ class OmniDiffusion:
         if device == "auto":
             device = "cuda" if cfg.deployment.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.cfg = cfg
+        if is_release_folder(cfg.model.model):  # the authors' checkpoint: its own prompts and sampler
+            from serve.release_engine import ReleaseEngine as Engine
         self.engine = Engine(cfg, device)
         BodyLimit.max_bytes = cfg.limits.max_request_bytes
         self._model_thread = model_pool(1, "sampler", cfg.deployment.threads)

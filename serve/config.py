@@ -26,6 +26,8 @@ class ModelPaths:
     #: Griffin-Lim iterations of the embedded codec's vocoder; None: the codec's own (48).
     #: fewer are faster; Whisper hears 16 worse than 48 on the quickstart's model (docs/serving.md)
     vocoder_iterations: int | None = None
+    #: a release folder: the side input images are resized and cropped to (512: 1,024 codes)
+    release_image_resolution: int = 512
 
     def __post_init__(self) -> None:
         if self.vocoder_iterations is not None and self.vocoder_iterations < 1:

@@ -1,0 +1,250 @@
+"""What a replica does with a request when its model is a release folder (the authors'
+checkpoint format): the same HTTP API, answered by `ReleaseAnyToAny` with the release's
+own prompts and its official sampler.
+
+How it differs from `serve.engine.Engine` (whose checks, limits and responses it keeps):
+
+* a request is one of the release's tasks (`omni_model.release.pipeline.task_for`);
+  options it leaves out take the task's official settings (`preset`), not the
+  deployment's `sampler` defaults; every preset must fit the deployment's caps (checked
+  when the replica starts);
+* request options map onto the official ones: `steps`, `temperature`, `top_p`, `top_k`,
+  `confidence` (probability -> maskgit_plus, margin -> topk_margin, entropy -> entropy,
+  random -> origin), `repetition_penalty` (the official rule, `entropy-penalty`),
+  `position_penalty` (the official ramp past the first 100 masked positions),
+  `block_length`, `cfg_scale` (speech-to-image; text-to-image as far as the official
+  prompt allows); the project's own options (thresholds, factor, early stop, caches,
+  `position_penalty_start`) are refused with a 422 naming them;
+* the official sampler takes one request at a time: `batching.mode` must be `batch`, and
+  a batch's requests run one after another, each with its own seed;
+* speech answers come as GLM-4-Voice codes (`speech_codes`), there being no GLM-4-Voice
+  decoder in the project yet; streams carry progress events without previews.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from dataclasses import replace
+from typing import Callable
+
+import torch
+from PIL import Image as PILImage
+
+from omni_model.pipeline import Audio, Input, Output, RequestError
+from omni_model.release.pipeline import REQUEST_TASKS, ReleaseAnyToAny
+from omni_model.release.sampler import INFERENCE_PRESETS, OfficialSamplerConfig, preset
+from serve.config import ServeConfig, over_cap
+from serve.engine import OUTPUT_MODALITIES, Engine, Job
+from serve.errors import ClientError, Stopped
+from serve.media import decode_audio, decode_image
+from serve.schemas import GenerateRequest, GenerateResponse, ModelCard
+
+logger = logging.getLogger(__name__)
+
+#: request `confidence` -> the official `alg`
+ALGORITHMS = {"probability": "maskgit_plus", "margin": "topk_margin", "entropy": "entropy", "random": "origin"}
+#: request options the official sampler has no counterpart for
+NOT_OFFICIAL = ("threshold", "text_threshold", "image_threshold", "speech_threshold", "factor", "early_stop",
+                "cache", "cache_refresh", "position_penalty_start")
+#: encoder frames per second of audio (SenseVoice: 10 ms frames, LFR 6), plus its 4 query rows
+FRAMES_PER_SECOND, QUERY_ROWS = 100 / 6, 4
+
+
+class ReleaseEngine(Engine):
+    def __init__(self, cfg: ServeConfig, device: str = "cpu") -> None:  # noqa: super().__init__ loads another kind
+        if cfg.batching.mode != "batch":
+            raise ValueError("a release folder is served with batching.mode: batch (its official sampler takes "
+                             "one request at a time; configs/release/serve.yaml)")
+        self.cfg = cfg
+        m = cfg.model
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # a CPU: float32 is the fast one
+        self.pipe = ReleaseAnyToAny.from_pretrained(m.model, image_tokenizer=m.image_tokenizer,
+                                                    speech_tokenizer=m.speech_tokenizer,
+                                                    text_tokenizer=m.text_tokenizer, device=device, dtype=dtype)
+        self.pipe.image_resolution = m.release_image_resolution
+        self.sampler_calls = self.requests = self.stopped = 0
+        self.max_total_tokens = min(cfg.limits.max_total_tokens, self.pipe.max_positions)
+        for task in INFERENCE_PRESETS:
+            problem = over_cap(official_as_request(preset(task)), cfg.limits)
+            if problem or preset(task).max_new_tokens > cfg.limits.max_output_tokens:
+                raise ValueError(f"the release's official {task} settings break a cap: "
+                                 f"{problem or 'limits.max_output_tokens'} (configs/release/serve.yaml)")
+        self._codes_per_image = self._count_image_codes()
+        self.scheduler = None
+
+    def _count_image_codes(self) -> int:
+        if self.pipe.image_tokenizer is None:
+            return 0
+        with torch.no_grad():
+            return len(self.pipe.model.image_codes(PILImage.new("RGB", (8, 8)), self.pipe.image_tokenizer,
+                                                   self.pipe.image_resolution))
+
+    # ------------------------------------------------------------------ model card
+    def card(self) -> ModelCard:
+        image = self.pipe.image_tokenizer is not None
+        outputs = sorted({o for (o, i, _), _t in REQUEST_TASKS.items() if image or not (i or "image" in o)},
+                         key=lambda o: [OUTPUT_MODALITIES.index(x) for x in o])
+        inputs = ["text"] + (["image"] if image else []) + ["audio"]
+        return ModelCard(id=self.cfg.model.name, outputs=[list(o) for o in outputs], inputs=inputs)
+
+    # ------------------------------------------------------------------ requests
+    def parse(self, request: GenerateRequest) -> Job:
+        """Limits, media, the task, its official settings with the request's options over
+        them, the prompt: a `Job`, or a `ClientError`."""
+        start = time.perf_counter()
+        limits = self.cfg.limits
+        if len(request.inputs) > limits.max_inputs:
+            raise ClientError(f"{len(request.inputs)} input parts, over the limit of {limits.max_inputs}", 413)
+        inputs: list[Input] = []
+        for i, part in enumerate(request.inputs):
+            if part.type == "text":
+                if len(part.text) > limits.max_text_chars:
+                    raise ClientError(f"inputs[{i}] (text) has {len(part.text)} characters, over the "
+                                      f"limit of {limits.max_text_chars}", 413)
+                try:
+                    part.text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ClientError(f"inputs[{i}] (text) is not valid Unicode text", 422) from None
+                inputs.append(part.text)
+            elif part.type == "image":
+                inputs.append(decode_image(part.data, limits.max_image_pixels, i))
+            else:
+                inputs.append(decode_audio(part.data, limits.max_audio_seconds, i, limits.max_sample_rate,
+                                           limits.max_channels))
+        if "image" in request.outputs and self.pipe.image_tokenizer is None:
+            raise ClientError("this deployment cannot draw images: it has no image tokenizer "
+                              "(see GET /v1/models)", 422)
+        self._check_estimate(inputs, request.outputs, {})
+        lengths = {k: v for k, v in (request.lengths.model_dump() if request.lengths else {}).items()
+                   if v is not None}
+        try:
+            prepared = self.pipe.prepare(inputs, request.outputs, lengths)
+        except RequestError as exc:
+            raise ClientError(str(exc), 422) from None
+        except ValueError as exc:  # a tokenizer refusing an input it cannot encode
+            raise ClientError(f"an input could not be encoded: {exc}", 422) from None
+        config, seed = self.sampler_config(request, prepared.config)
+        if config.cfg > 0:
+            try:  # the official text-to-image guidance prompt cannot always be built: refuse here
+                self.pipe.model.unconditional(config, prepared.prompt, seed)
+            except ValueError as exc:
+                raise ClientError(f"sampler.cfg_scale: {exc}", 422) from None
+        tokens = config.max_new_tokens
+        if tokens > limits.max_output_tokens:
+            raise ClientError(f"the response would have {tokens} positions, over the limit of "
+                              f"{limits.max_output_tokens} (ask for shorter `lengths`)", 413)
+        total = prepared.prompt_tokens + tokens
+        if total > self.max_total_tokens:
+            raise ClientError(f"the prompt ({prepared.prompt_tokens} tokens) and the response ({tokens} "
+                              f"positions) make {total}, over the limit of {self.max_total_tokens}", 413)
+        return Job(prepared, config, seed, start, start + limits.request_timeout_s)
+
+    def _check_estimate(self, inputs: list[Input], outputs: list[str], lengths: dict[str, int]) -> None:
+        """413 when the media alone cannot fit `max_total_tokens`, counted from their
+        sizes before any is encoded (an image's codes, an audio's encoder frames, less
+        one; never more than `prepare` makes)."""
+        prompt = 0
+        for x in inputs:
+            if isinstance(x, PILImage.Image):
+                prompt += self._codes_per_image + 2
+            elif isinstance(x, Audio):
+                prompt += max(0, math.floor(x.seconds * FRAMES_PER_SECOND) - 1) + QUERY_ROWS + 2
+        if prompt > self.max_total_tokens:
+            raise ClientError(f"the prompt's media alone (at least {prompt} positions, counted from their sizes) "
+                              f"make more than the limit of {self.max_total_tokens}", 413)
+
+    def sampler_config(self, request: GenerateRequest,  # type: ignore[override]
+                       settings: OfficialSamplerConfig) -> tuple[OfficialSamplerConfig, int]:
+        """The request's options over the task's official `settings`, within the caps."""
+        given = request.sampler.model_dump(exclude_none=True)
+        refused = [k for k in NOT_OFFICIAL if k in given]
+        if refused:
+            raise ClientError(f"sampler: {', '.join(refused)} is not an option of the released model's official "
+                              "sampler (steps, temperature, top_p, top_k, confidence, repetition_penalty, "
+                              "position_penalty, block_length, cfg_scale, seed)", 422)
+        problem = over_cap(given, self.cfg.limits)
+        if problem:
+            raise ClientError(problem, 422)
+        seed = given.pop("seed", None)
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        changes: dict = {}
+        for ours, theirs in (("steps", "steps"), ("temperature", "temperature"), ("top_p", "top_p"),
+                             ("top_k", "top_k"), ("position_penalty", "max_position_penalty"),
+                             ("block_length", "block_size"), ("cfg_scale", "cfg")):
+            if ours in given:
+                changes[theirs] = given[ours]
+        if "confidence" in given:
+            changes["alg"] = ALGORITHMS[given["confidence"]]
+        if "repetition_penalty" in given:
+            alg = changes.get("alg", settings.alg)
+            if alg not in ("entropy", "entropy-penalty"):
+                raise ClientError("sampler.repetition_penalty: the official sampler applies it with entropy "
+                                  f"confidence only, not {alg}", 422)
+            changes.update(alg="entropy-penalty", repeat_penalty=given["repetition_penalty"])
+        try:
+            return replace(settings, **changes), seed
+        except ValueError as exc:
+            raise ClientError(f"sampler: {exc}", 422) from None
+
+    # ------------------------------------------------------------------ generation
+    def run(self, jobs: list[Job]) -> list[GenerateResponse | Exception]:
+        """A `@serve.batch` batch: each job in turn (one sampler call each)."""
+        timeout = self.cfg.limits.request_timeout_s
+        results: list[GenerateResponse | Exception] = []
+        for job in jobs:
+            if not job.wanted:  # cancelled or timed out while it waited: never started
+                results.append(job.refusal(timeout))
+                self.stopped += 1
+                continue
+            try:
+                out = self._generate([job], self._stop_unwanted([job]))[0]
+                results.append(self.response(job, out, 1) if job.wanted else job.refusal(timeout))
+            except Stopped:
+                self.stopped += 1
+                results.append(job.refusal(timeout))
+            except Exception as exc:  # one request's failure is not the others'
+                logger.exception("the official sampler failed for a request")
+                results.append(exc)
+        return results
+
+    def stream(self, job: Job, emit: Callable[[dict], None]) -> GenerateResponse:
+        """One request with a progress event per forward pass (no previews)."""
+        if not job.wanted:
+            self.stopped += 1
+            raise job.refusal(self.cfg.limits.request_timeout_s)
+        most = min(job.config.steps, job.config.max_new_tokens)
+
+        def on_step(done: int, _ids=None) -> None:  # before pass `done` (0-based)
+            if not job.wanted:
+                self.stopped += 1
+                raise job.refusal(self.cfg.limits.request_timeout_s)
+            if done:
+                emit({"step": done, "max_steps": most})
+
+        out = self._generate([job], on_step)[0]
+        return self.response(job, out, 1)
+
+    def _generate(self, batch: list[Job], on_step=None) -> list[Output]:
+        self.sampler_calls += len(batch)
+        self.requests += len(batch)
+        return self.pipe.generate_batch([j.prepared for j in batch], batch[0].config, seeds=[j.seed for j in batch],
+                                        on_step=(lambda n: on_step(n, None)) if on_step is not None else None)
+
+    def response(self, job: Job, out: Output, batch_size: int) -> GenerateResponse:
+        response = super().response(job, out, batch_size)
+        return response.model_copy(update={"speech_codes": out.speech_codes})
+
+
+def official_as_request(config: OfficialSamplerConfig) -> dict:
+    """Official settings under the request options' names (to check them against caps)."""
+    return {"steps": config.steps, "temperature": config.temperature, "top_p": config.top_p,
+            "top_k": config.top_k, "cfg_scale": config.cfg, "repetition_penalty": config.repeat_penalty,
+            "position_penalty": config.max_position_penalty,
+            "block_length": None if config.block_size < 0 else config.block_size}
+
+
+__all__ = ["ReleaseEngine", "official_as_request"]
