@@ -156,7 +156,8 @@ class AnyToAny:
 
         A folder in the released model's format (`is_release_folder`) gives a
         `ReleaseAnyToAny`: the same requests, answered with the release's own prompts
-        and official sampler settings (`presets` do not apply to it).
+        and official sampler settings (`presets` do not apply to it), its weights in
+        bfloat16 on a GPU and float32 on a CPU.
         """
         folder = Path(folder)
         from omni_model.release.model import is_release_folder
@@ -164,8 +165,9 @@ class AnyToAny:
         if is_release_folder(folder):
             from omni_model.release.pipeline import ReleaseAnyToAny
 
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # float32: CPUs' fast one
             return ReleaseAnyToAny.from_pretrained(folder, image_tokenizer, speech_tokenizer, text_tokenizer,
-                                                   device)  # type: ignore[return-value]
+                                                   device, dtype)  # type: ignore[return-value]
         model = Transformer.from_pretrained(folder).to(device).eval()
         vocab = Vocab.load(folder)
         recorded = json.loads((folder / "tokenizers.json").read_text()) \

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from omni_model.pipeline import OUTPUTS, AnyToAny, LengthPresets, Output, sampler_with
@@ -78,6 +79,8 @@ class EvalConfig:
     #: sentence), images up to 40 Mpx, the row's media within 256 MiB decoded
     limits: MediaLimits = MediaLimits(max_audio_seconds=60.0)
     max_line_bytes: int = 1_000_000  #: a longer manifest line is quarantined unparsed
+    #: where the model runs: auto = cuda when there is a GPU, else cpu
+    device: str = "auto"
     #: a release folder's sampler settings per task: "evaluation" (the official evaluation
     #: scripts': LibriSpeech ASR, LibriTTS TTS, MME yes/no) or "inference" (tools/inference.py)
     release_presets: str = "evaluation"
@@ -146,8 +149,11 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
     """Run the evaluation and write the report folder; returns the metrics."""
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = AnyToAny.from_pretrained(cfg.model, image_tokenizer=cfg.image_tokenizer,
-                                    speech_tokenizer=cfg.speech_tokenizer, presets=cfg.presets)
+                                    speech_tokenizer=cfg.speech_tokenizer, device=device, presets=cfg.presets)
     release = isinstance(pipe, ReleaseAnyToAny)
     if release:
         pipe.presets, pipe.image_resolution = cfg.release_presets, cfg.release_image_resolution
