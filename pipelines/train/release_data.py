@@ -103,7 +103,8 @@ def prepare_examples(cfg: ReleaseFinetuneConfig, run_dir: Path) -> dict[str, Any
     summary = {"fingerprint": fingerprint, "rows": len(items), "examples": int(n_good), "quarantined": len(bad)}
     (staging / DONE_FILE).write_text(json.dumps(summary) + "\n")
     staging.rename(out)
-    logger.info("examples: %d of %d rows (%d quarantined: %s)", n_good, len(items), len(bad), out / QUARANTINE_FILE)
+    logger.info("examples: %d of %d rows; %d quarantined%s", n_good, len(items), len(bad),
+                f" (reasons in {out / QUARANTINE_FILE})" if bad else "")
     return summary
 
 
