@@ -20,7 +20,8 @@ from PIL import Image
 from omni_model.batching import collate
 from omni_model.masking import add_tail_pad
 from omni_model.objective import Objective
-from omni_model.release.finetune import ReleaseDiffusion, SpeechBatch, freeze_speech_encoder, release_loss
+from omni_model.release.finetune import (ReleaseDiffusion, SpeechBatch, freeze_speech_encoder, mask_per_position,
+                                         release_loss)
 from omni_model.release.images import input_pixels
 from omni_model.release.model import ReleaseModel, is_release_folder
 from omni_model.release.prompts import task_prompt
@@ -195,6 +196,21 @@ def test_overfitting_one_example_trains_projector_and_backbone_not_the_encoder(d
     frozen = list(model.speech.encoder.parameters())
     assert all(not p.requires_grad and p.grad is None and p not in opt.state for p in frozen)
     assert len(opt.state) == sum(p.requires_grad for p in net.parameters())
+
+
+def test_the_official_forward_process_masks_each_response_token_on_its_own():
+    n, pad, mask = 20000, 5, 9
+    ids = torch.full((2, n), 7)
+    ids[:, n // 2:] = pad  # the second half: tail pads
+    response = torch.ones(2, n, dtype=torch.bool)
+    response[:, :100] = False  # a prompt
+    noisy = mask_per_position(ids, response, mask, pad, pad_ratio=0.6, generator=torch.Generator().manual_seed(0))
+    masked = noisy.target_mask
+    assert not masked[:, :100].any() and torch.equal(noisy.noisy_ids[masked], torch.full((int(masked.sum()),), mask))
+    # P(u <= t) with t ~ U(eps, 1): 1/2; a pad: P(u <= 0.6 t) = 0.3, per token, not per sample
+    assert abs(masked[:, 100:n // 2].float().mean().item() - 0.5) < 0.01
+    assert abs(masked[:, n // 2:].float().mean().item() - 0.3) < 0.01
+    assert abs(masked[0, 100:n // 2].float().mean() - masked[1, 100:n // 2].float().mean()) < 0.02
 
 
 @pytest.mark.slow

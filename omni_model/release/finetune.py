@@ -21,12 +21,14 @@ audio. Text a user wrote is never read as a special token (the official code wou
 SenseVoice encoder is frozen (`requires_grad=False`, run without a graph, so it has no
 gradients and no optimizer state); the projector and the whole Dream backbone train.
 
-**The loss** is the project's objective (`omni_model.masking`): one t ~ U(eps, 1) per
-sample, response tokens masked with probability t, tail pads with `pad_ratio * t`,
-cross-entropy on the masked positions (position i scored from i - 1, Dream's shift),
-averaged over them, weighted by 1/t or not. The official code draws a fresh t for every
-position instead (each response token masked independently with probability 1/2 on
-average) and does not weight; `configs/release/stage3.yaml` keeps the unweighted mean.
+**The loss**: cross-entropy on the masked response positions (position i scored from
+i - 1, Dream's shift), averaged over them, weighted by 1/t or not. Two forward
+processes (`MASKINGS`): `per_sample`, the project's objective (`omni_model.masking`: one
+t ~ U(eps, 1) per sample, response tokens masked with probability t, tail pads with
+`pad_ratio * t`), or `per_position`, the official training's `forward_process`: a fresh
+t for every response position (each token masked independently, with probability 1/2
+on average; pads with `pad_ratio * t`), unweighted. `configs/release/stage3.yaml`
+reproduces the official one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from omni_model.release.tokenizer import ReleaseTokenizer
 from omni_model.tokenizers.sensevoice import AUDIO_PREFIX, PROJECTOR_PREFIX, UNUSED_AUDIO_KEYS, load_prefixed
 from omni_model.transformer import load_safetensors_folder
 from omni_model.vocab import Vocab
+
+MASKINGS = ("per_sample", "per_position")
 
 #: a content part: text, `("audio_in", frames)` (a user's speech: its feature frames),
 #: `("image", codes)` or `("audio_out", codes)` (local codes)
@@ -210,15 +214,36 @@ class SpeechBatch:
         return SpeechBatch(self.features.to(device), self.lengths.to(device), self.spans)
 
 
+def mask_per_position(ids: torch.Tensor, response_mask: torch.Tensor, mask_id: int, pad_id: int,
+                      pad_ratio: float = 0.6, eps: float = 1e-3,
+                      generator: torch.Generator | None = None) -> MaskedBatch:
+    """The official training's forward process (`dataset_qwen2.forward_process`): every
+    response position draws its own t ~ U(eps, 1) and is masked when a uniform draw is
+    at most t (a pad, `pad_id`, when it is at most `pad_ratio * t`); the prompt never."""
+    t = eps + (1 - eps) * torch.rand(ids.shape, generator=generator, device=ids.device)
+    draw = torch.rand(ids.shape, generator=generator, device=ids.device)
+    response = response_mask.bool()
+    threshold = torch.where(response & (ids == pad_id), pad_ratio * t, t)
+    target = response & (draw <= threshold)
+    return MaskedBatch(torch.where(target, torch.full_like(ids, mask_id), ids), target, t)
+
+
 def release_loss(net: nn.Module, batch: Batch, speech: SpeechBatch, vocab: Vocab, objective: Objective,
                  generator: torch.Generator | None = None,
-                 autocast: contextlib.AbstractContextManager | None = None) -> StepResult:
-    """Mask a (packed) batch's responses at a fresh t per sample, predict with the speech
-    rows in place, and score the masked positions (`diffusion_loss_of_batch`'s steps,
-    with the release's speech input; `net` a `ReleaseDiffusion`, maybe wrapped)."""
-    noisy: MaskedBatch = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
-                                           objective.pad_ratio, objective.eps_t, batch.doc_ids,
-                                           generator=generator, schedule=objective.schedule)
+                 autocast: contextlib.AbstractContextManager | None = None,
+                 masking: str = "per_sample") -> StepResult:
+    """Mask a (packed) batch's responses (`masking`: one of `MASKINGS`), predict with the
+    speech rows in place, and score the masked positions (`diffusion_loss_of_batch`'s
+    steps, with the release's speech input; `net` a `ReleaseDiffusion`, maybe wrapped)."""
+    if masking == "per_sample":
+        noisy: MaskedBatch = mask_for_training(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
+                                               objective.pad_ratio, objective.eps_t, batch.doc_ids,
+                                               generator=generator, schedule=objective.schedule)
+    elif masking == "per_position":
+        noisy = mask_per_position(batch.input_ids, batch.response_mask, vocab.mask_id, vocab.pad_id,
+                                  objective.pad_ratio, objective.eps_t, generator)
+    else:
+        raise ValueError(f"masking {masking!r}: one of {MASKINGS}")
     with autocast if autocast is not None else contextlib.nullcontext():
         logits = net(noisy.noisy_ids, speech.features, speech.lengths, speech.spans,
                      attention_mask=batch.attention_mask, doc_ids=batch.doc_ids, logits_at=noisy.target_mask)

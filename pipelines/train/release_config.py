@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from omni_model.config import RayConfig
+from omni_model.release.finetune import MASKINGS
 from pipelines.media import MediaLimits
 from pipelines.train.config import OptimConfig, RunConfig, ScalingConfig, ScheduleConfig
 
@@ -66,6 +67,13 @@ class ReleaseFinetuneConfig:
     model: ReleaseModelConfig = field(default_factory=ReleaseModelConfig)
     data: ReleaseDataConfig = field(default_factory=ReleaseDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weighting="none"))
+    #: the forward process (`omni_model.release.finetune.MASKINGS`): `per_sample` (the
+    #: project's: one t a sample) or `per_position` (the official training's: one t a token)
+    masking: str = "per_sample"
     train: ScheduleConfig = field(default_factory=ScheduleConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.masking not in MASKINGS:
+            raise ValueError(f"masking {self.masking!r}: one of {MASKINGS}")

@@ -166,7 +166,8 @@ def _train(cfg: ReleaseFinetuneConfig, config: dict[str, Any], state: TrainState
                 speech, tasks = examples.assemble(tags)
                 batch, speech, tasks = batch.to(device), speech.to(device), tasks.to(device)
                 pending.wait += time.perf_counter() - t0
-                out = release_loss(opt.net, batch, speech, vocab, objective, autocast=autocast(device, precision))
+                out = release_loss(opt.net, batch, speech, vocab, objective, autocast=autocast(device, precision),
+                                   masking=cfg.masking)
                 finite &= torch.isfinite(out.loss.detach())
                 opt.backward(out.loss)
                 pending.add(out.per_position.detach(), out.logits.detach(), batch.input_ids, out.noisy.target_mask,
