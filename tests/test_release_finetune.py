@@ -227,7 +227,8 @@ def test_ray_train_run_saves_a_release_folder_that_loads_back(ray_session, data,
     cfg = load_config(ReleaseFinetuneConfig, ROOT / "configs/release/stage3_tiny.yaml", [
         f"run.dir={tmp_path / 'run'}", f"data.root={data}", "data.manifests=[train.jsonl]",
         f"data.image_tokenizer={MAGVIT}", "data.speech_tokenizer=null", "data.max_seq_len=256",
-        "data.epochs=60", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1"])
+        "data.epochs=60", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1",
+        "masking=per_position"])
     result = run_release_finetune(cfg, fail_at_step=3)  # rank 1 dies once at step 3: resumed from step 2
     assert result["examples"] == {**result["examples"], "rows": 3, "examples": 2, "quarantined": 1}
     assert result["metrics"]["step"] == 4 and np.isfinite(result["metrics"]["loss"])
