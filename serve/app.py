@@ -182,9 +182,10 @@ class OmniDiffusion:
         if device == "auto":
             device = "cuda" if cfg.deployment.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.cfg = cfg
+        engine = Engine
         if is_release_folder(cfg.model.model):  # the authors' checkpoint: its own prompts and sampler
-            from serve.release_engine import ReleaseEngine as Engine
-        self.engine = Engine(cfg, device)
+            from serve.release_engine import ReleaseEngine as engine
+        self.engine = engine(cfg, device)
         BodyLimit.max_bytes = cfg.limits.max_request_bytes
         self._model_thread = model_pool(1, "sampler", cfg.deployment.threads)
         self._parse_threads = single_threaded_pool(2, "parse")

@@ -167,24 +167,7 @@ class Engine:
         """Limits, media, sampler options and the prompt: a `Job`, or a `ClientError`."""
         start = time.perf_counter()
         limits = self.cfg.limits
-        if len(request.inputs) > limits.max_inputs:
-            raise ClientError(f"{len(request.inputs)} input parts, over the limit of {limits.max_inputs}", 413)
-        inputs: list[Input] = []
-        for i, part in enumerate(request.inputs):
-            if part.type == "text":
-                if len(part.text) > limits.max_text_chars:
-                    raise ClientError(f"inputs[{i}] (text) has {len(part.text)} characters, over the "
-                                      f"limit of {limits.max_text_chars}", 413)
-                try:
-                    part.text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ClientError(f"inputs[{i}] (text) is not valid Unicode text", 422) from None
-                inputs.append(part.text)
-            elif part.type == "image":
-                inputs.append(decode_image(part.data, limits.max_image_pixels, i))
-            else:
-                inputs.append(decode_audio(part.data, limits.max_audio_seconds, i, limits.max_sample_rate,
-                                           limits.max_channels))
+        inputs = self.decode_inputs(request)
         if "speech" in request.outputs and not self._speaks:
             raise ClientError("this deployment cannot produce speech: its speech tokenizer has no "
                               "decoder (see GET /v1/models)", 422)
@@ -207,6 +190,30 @@ class Engine:
             raise ClientError(f"the prompt ({len(prepared.prompt)} tokens) and the response ({tokens} "
                               f"positions) make {total}, over the limit of {self.max_total_tokens}", 413)
         return Job(prepared, config, seed, start, start + limits.request_timeout_s)
+
+    def decode_inputs(self, request: GenerateRequest) -> list[Input]:
+        """The request's parts within the limits: text checked, media decoded (a
+        `ClientError` naming the part and the limit)."""
+        limits = self.cfg.limits
+        if len(request.inputs) > limits.max_inputs:
+            raise ClientError(f"{len(request.inputs)} input parts, over the limit of {limits.max_inputs}", 413)
+        inputs: list[Input] = []
+        for i, part in enumerate(request.inputs):
+            if part.type == "text":
+                if len(part.text) > limits.max_text_chars:
+                    raise ClientError(f"inputs[{i}] (text) has {len(part.text)} characters, over the "
+                                      f"limit of {limits.max_text_chars}", 413)
+                try:
+                    part.text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ClientError(f"inputs[{i}] (text) is not valid Unicode text", 422) from None
+                inputs.append(part.text)
+            elif part.type == "image":
+                inputs.append(decode_image(part.data, limits.max_image_pixels, i))
+            else:
+                inputs.append(decode_audio(part.data, limits.max_audio_seconds, i, limits.max_sample_rate,
+                                           limits.max_channels))
+        return inputs
 
     def _check_estimate(self, inputs: list[Input], outputs: list[str], lengths: dict[str, int]) -> None:
         """413 when the prompt and response cannot fit `max_total_tokens`, counted before

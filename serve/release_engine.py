@@ -39,7 +39,6 @@ from omni_model.release.sampler import INFERENCE_PRESETS, OfficialSamplerConfig,
 from serve.config import ServeConfig, over_cap
 from serve.engine import OUTPUT_MODALITIES, Engine, Job
 from serve.errors import ClientError, Stopped
-from serve.media import decode_audio, decode_image
 from serve.schemas import GenerateRequest, GenerateResponse, ModelCard
 
 logger = logging.getLogger(__name__)
@@ -96,24 +95,7 @@ class ReleaseEngine(Engine):
         them, the prompt: a `Job`, or a `ClientError`."""
         start = time.perf_counter()
         limits = self.cfg.limits
-        if len(request.inputs) > limits.max_inputs:
-            raise ClientError(f"{len(request.inputs)} input parts, over the limit of {limits.max_inputs}", 413)
-        inputs: list[Input] = []
-        for i, part in enumerate(request.inputs):
-            if part.type == "text":
-                if len(part.text) > limits.max_text_chars:
-                    raise ClientError(f"inputs[{i}] (text) has {len(part.text)} characters, over the "
-                                      f"limit of {limits.max_text_chars}", 413)
-                try:
-                    part.text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ClientError(f"inputs[{i}] (text) is not valid Unicode text", 422) from None
-                inputs.append(part.text)
-            elif part.type == "image":
-                inputs.append(decode_image(part.data, limits.max_image_pixels, i))
-            else:
-                inputs.append(decode_audio(part.data, limits.max_audio_seconds, i, limits.max_sample_rate,
-                                           limits.max_channels))
+        inputs = self.decode_inputs(request)
         if "image" in request.outputs and self.pipe.image_tokenizer is None:
             raise ClientError("this deployment cannot draw images: it has no image tokenizer "
                               "(see GET /v1/models)", 422)

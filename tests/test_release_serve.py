@@ -9,7 +9,6 @@ import io
 import json
 import socket
 
-import numpy as np
 import pytest
 import requests
 import soundfile as sf

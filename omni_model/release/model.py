@@ -152,14 +152,13 @@ class ReleaseModel(torch.nn.Module):
         cancel check, which may raise to stop the call."""
         vectors = self.prompt_embeds(prompt, features)
         embed = self.transformer.model.embed_tokens
-        forward = self.logits
-        if on_step is not None:
-            passes = [0]
+        passes = [0]
 
-            def forward(vectors: torch.Tensor, start: int) -> torch.Tensor:
-                on_step(passes[0])
-                passes[0] += 1
-                return self.logits(vectors, start)
+        def checked(vectors: torch.Tensor, start: int) -> torch.Tensor:
+            on_step(passes[0])
+            passes[0] += 1
+            return self.logits(vectors, start)
+        forward = self.logits if on_step is None else checked
         return generate(forward, embed, vectors, self.vocab, config, unconditional, generator).tolist()
 
     def image_codes(self, image, image_tokenizer, resolution: int = INPUT_RESOLUTION) -> list[int]:
