@@ -259,3 +259,18 @@ def test_evaluate_a_release_folder_on_public_sets(tmp_path):
     assert "escapes the data root" in (tmp_path / "report" / "quarantine.jsonl").read_text()
     assert (tmp_path / "report" / "report.md").exists()
     assert not (tmp_path / "report" / "presets.json").exists()  # the project's length presets do not apply
+
+
+def test_the_documented_six_task_example_runs():
+    """docs/release.md's `python -c` example, as a user pastes it, on the fixture release."""
+    import re
+    import sys
+
+    text = (FIXTURES.parent.parent / "docs" / "release.md").read_text()
+    script = re.search(r'\.venv/bin/python -c "\n(.*?)\n"\n```', text, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", script], cwd=FIXTURES.parent.parent, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["t2i", "vqa", "asr", "tts", "s2i", "svqa"]
+    assert lines[0].endswith("True") and lines[3].split()[-2] != "0"  # an image from t2i, speech codes from tts
