@@ -27,6 +27,7 @@ def is_release_run(argv: list[str]) -> bool:
     its model.path is a release folder, or its data names manifests."""
     args = list(argv)
     path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), path)
     data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
     data = apply_overrides(dict(data), [a for a in args if "=" in a and not a.startswith("-")])
     model, source = data.get("model") or {}, data.get("data") or {}

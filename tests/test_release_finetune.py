@@ -12,6 +12,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
@@ -242,5 +243,14 @@ def test_ray_train_run_saves_a_release_folder_that_loads_back(ray_session, data,
     assert all(torch.equal(src[k], new[k]) for k in src if k.startswith("speech.encoder."))
     assert any(not torch.equal(src[k], new[k]) for k in src if k.startswith("speech.projector."))
     assert any(not torch.equal(src[k], new[k]) for k in src if k.startswith("transformer."))
-    quarantine = __import__("pyarrow.parquet").parquet.read_table(tmp_path / "run/examples/quarantine.parquet")
+    quarantine = pq.read_table(tmp_path / "run/examples/quarantine.parquet")
     assert quarantine.column("reason").to_pylist() == ["missing file 'missing.wav'"]
+
+
+def test_stage3_hands_a_release_config_to_the_release_job():
+    from jobs.finetune_release import is_release_run
+
+    assert is_release_run(["--config", str(ROOT / "configs/release/stage3.yaml")])
+    assert is_release_run([f"--config={ROOT / 'configs/release/stage3_tiny.yaml'}", "train.max_steps=2"])
+    assert not is_release_run(["--config", str(ROOT / "configs/tiny/stage3.yaml"), "run.dir=x"])
+    assert is_release_run(["--config", str(ROOT / "configs/tiny/stage3.yaml"), f"model.path={TINY}"])
