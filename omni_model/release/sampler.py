@@ -25,6 +25,26 @@ How it differs from `omni_model.sampler` (the project's sampler):
 * blocks of `block_size` positions are decoded left to right, each with its share of
   the steps; one request at a time (batch 1).
 
+Options that are not the official code's (all off by default, where the ids are the
+official ones; `omni_model.release.speed` has the other two, step-level batching and a
+cache of the prompt's keys and values, and docs/release.md what each changes):
+
+* `threshold`: a step commits at least every position of the block whose chosen id has
+  a probability above it (in the distribution the id is drawn from), as the project's
+  sampler does (Fast-dLLM); the schedule's count stays the least;
+* `early_stop`: once the response holds a committed end (`<|im_end|>` or
+  `<|endoftext|>`; after the fixed `<|begin_of_audio|>` with `add_boa_token`), every
+  masked position after it that this step predicts as an end too is committed at once.
+  The official parse skips those ids, so the answer changes only where the official
+  sampler would have gone on otherwise: later written something else there, or, with
+  that tail still masked, other ids before the end.
+
+Fewer masks save passes only once fewer positions are masked than steps are left: the
+official schedule commits a fraction of what is masked, at least one a step.
+
+`steps` is the loop as a coroutine (it yields each step's input vectors and is sent
+their logits), so that drivers other than `generate` can run it.
+
 The arithmetic that decides how many positions a step commits is done in float32
 tensors, as in the official code, so the counts are equal too.
 """
@@ -33,7 +53,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +86,9 @@ class OfficialSamplerConfig:
     max_position_penalty: float = 1.0
     repeat_penalty: float = 1.0
     task: str | None = None         #: which unconditional prompt `cfg` uses (s2i, t2i)
+    # not in the official code (None / False: the official sampler)
+    threshold: float | None = None  #: also commit every position whose id is this probable
+    early_stop: bool = False        #: commit the ends predicted after a committed end at once
 
     def __post_init__(self) -> None:
         if self.alg not in ALGORITHMS:
@@ -77,6 +100,10 @@ class OfficialSamplerConfig:
                              f"prompt for {self.task!r})")
         if self.block_size == 0 or self.block_size < -1:
             raise ValueError("block_size: a positive number of positions, or -1 for one block")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ValueError("threshold must be in (0, 1]")
+        if (self.threshold is not None or self.early_stop) and self.alg == "origin":
+            raise ValueError("threshold and early_stop rank positions by confidence: not with alg 'origin'")
 
 
 #: logits of a batch of input vectors `[B, L, H]` for positions `start:` (shifted as the
@@ -91,6 +118,13 @@ def sample_tokens(logits: torch.Tensor, config: OfficialSamplerConfig, confidenc
     """Confidence and chosen id of each row of `logits` `[n, V]` (the masked positions in
     order). `confidence`: `probability`, `margin` or `neg_entropy`; `past`: the sequence
     whose ids the repetition rule penalises (None: no rule this step)."""
+    score, x0, _ = _draw(logits, config, confidence, past, mask_id, generator)
+    return score, x0
+
+
+def _draw(logits: torch.Tensor, config: OfficialSamplerConfig, confidence: str, past: torch.Tensor | None,
+          mask_id: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample_tokens`, and the probability of each chosen id."""
     if config.temperature > 0:
         logits = logits / config.temperature
     if config.top_p is not None and config.top_p < 1:
@@ -114,12 +148,13 @@ def sample_tokens(logits: torch.Tensor, config: OfficialSamplerConfig, confidenc
         score = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
     else:
         score, x0 = probs.max(dim=-1)
+    prob = score
     if confidence == "margin":
         top = torch.sort(probs, dim=-1, descending=True)[0]
         score = top[:, 0] - top[:, 1]
     elif confidence == "neg_entropy":
         score = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
-    return score, x0
+    return score, x0, prob
 
 
 def _categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
@@ -177,6 +212,27 @@ def generate(forward: Forward, embed: Embed, prompt_embeds: torch.Tensor, vocab:
             official code draws from torch's global generator; None does the same, and a
             generator in the same state draws the same numbers.
     """
+    run = steps(embed, prompt_embeds, vocab, config, unconditional, generator)
+    start = prompt_embeds.shape[1]
+    try:
+        vectors = next(run)
+        while True:
+            vectors = run.send(forward(vectors, start))
+    except StopIteration as done:
+        return done.value
+
+
+#: what `steps` yields (a step's input vectors), is sent (their logits) and returns (the response)
+Steps = Generator[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def steps(embed: Embed, prompt_embeds: torch.Tensor, vocab: Vocab, config: OfficialSamplerConfig,
+          unconditional: Sequence[int] | None = None, generator: torch.Generator | None = None) -> Steps:
+    """The official sampler as a coroutine (arguments as `generate`'s): it yields each
+    step's input vectors `[rows, P + N, H]` (a second row, the unconditional one, with
+    `cfg` > 0), is sent their logits of positions `P:` `[rows, N, V]`, and returns the
+    response ids `[N]`. Everything but the forward pass happens here, so a driver that
+    batches several requests' steps (`omni_model.release.speed`) gives each its own ids."""
     if prompt_embeds.shape[0] != 1:
         raise ValueError("the official sampler takes one request at a time")
     if config.cfg > 0 and not unconditional:
@@ -190,6 +246,8 @@ def generate(forward: Forward, embed: Embed, prompt_embeds: torch.Tensor, vocab:
                    torch.full((1, N), mask_id, dtype=torch.long, device=device)], dim=1)
     if config.add_boa_token:
         x[:, boa_position(P, N)] = vocab.boa_id
+    ends = _end_ids(vocab, device) if config.early_stop else None
+    end_from = boa_position(P, N) - P if config.add_boa_token else 0  # where the answer's end may be
     block_size = N if config.block_size < 0 else config.block_size
     masked = (x == mask_id).sum()
     blocks = int(masked // block_size)
@@ -200,29 +258,31 @@ def generate(forward: Forward, embed: Embed, prompt_embeds: torch.Tensor, vocab:
     for b in range(blocks):
         in_block = torch.zeros(x.shape[1], dtype=torch.bool, device=device)
         in_block[P + b * block_size:P + (b + 1) * block_size] = True
-        steps = int(in_block.sum() / (x.shape[1] - P) * total_steps)
-        timesteps = torch.linspace(1, config.eps, steps + 1, device=device)
-        for i in range(steps):
+        block_steps = int(in_block.sum() / (x.shape[1] - P) * total_steps)
+        timesteps = torch.linspace(1, config.eps, block_steps + 1, device=device)
+        for i in range(block_steps):
             mask_index = x == mask_id
             if not mask_index.any():
                 break
-            logits = _logits(forward, embed, x, prompt_embeds, config, unconditional)
+            logits = _guided((yield _vectors(embed, x, prompt_embeds, config, unconditional)), config)
             mask_logits = logits[mask_index[:, P:]]
             t, s = timesteps[i], timesteps[i + 1]
             if config.alg == "origin":
-                p_transfer = 1 - s / t if i < steps - 1 else 1
+                p_transfer = 1 - s / t if i < block_steps - 1 else 1
                 x0 = torch.full_like(x[mask_index], mask_id)
                 chosen = torch.rand(x0.shape, device=device, generator=generator) < p_transfer
                 _, x0[chosen] = sample_tokens(mask_logits[chosen], config, "probability", None, mask_id, generator)
                 x[mask_index] = x0
             else:
                 use_past = config.alg == "entropy-penalty" and last is not None
-                score, x0 = sample_tokens(mask_logits, config, confidence_kind, last if use_past else None,
-                                          mask_id, generator)
+                score, x0, prob = _draw(mask_logits, config, confidence_kind, last if use_past else None,
+                                        mask_id, generator)
                 score = score + torch.where(in_block[mask_index[0]], 0, -torch.inf).to(score.device)
                 in_block_masked = (x[:, in_block] == mask_id).sum()
-                n = int(in_block_masked * (1 - s / t)) if i < steps - 1 else int(in_block_masked)
+                n = int(in_block_masked * (1 - s / t)) if i < block_steps - 1 else int(in_block_masked)
                 n = max(n, 1)
+                if config.threshold is not None:
+                    n = max(n, int(((prob > config.threshold) & in_block[mask_index[0]]).sum()))
                 if not config.alg_temp:
                     _, where = torch.topk(score, n)
                 else:
@@ -231,17 +291,43 @@ def generate(forward: Forward, embed: Embed, prompt_embeds: torch.Tensor, vocab:
                 commit = torch.full_like(x0, mask_id)
                 commit[where] = x0[where]
                 x[mask_index] = commit
+                if ends is not None:
+                    predicted = torch.full_like(x, mask_id)
+                    predicted[mask_index] = x0
+                    _end_early(x[0, P:], predicted[0, P:], ends, end_from, mask_id)
             last = x.clone()
     return x[0, P:]
 
 
-def _logits(forward: Forward, embed: Embed, x: torch.Tensor, prompt_embeds: torch.Tensor,
-            config: OfficialSamplerConfig, unconditional: Sequence[int] | None) -> torch.Tensor:
-    """Logits `[1, N, V]` of the response positions (guided when `cfg` > 0)."""
+def _end_ids(vocab: Vocab, device: torch.device) -> torch.Tensor:
+    """The ids that end an answer (and that the official parse skips)."""
+    names = ("im_end", "pad", "eot")
+    return torch.tensor(sorted({vocab.special(n) for n in names if n in vocab.specials}), device=device)
+
+
+def _end_early(response: torch.Tensor, predicted: torch.Tensor, ends: torch.Tensor, end_from: int,
+               mask_id: int) -> None:
+    """Early stop, in place: the masked positions after the first committed end (at or
+    after `end_from`) that were predicted as ends take those predictions."""
+    is_end = torch.isin(response, ends)
+    is_end[:end_from] = False
+    if not is_end.any():
+        return
+    first = int(is_end.nonzero()[0])
+    tail = torch.zeros_like(is_end)
+    tail[first + 1:] = True
+    fill = tail & (response == mask_id) & torch.isin(predicted, ends)
+    response[fill] = predicted[fill]
+
+
+def _vectors(embed: Embed, x: torch.Tensor, prompt_embeds: torch.Tensor, config: OfficialSamplerConfig,
+             unconditional: Sequence[int] | None) -> torch.Tensor:
+    """A step's input vectors: the prompt's and the response's, and with `cfg` > 0 the
+    unconditional row as the official code builds it."""
     P = prompt_embeds.shape[1]
     vectors = torch.cat([prompt_embeds, embed(x[:, P:])], dim=1)  # the prompt's ids are placeholders
     if config.cfg <= 0:
-        return forward(vectors, P)
+        return vectors
     un_ids = torch.cat([torch.tensor([list(unconditional)], dtype=x.dtype, device=x.device), x[:, P:]], dim=1)
     un_vectors = embed(un_ids)
     if un_vectors.shape[1] > vectors.shape[1]:
@@ -249,8 +335,14 @@ def _logits(forward: Forward, embed: Embed, x: torch.Tensor, prompt_embeds: torc
                          "the official code cannot guide this request")
     # the official code pads the unconditional row with zero vectors and attends everywhere
     pad = vectors.new_zeros(1, vectors.shape[1] - un_vectors.shape[1], vectors.shape[2])
-    both = forward(torch.cat([vectors, torch.cat([un_vectors, pad], dim=1)]), P)
-    cond, uncond = both[:1], both[1:]
+    return torch.cat([vectors, torch.cat([un_vectors, pad], dim=1)])
+
+
+def _guided(logits: torch.Tensor, config: OfficialSamplerConfig) -> torch.Tensor:
+    """Logits `[1, N, V]` of the response positions (guided when `cfg` > 0)."""
+    if config.cfg <= 0:
+        return logits
+    cond, uncond = logits[:1], logits[1:]
     return uncond + (config.cfg + 1) * (cond - uncond)
 
 
