@@ -77,6 +77,11 @@ class Job:
                            "(limits.request_timeout_s)", 504)
 
 
+def requested_lengths(request: GenerateRequest) -> dict[str, int]:
+    """The response lengths a request sets (`lengths`, unset ones left out)."""
+    return {k: v for k, v in (request.lengths.model_dump() if request.lengths else {}).items() if v is not None}
+
+
 class Engine:
     def __init__(self, cfg: ServeConfig, device: str = "cpu") -> None:
         self.cfg = cfg
@@ -172,15 +177,9 @@ class Engine:
             raise ClientError("this deployment cannot produce speech: its speech tokenizer has no "
                               "decoder (see GET /v1/models)", 422)
         config, seed = self.sampler_config(request)
-        lengths = {k: v for k, v in (request.lengths.model_dump() if request.lengths else {}).items()
-                   if v is not None}
+        lengths = requested_lengths(request)
         self._check_estimate(inputs, request.outputs, lengths)
-        try:
-            prepared = self.pipe.prepare(inputs, request.outputs, lengths)
-        except RequestError as exc:
-            raise ClientError(str(exc), 422) from None
-        except ValueError as exc:  # a tokenizer refusing an input it cannot encode
-            raise ClientError(f"an input could not be encoded: {exc}", 422) from None
+        prepared = self.prepare(inputs, request.outputs, lengths)
         tokens = sum(r.length for r in prepared.regions)
         if tokens > limits.max_output_tokens:
             raise ClientError(f"the response would have {tokens} positions, over the limit of "
@@ -190,6 +189,15 @@ class Engine:
             raise ClientError(f"the prompt ({len(prepared.prompt)} tokens) and the response ({tokens} "
                               f"positions) make {total}, over the limit of {self.max_total_tokens}", 413)
         return Job(prepared, config, seed, start, start + limits.request_timeout_s)
+
+    def prepare(self, inputs: list[Input], outputs: list[str], lengths: dict[str, int]):
+        """`pipe.prepare`, its refusals as 422s."""
+        try:
+            return self.pipe.prepare(inputs, outputs, lengths)
+        except RequestError as exc:
+            raise ClientError(str(exc), 422) from None
+        except ValueError as exc:  # a tokenizer refusing an input it cannot encode
+            raise ClientError(f"an input could not be encoded: {exc}", 422) from None
 
     def decode_inputs(self, request: GenerateRequest) -> list[Input]:
         """The request's parts within the limits: text checked, media decoded (a

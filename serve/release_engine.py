@@ -33,11 +33,11 @@ from typing import Callable
 import torch
 from PIL import Image as PILImage
 
-from omni_model.pipeline import Audio, Input, Output, RequestError
+from omni_model.pipeline import Audio, Input, Output
 from omni_model.release.pipeline import REQUEST_TASKS, ReleaseAnyToAny
 from omni_model.release.sampler import INFERENCE_PRESETS, OfficialSamplerConfig, preset
 from serve.config import ServeConfig, over_cap
-from serve.engine import OUTPUT_MODALITIES, Engine, Job
+from serve.engine import OUTPUT_MODALITIES, Engine, Job, requested_lengths
 from serve.errors import ClientError, Stopped
 from serve.schemas import GenerateRequest, GenerateResponse, ModelCard
 
@@ -100,14 +100,7 @@ class ReleaseEngine(Engine):
             raise ClientError("this deployment cannot draw images: it has no image tokenizer "
                               "(see GET /v1/models)", 422)
         self._check_estimate(inputs, request.outputs, {})
-        lengths = {k: v for k, v in (request.lengths.model_dump() if request.lengths else {}).items()
-                   if v is not None}
-        try:
-            prepared = self.pipe.prepare(inputs, request.outputs, lengths)
-        except RequestError as exc:
-            raise ClientError(str(exc), 422) from None
-        except ValueError as exc:  # a tokenizer refusing an input it cannot encode
-            raise ClientError(f"an input could not be encoded: {exc}", 422) from None
+        prepared = self.prepare(inputs, request.outputs, requested_lengths(request))
         config, seed = self.sampler_config(request, prepared.config)
         if config.cfg > 0:
             try:  # the official text-to-image guidance prompt cannot always be built: refuse here

@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -152,8 +152,26 @@ class TrainState:
 
 
 def save_checkpoint(folder: Path, state: TrainState, opt: Optimisation, vocab: Vocab, config: dict) -> None:
-    """Every rank writes its own state; rank 0 also the model, vocab and optimizer. Each
-    rank then lists what it wrote, with sizes (`checkpoint_complete` checks the lists).
+    """A stage's checkpoint (`write_checkpoint`): rank 0 also writes the vocab, the
+    tokenizers' record and a copy of the text tokenizer."""
+    def model_files(folder: Path) -> None:
+        vocab.save(folder)
+        (folder / TOKENIZERS_FILE).write_text(json.dumps(config.get("tokenizers", {}), indent=2) + "\n")
+        text_tokenizer = config["stage"]["data"]["text_tokenizer"]
+        if text_tokenizer:  # a checkpoint is self-contained: the text ids' meaning travels with it
+            source = Path(text_tokenizer)
+            (folder / TEXT_TOKENIZER_DIR).mkdir()
+            shutil.copy(source / BPETokenizer.FILE if source.is_dir() else source,
+                        folder / TEXT_TOKENIZER_DIR / BPETokenizer.FILE)
+
+    write_checkpoint(folder, state, opt, config["stage"]["stage"], model_files)
+
+
+def write_checkpoint(folder: Path, state: TrainState, opt: Optimisation, stage: int | str,
+                     model_files: Callable[[Path], None] | None = None) -> None:
+    """Every rank writes its own state and its share of the optimizer (`opt.save`: rank 0
+    the model too); rank 0 also `model_files(folder)` and `train_state.json`. Each rank
+    then lists what it wrote, with sizes (`checkpoint_complete` checks the lists).
     Refuses (`NonFiniteTraining`, on every rank) weights that are not finite."""
     opt.check_finite()
     rank, world, device = state.rank, state.world, state.device
@@ -165,17 +183,11 @@ def save_checkpoint(folder: Path, state: TrainState, opt: Optimisation, vocab: V
         torch.distributed.all_gather(seen, torch.tensor(state.samples_seen, device=device))
     opt.save(folder, rank)
     if rank == 0:
-        vocab.save(folder)
-        (folder / TOKENIZERS_FILE).write_text(json.dumps(config.get("tokenizers", {}), indent=2) + "\n")
-        text_tokenizer = config["stage"]["data"]["text_tokenizer"]
-        if text_tokenizer:  # a checkpoint is self-contained: the text ids' meaning travels with it
-            source = Path(text_tokenizer)
-            (folder / TEXT_TOKENIZER_DIR).mkdir()
-            shutil.copy(source / BPETokenizer.FILE if source.is_dir() else source,
-                        folder / TEXT_TOKENIZER_DIR / BPETokenizer.FILE)
+        if model_files is not None:
+            model_files(folder)
         (folder / TRAIN_STATE).write_text(json.dumps({
             "step": state.step, "samples_seen": {str(r): int(s) for r, s in enumerate(seen)},
-            "stage": config["stage"]["stage"], "world": world, "manifests": True,
+            "stage": stage, "world": world, "manifests": True,
             "nonfinite_skipped": state.nonfinite_skipped}) + "\n")
     # written last, listing every file this rank wrote (Ray merges the ranks' folders);
     # train_state.json is checked by reading it

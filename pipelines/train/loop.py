@@ -9,14 +9,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import replace
+from typing import Any, Callable, Iterator
 
 import torch
 
 from omni_model.batching import StreamPacker
 from omni_model.config import from_dict
 from omni_model.masking import add_tail_pad
-from omni_model.objective import Objective, diffusion_loss_of_batch
+from omni_model.objective import Objective, StepResult, diffusion_loss_of_batch
 from omni_model.precision import autocast
 from omni_model.vocab import Vocab
 from pipelines.manifest import TASKS
@@ -55,7 +56,7 @@ def _padded(stream, pad_id: int, max_pads: int, gen: torch.Generator):
         yield ids, mask, tag
 
 
-class _FailOnce:
+class FailOnce:
     """Test hook (`run_stage(..., fail_at_step=N)`, never in a stage's config): rank 1
     exits once at that step, as a crashed worker."""
 
@@ -120,38 +121,63 @@ def _train(cfg: StageConfig, config: dict[str, Any], state: TrainState, model, o
            vocab: Vocab) -> None:
     import ray.train
 
-    rank, world, device = state.rank, state.world, state.device
+    rank, device = state.rank, state.device
     stream = _padded(_sample_stream(ray.train.get_dataset_shard("train"), state.samples_seen,
                                     cfg.data.shuffle_buffer, cfg.data.seed * 1000 + rank),
                      vocab.pad_id, cfg.data.max_pads, state.generator)
     packer = StreamPacker(cfg.data.max_seq_len, cfg.data.rows_per_step, vocab.pad_id)
-    n_tasks = len(TASKS) + 1
-    writer = MetricsWriter(Path(cfg.run.dir)) if rank == 0 else None
-    window = MetricsWindow(n_tasks, device)
-    fail_once = _FailOnce(config.get("fail_at_step"), cfg.run.dir, rank)
     poison = _PoisonLoss(config.get("nonfinite_at"), rank)
     precision = "none" if opt.engine is not None else cfg.scaling.precision  # DeepSpeed: its own bf16
     objective = objective_of(cfg)
-    in_row = 0  # skipped steps since the last applied one
     model.train()
+
+    def next_micro_batch():
+        batch, tags, consumed = packer.next_batch(stream)
+        return batch.to(device), tags.to(device), None, consumed
+
+    def loss_of(step: int, batch, _extra) -> StepResult:
+        out = diffusion_loss_of_batch(opt.net, batch, vocab, objective, autocast=autocast(device, precision))
+        return replace(out, loss=poison(step, out.loss))
+
+    run_steps(cfg, state, opt, next_micro_batch, loss_of, lambda folder: save_checkpoint(folder, state, opt, vocab,
+                                                                                         config),
+              FailOnce(config.get("fail_at_step"), cfg.run.dir, rank))
+
+
+def run_steps(cfg, state: TrainState, opt: Optimisation, next_micro_batch: Callable[[], tuple],
+              loss_of: Callable[[int, Any, Any], StepResult], save: Callable[[Path], None],
+              fail_once: Callable[[int], None] | None = None) -> None:
+    """The optimisation steps every kind of run takes, from `state.step` to
+    `cfg.train.max_steps`: `cfg.optim.grad_accum` micro-batches a step
+    (`next_micro_batch()` -> packed batch on the device, per-position task tags, what the
+    loss needs besides, samples consumed; `loss_of(step, batch, extra)`), a step with a
+    non-finite loss or gradient skipped on every rank (`train.max_nonfinite_in_row` in a
+    row stop the run), metrics every `train.log_every` steps (rank 0 writes them) and a
+    checkpoint every `train.checkpoint_every` (`save(folder)` on every rank, then
+    reported to Ray Train). `fail_once(step)`: a test hook before each step."""
+    import ray.train
+
+    rank, world, device = state.rank, state.world, state.device
+    n_tasks = len(TASKS) + 1
+    writer = MetricsWriter(Path(cfg.run.dir)) if rank == 0 else None
+    window = MetricsWindow(n_tasks, device)
+    in_row = 0  # skipped steps since the last applied one
     try:
         while state.step < cfg.train.max_steps:
             step = state.step
-            fail_once(step)
+            if fail_once is not None:
+                fail_once(step)
             t_start = time.perf_counter()
             pending = MetricsWindow(n_tasks, device)  # joins `window` only if the step is applied
             finite = torch.ones((), dtype=torch.bool, device=device)
             for _ in range(cfg.optim.grad_accum):
                 t0 = time.perf_counter()
-                batch, tags, consumed = packer.next_batch(stream)
+                batch, tags, extra, consumed = next_micro_batch()
                 state.samples_seen += consumed  # a skipped step's samples are passed over too
-                batch, tags = batch.to(device), tags.to(device)
                 pending.wait += time.perf_counter() - t0
-                out = diffusion_loss_of_batch(opt.net, batch, vocab, objective,
-                                              autocast=autocast(device, precision))
-                loss = poison(step, out.loss)
-                finite &= torch.isfinite(loss.detach())
-                opt.backward(loss)
+                out = loss_of(step, batch, extra)
+                finite &= torch.isfinite(out.loss.detach())
+                opt.backward(out.loss)
                 pending.add(out.per_position.detach(), out.logits.detach(), batch.input_ids,
                             out.noisy.target_mask, tags, batch.attention_mask)
             pending.time += time.perf_counter() - t_start
@@ -184,7 +210,7 @@ def _train(cfg: StageConfig, config: dict[str, Any], state: TrainState, model, o
                 writer.write(metrics)
             if is_ckpt:
                 with tempfile.TemporaryDirectory() as tmp:
-                    save_checkpoint(Path(tmp), state, opt, vocab, config)
+                    save(Path(tmp))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)

@@ -14,10 +14,7 @@ its tokenizer and files, then the checkpoint's weights.
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,9 +29,9 @@ from omni_model.release.finetune import (ReleaseDiffusion, SpeechBatch, freeze_s
                                          release_loss)
 from omni_model.release.model import ReleaseModel
 from pipelines.manifest import TASKS
-from pipelines.train.checkpoint import TRAIN_STATE, TrainState, rank_manifest, restored_checkpoint
+from pipelines.train.checkpoint import TrainState, restored_checkpoint, write_checkpoint
 from pipelines.train.guards import STOPPED_FILE, NonFiniteTraining
-from pipelines.train.metrics import MetricsWindow, MetricsWriter
+from pipelines.train.loop import FailOnce, run_steps
 from pipelines.train.parallelism import Optimisation
 from pipelines.train.release_config import ReleaseFinetuneConfig
 
@@ -134,7 +131,7 @@ def _train(cfg: ReleaseFinetuneConfig, config: dict[str, Any], state: TrainState
            opt: Optimisation) -> None:
     import ray.train
 
-    rank, world, device = state.rank, state.world, state.device
+    rank, device = state.rank, state.device
     release = net.release
     vocab = release.vocab
     examples = _Examples(ray.train.get_dataset_shard("train"), state.samples_seen, cfg.data.shuffle_buffer,
@@ -143,85 +140,15 @@ def _train(cfg: ReleaseFinetuneConfig, config: dict[str, Any], state: TrainState
     packer = StreamPacker(cfg.data.max_seq_len, cfg.data.rows_per_step, vocab.pad_id)
     objective = Objective(cfg.data.pad_ratio, cfg.optim.eps_t, cfg.optim.t_schedule, cfg.optim.weighting)
     precision = "none" if opt.engine is not None else cfg.scaling.precision
-    writer = MetricsWriter(Path(cfg.run.dir)) if rank == 0 else None
-    n_tasks = len(TASKS) + 1
-    window = MetricsWindow(n_tasks, device)
-    fail_at = config.get("fail_at_step") if rank == 1 else None
-    in_row = 0
-    try:
-        while state.step < cfg.train.max_steps:
-            step = state.step
-            if step == fail_at and not (Path(cfg.run.dir) / ".failed_once").exists():
-                (Path(cfg.run.dir) / ".failed_once").write_text("rank 1 exited on purpose (fail_at_step)")
-                import os
 
-                os._exit(1)
-            t_start = time.perf_counter()
-            pending = MetricsWindow(n_tasks, device)
-            finite = torch.ones((), dtype=torch.bool, device=device)
-            for _ in range(cfg.optim.grad_accum):
-                t0 = time.perf_counter()
-                batch, tags, consumed = packer.next_batch(stream)
-                state.samples_seen += consumed
-                speech, tasks = examples.assemble(tags)
-                batch, speech, tasks = batch.to(device), speech.to(device), tasks.to(device)
-                pending.wait += time.perf_counter() - t0
-                out = release_loss(opt.net, batch, speech, vocab, objective, autocast=autocast(device, precision),
-                                   masking=cfg.masking)
-                finite &= torch.isfinite(out.loss.detach())
-                opt.backward(out.loss)
-                pending.add(out.per_position.detach(), out.logits.detach(), batch.input_ids, out.noisy.target_mask,
-                            tasks, batch.attention_mask)
-            pending.time += time.perf_counter() - t_start
-            if not opt.step(finite):
-                in_row += 1
-                state.nonfinite_skipped += 1
-                if in_row >= cfg.train.max_nonfinite_in_row:
-                    raise NonFiniteTraining(f"{in_row} steps in a row had a non-finite loss or gradient norm: "
-                                            f"stopped before step {step + 1}; lower optim.lr or check the data")
-                continue
-            in_row = 0
-            window.merge(pending)
-            done = state.step = step + 1
-            if writer is not None:
-                writer.progress(done)
-            is_log = done % cfg.train.log_every == 0 or done == cfg.train.max_steps
-            is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps
-            if not (is_log or is_ckpt):
-                continue
-            metrics = window.reduce(world) | {"step": done, "lr": opt.lr, "epoch_samples": state.samples_seen,
-                                              "skipped_nonfinite": state.nonfinite_skipped}
-            window = MetricsWindow(n_tasks, device)
-            if writer is not None:
-                writer.write(metrics)
-            if is_ckpt:
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_release_checkpoint(Path(tmp), state, opt)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
-    finally:
-        if writer is not None:
-            writer.close()
+    def next_micro_batch():
+        batch, tags, consumed = packer.next_batch(stream)
+        speech, tasks = examples.assemble(tags)
+        return batch.to(device), tasks.to(device), speech.to(device), consumed
 
+    def loss_of(step: int, batch, speech: SpeechBatch):
+        return release_loss(opt.net, batch, speech, vocab, objective, autocast=autocast(device, precision),
+                            masking=cfg.masking)
 
-def save_release_checkpoint(folder: Path, state: TrainState, opt: Optimisation) -> None:
-    """`save_checkpoint`'s steps for a release: every rank its random state and its
-    share of the optimizer; rank 0 the release folder and `train_state.json`; then each
-    rank the list of the files it wrote (`checkpoint_complete`)."""
-    opt.check_finite()
-    rank, world, device = state.rank, state.world, state.device
-    torch.save({"torch_rng": torch.get_rng_state(), "generator": state.generator.get_state(),
-                "samples_seen": state.samples_seen}, folder / f"rank_{rank}.pt")
-    seen = [torch.tensor(state.samples_seen)]
-    if world > 1 and torch.distributed.is_initialized():
-        seen = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
-        torch.distributed.all_gather(seen, torch.tensor(state.samples_seen, device=device))
-    opt.save(folder, rank)  # rank 0: ReleaseDiffusion.save_pretrained, the release format
-    if rank == 0:
-        (folder / TRAIN_STATE).write_text(json.dumps({
-            "step": state.step, "samples_seen": {str(r): int(s) for r, s in enumerate(seen)}, "stage": "release",
-            "world": world, "manifests": True, "nonfinite_skipped": state.nonfinite_skipped}) + "\n")
-    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
-             if f.is_file() and f.name != TRAIN_STATE}
-    (folder / rank_manifest(rank)).write_text(json.dumps(files) + "\n")
+    run_steps(cfg, state, opt, next_micro_batch, loss_of, lambda folder: write_checkpoint(folder, state, opt, "release"),
+              FailOnce(config.get("fail_at_step"), cfg.run.dir, rank))

@@ -16,10 +16,11 @@ from typing import Any
 from omni_model.config import save_config
 from omni_model.release.model import is_release_folder
 from pipelines.train.checkpoint import OPTIMIZER_FILE, TRAIN_STATE, latest_checkpoint
-from pipelines.train.guards import STOPPED_FILE, NonFiniteTraining, fit_to_cluster, fit_watched, run_dir_lock
+from pipelines.train.guards import STOPPED_FILE, fit_to_cluster, run_dir_lock
 from pipelines.train.release_config import ReleaseFinetuneConfig
 from pipelines.train.release_data import prepare_examples, training_dataset
 from pipelines.train.release_loop import FINAL_DIR, release_loop_per_worker
+from pipelines.train.stage import fit_and_export
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +36,6 @@ def run_release_finetune(cfg: ReleaseFinetuneConfig, *, fail_at_step: int | None
 
 
 def _run(cfg: ReleaseFinetuneConfig, run_dir: Path, fail_at_step: int | None) -> dict[str, Any]:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     if not cfg.model.path or not is_release_folder(cfg.model.path):
         raise ValueError(f"model.path {cfg.model.path!r} is not a release folder (Dream's slow tokenizer files "
                          "beside the weights; docs/release.md)")
@@ -65,27 +63,9 @@ def _run(cfg: ReleaseFinetuneConfig, run_dir: Path, fail_at_step: int | None) ->
             export_release(resume, run_dir / FINAL_DIR)
             return {"metrics": None, "final": str(run_dir / FINAL_DIR), "examples": summary,
                     "resumed_finished_run": True}
-    use_gpu = cfg.scaling.use_gpu
-    trainer = TorchTrainer(
-        release_loop_per_worker,
-        train_loop_config={"cfg": asdict(cfg), "fail_at_step": fail_at_step},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name="train", storage_path=str(run_dir),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
-        datasets={"train": training_dataset(cfg, run_dir, summary)},
-    )
-    result = fit_watched(trainer, cfg, run_dir)  # type: ignore[arg-type]
-    if (run_dir / STOPPED_FILE).exists():
-        raise NonFiniteTraining((run_dir / STOPPED_FILE).read_text().strip())
-    if result.checkpoint is None:
-        raise RuntimeError("training ended without a checkpoint")
-    with result.checkpoint.as_directory() as src:
-        export_release(Path(src), run_dir / FINAL_DIR)
-    return {"metrics": result.metrics, "final": str(run_dir / FINAL_DIR), "examples": summary}
+    metrics = fit_and_export(cfg, run_dir, release_loop_per_worker, {"cfg": asdict(cfg), "fail_at_step": fail_at_step},
+                             training_dataset(cfg, run_dir, summary), export_release)  # type: ignore[arg-type]
+    return {"metrics": metrics, "final": str(run_dir / FINAL_DIR), "examples": summary}
 
 
 def _training_file(path: Path) -> bool:

@@ -7,7 +7,7 @@ import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omni_model.config import save_config
 from pipelines.shards import check_compatible
@@ -38,9 +38,6 @@ def run_stage(cfg: StageConfig, *, fail_at_step: int | None = None,
 
 def _run_stage(cfg: StageConfig, run_dir: Path, fail_at_step: int | None,
                nonfinite_at: dict[int, int] | None) -> dict[str, Any]:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # an earlier run's stop; this one starts over
     # Workers and Ray Data tasks do not run in this directory: every path they open is absolute.
     cfg = replace(cfg, data=replace(cfg.data, shards=str(Path(cfg.data.shards).resolve()),
@@ -66,12 +63,26 @@ def _run_stage(cfg: StageConfig, run_dir: Path, fail_at_step: int | None,
             export_final(resume, run_dir / "final")
             return {"metrics": None, "final": str(run_dir / "final"), "vocab_size": vocab.size,
                     "resumed_finished_run": True}
+    metrics = fit_and_export(cfg, run_dir, train_loop_per_worker, {
+        "stage": cfg_dict, "vocab": vocab.to_dict(), "init_path": init_path, "tokenizers": tokenizers,
+        "fail_at_step": fail_at_step, "nonfinite_at": nonfinite_at}, dataset, export_final)
+    return {"metrics": metrics, "final": str(run_dir / "final"), "vocab_size": vocab.size}
+
+
+def fit_and_export(cfg, run_dir: Path, loop: Callable[[dict], None], loop_config: dict, dataset,
+                   export: Callable[[Path, Path], None]) -> dict | None:
+    """Fit `loop` on the workers `cfg.scaling` asks for (a GPU each with `use_gpu`) under
+    the watchdog (`fit_watched`), then export the last checkpoint to `run_dir/final`
+    with `export(checkpoint, final)`; returns the last metrics. A run its workers
+    stopped as non-finite raises `NonFiniteTraining` with their reason. No
+    resume_from_checkpoint: Train V2 restores a run started again with the same name and
+    storage_path from that run's newest checkpoint by itself."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     use_gpu = cfg.scaling.use_gpu
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"stage": cfg_dict, "vocab": vocab.to_dict(), "init_path": init_path,
-                           "tokenizers": tokenizers, "fail_at_step": fail_at_step,
-                           "nonfinite_at": nonfinite_at},
+        loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
@@ -80,8 +91,6 @@ def _run_stage(cfg: StageConfig, run_dir: Path, fail_at_step: int | None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
         datasets={"train": dataset},
-        # No resume_from_checkpoint: Train V2 restores a run started again with the same
-        # name and storage_path from that run's newest checkpoint by itself.
     )
     result = fit_watched(trainer, cfg, run_dir)
     if (run_dir / STOPPED_FILE).exists():
@@ -89,5 +98,5 @@ def _run_stage(cfg: StageConfig, run_dir: Path, fail_at_step: int | None,
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as src:
-        export_final(Path(src), run_dir / "final")
-    return {"metrics": result.metrics, "final": str(run_dir / "final"), "vocab_size": vocab.size}
+        export(Path(src), run_dir / "final")
+    return result.metrics
