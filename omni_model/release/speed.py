@@ -10,12 +10,16 @@ each changes, measured on the fixture releases, is in docs/release.md
   the project's sampler. Each request keeps its own loop (`sampler.steps`: its schedule,
   filters, penalties and random draws), so only the logits can differ from its batch-1
   run: prompts are left-padded with zero vectors kept out of attention (positions count
-  from each request's first real one), which changes some sums in the last bits. On the
-  fixtures a padded row's float32 logits differ from its batch-1 ones by up to 6e-6
-  (its ids stayed equal), its bfloat16 ones by one unit in the last place, which changed
-  the ids of 2 of 4 requests. Requests of one length need no padding and get their
-  batch-1 logits to the bit; `padding=False` shares passes only between those. A
-  request leaves the batch when its loop ends.
+  from each request's first real one). The sums are the same but not always in the same
+  order, so logits can differ in the last bits and, where two positions or ids tie that
+  closely, so can the ids (measured in docs/release.md): on the fixtures a padded row's
+  float32 logits moved by up to 6e-6 (ids all equal), its bfloat16 ones by a unit in the
+  last place (the ids of some requests changed); unpadded rows kept theirs to the bit
+  there, but on a larger model a batch of 4 copies of a 1,117-position request moved
+  them by 8e-7 (the matrix products are blocked differently), which changed 6 of its 16
+  ids. `padding=False` shares passes only between requests of one length: no padding,
+  so no short request computes a long one's width (on a CPU a padded position costs as
+  much as a real one). A request leaves the batch when its loop ends.
 * Prompt cache (`PromptCache`, Fast-dLLM's prefix cache): a full pass every `refresh`
   steps keeps every layer's keys and values; the steps between compute only the
   response positions (and the one before, for Dream's shift) against them. The model
@@ -80,10 +84,8 @@ def generate_batch(forward: MaskedForward, embed: Embed, prompt_embeds: Sequence
     one for all or one each; `unconditionals`, `generators`: one each (None: none /
     torch's global generator, shared, so then the draws depend on the batch).
     `padding=False`: only requests of one length (prompt + response) share a pass, one
-    pass per length a step, so each row's sums are its batch-1 sums and its ids are its
-    batch-1 ids to the bit (padding changes the logits' last bits: see the module's
-    docstring). `on_pass(rows)` is called before each pass. Returns each request's
-    response ids."""
+    pass per length a step (see the module's docstring for what padding changes).
+    `on_pass(rows)` is called before each pass. Returns each request's response ids."""
     count = len(prompt_embeds)
     if isinstance(configs, OfficialSamplerConfig):
         configs = [configs] * count
