@@ -17,7 +17,7 @@ from omni_model.release.model import ReleaseModel
 from omni_model.release.prompts import task_prompt
 from omni_model.release.response import parse_response
 from omni_model.release.sampler import OfficialSamplerConfig, _end_early, generate, preset, unconditional_prompt
-from omni_model.release.speed import PromptCache, generate_batch, generate_prompts, masked_forward
+from omni_model.release.speed import PromptCache, _buckets, generate_batch, generate_prompts, masked_forward
 from omni_model.tokenizers.sensevoice import context_positions
 from tests.conftest import ROOT
 
@@ -73,7 +73,8 @@ def test_every_technique_is_off_by_default():
         OfficialSamplerConfig(alg="origin", early_stop=True)
 
 
-def test_a_batch_gives_each_request_its_own_ids(model):
+@pytest.mark.parametrize("max_padding", [None, 0.5])
+def test_a_batch_gives_each_request_its_own_ids(model, max_padding):
     """Different prompt lengths (left padding kept out of attention), a guided request
     (two rows), a fixed boa, different step counts: every row is its batch-1 run (in
     float32 on the fixture; the logits move by up to 6e-6, below every tie here)."""
@@ -83,12 +84,22 @@ def test_a_batch_gives_each_request_its_own_ids(model):
     together = generate_batch(masked_forward(model.transformer), model.transformer.model.embed_tokens,
                               [v for v, _, _ in batch], model.vocab, [c for _, c, _ in batch],
                               [u for _, _, u in batch], [torch.Generator().manual_seed(0) for _ in batch],
-                              on_pass=rows.append)
+                              max_padding, on_pass=rows.append)
     for a, t in zip(alone, together):
         assert t.tolist() == a.tolist()
-    # s2i has two rows; tts takes 4 steps and leaves, svqa (its boa fixed) has 7 masks
-    # and leaves after 7, s2i and vqa take 8
-    assert rows == [5] * 4 + [4] * 3 + [3]
+    if max_padding is None:
+        # s2i has two rows; tts takes 4 steps and leaves, svqa (its boa fixed) has 7 masks
+        # and leaves after 7, s2i and vqa take 8
+        assert rows == [5] * 4 + [4] * 3 + [3]
+    else:  # lengths 292 (vqa) and 156 (svqa) share a pass, 83 (s2i, two rows) and 41 (tts) another
+        assert rows == [2, 3] * 4 + [2, 2] * 3 + [1, 2]
+
+
+def test_max_padding_bounds_each_pass_s_padding():
+    waiting = {i: torch.zeros(1, n, 1) for i, n in enumerate([30, 100, 40, 90])}
+    assert _buckets(waiting, 0.5) == [[1, 3, 2], [0]]  # 4 x 100 > 1.5 x 260: 30 gets its own
+    assert _buckets(waiting, 0) == [[1], [3], [2], [0]]
+    assert _buckets(waiting, 10) == [[1, 3, 2, 0]]
 
 
 def test_padded_batch_logits_equal_the_unpadded_ones_to_the_last_bits(model):
@@ -216,9 +227,9 @@ def test_without_padding_a_batch_is_exact_in_bfloat16_too():
     alone = [single(model, v, config) for v in vectors]
     rows = []
     together = generate_batch(masked_forward(model.transformer), model.transformer.model.embed_tokens, vectors,
-                              model.vocab, config, padding=False, on_pass=rows.append)
+                              model.vocab, config, max_padding=0, on_pass=rows.append)
     assert [t.tolist() for t in together] == [a.tolist() for a in alone]
-    assert rows == [2, 1] * 4  # one pass per length a step
+    assert rows == [1, 2] * 4  # one pass per length a step, the longer first
 
 
 def test_generate_prompts_is_release_model_generate_for_each(model):

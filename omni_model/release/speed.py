@@ -17,9 +17,10 @@ each changes, measured on the fixture releases, is in docs/release.md
   last place (the ids of some requests changed); unpadded rows kept theirs to the bit
   there, but on a larger model a batch of 4 copies of a 1,117-position request moved
   them by 8e-7 (the matrix products are blocked differently), which changed 6 of its 16
-  ids. `padding=False` shares passes only between requests of one length: no padding,
-  so no short request computes a long one's width (on a CPU a padded position costs as
-  much as a real one). A request leaves the batch when its loop ends.
+  ids. `max_padding` splits a step into passes whose padding stays within that share of
+  their real positions (the scheduler's rule), so short requests do not compute a long
+  one's width (on a CPU a padded position costs as much as a real one); 0 shares passes
+  only between requests of one length. A request leaves the batch when its loop ends.
 * Prompt cache (`PromptCache`, Fast-dLLM's prefix cache): a full pass every `refresh`
   steps keeps every layer's keys and values; the steps between compute only the
   response positions (and the one before, for Dream's shift) against them. The model
@@ -47,7 +48,7 @@ def generate_prompts(model: ReleaseModel, prompts: Sequence[ReleasePrompt],
                      configs: OfficialSamplerConfig | Sequence[OfficialSamplerConfig],
                      features: Sequence[Sequence[torch.Tensor]] | None = None,
                      unconditionals: Sequence[Sequence[int] | None] | None = None, seeds: Sequence[int] | None = None,
-                     padding: bool = True) -> list[list[int]]:
+                     max_padding: float | None = None) -> list[list[int]]:
     """`ReleaseModel.generate` of several prompts in one batch (`generate_batch`): each
     prompt's speech `features`, guidance prompt and seed (default 42, the official one)."""
     features = features or [()] * len(prompts)
@@ -55,7 +56,7 @@ def generate_prompts(model: ReleaseModel, prompts: Sequence[ReleasePrompt],
     device = model.transformer.lm_head.weight.device
     out = generate_batch(masked_forward(model.transformer), model.transformer.model.embed_tokens,
                          [model.prompt_embeds(p, f) for p, f in zip(prompts, features)], model.vocab, configs,
-                         unconditionals, [torch.Generator(device=device).manual_seed(s) for s in seeds], padding)
+                         unconditionals, [torch.Generator(device=device).manual_seed(s) for s in seeds], max_padding)
     return [o.tolist() for o in out]
 
 
@@ -78,14 +79,16 @@ def generate_batch(forward: MaskedForward, embed: Embed, prompt_embeds: Sequence
                    configs: OfficialSamplerConfig | Sequence[OfficialSamplerConfig],
                    unconditionals: Sequence[Sequence[int] | None] | None = None,
                    generators: Sequence[torch.Generator | None] | None = None,
-                   padding: bool = True, on_pass: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+                   max_padding: float | None = None,
+                   on_pass: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """`sampler.generate` of several requests, one forward pass per step for all the
     requests still running. `prompt_embeds`: one `[1, P_i, H]` per request; `configs`
     one for all or one each; `unconditionals`, `generators`: one each (None: none /
     torch's global generator, shared, so then the draws depend on the batch).
-    `padding=False`: only requests of one length (prompt + response) share a pass, one
-    pass per length a step (see the module's docstring for what padding changes).
-    `on_pass(rows)` is called before each pass. Returns each request's response ids."""
+    `max_padding`: None, one pass a step whatever the lengths; a share, passes whose
+    padded positions are at most `1 + max_padding` times their real ones (0: one pass
+    per length; see the module's docstring for what padding changes). `on_pass(rows)`
+    is called before each pass. Returns each request's response ids."""
     count = len(prompt_embeds)
     if isinstance(configs, OfficialSamplerConfig):
         configs = [configs] * count
@@ -99,13 +102,26 @@ def generate_batch(forward: MaskedForward, embed: Embed, prompt_embeds: Sequence
     for i, run in enumerate(runs):
         _advance(i, run, None, waiting, results)
     while waiting:
-        groups = [list(waiting)]
-        if not padding:
-            lengths = {i: waiting[i].shape[1] for i in waiting}
-            groups = [[i for i in waiting if lengths[i] == n] for n in sorted(set(lengths.values()))]
+        groups = [list(waiting)] if max_padding is None else _buckets(waiting, max_padding)
         for order in groups:
             _pass(forward, order, waiting, runs, configs, results, on_pass)
     return results
+
+
+def _buckets(waiting: dict[int, torch.Tensor], max_padding: float) -> list[list[int]]:
+    """Requests into passes, longest first, each pass's padded positions within
+    `1 + max_padding` times its real ones (`serve/scheduler.py`'s rule)."""
+    buckets: list[list[int]] = []
+    for i in sorted(waiting, key=lambda i: -waiting[i].shape[1]):
+        if buckets:
+            members = [waiting[j] for j in buckets[-1] + [i]]
+            rows = sum(v.shape[0] for v in members)
+            real = sum(v.shape[0] * v.shape[1] for v in members)
+            if rows * max(v.shape[1] for v in members) <= (1 + max_padding) * real:
+                buckets[-1].append(i)
+                continue
+        buckets.append([i])
+    return buckets
 
 
 def _pass(forward: MaskedForward, order: list[int], waiting: dict, runs: list, configs, results: list,
