@@ -43,6 +43,7 @@ from omni_model.release.sampler import Embed, OfficialSamplerConfig, steps
 from omni_model.transformer import KVCache, Transformer
 from omni_model.vocab import Vocab
 
+
 @torch.no_grad()
 def generate_prompts(model: ReleaseModel, prompts: Sequence[ReleasePrompt],
                      configs: OfficialSamplerConfig | Sequence[OfficialSamplerConfig],
@@ -167,6 +168,7 @@ class PromptCache:
         self.cache: KVCache | None = None
         self.full = self.spans = 0
 
+    @torch.no_grad()
     def __call__(self, vectors: torch.Tensor, start: int) -> torch.Tensor:
         end = vectors.shape[1]
         if self.cache is None or (self.full + self.spans) % self.refresh == 0:
