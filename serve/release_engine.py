@@ -13,8 +13,11 @@ How it differs from `serve.engine.Engine` (whose checks, limits and responses it
   random -> origin), `repetition_penalty` (the official rule, `entropy-penalty`),
   `position_penalty` (the official ramp past the first 100 masked positions),
   `block_length`, `cfg_scale` (speech-to-image; text-to-image as far as the official
-  prompt allows); the project's own options (thresholds, factor, early stop, caches,
-  `position_penalty_start`) are refused with a 422 naming them;
+  prompt allows); and onto the project's techniques that apply to the official sampler,
+  all off unless asked for (docs/release.md measures what each changes): `threshold`,
+  `early_stop`, `cache: prefix` with `cache_refresh` (`speed.PromptCache`). Options
+  with no counterpart (per-modality thresholds, `factor`, `position_penalty_start`, the
+  dual cache) are refused with a 422 naming them;
 * the official sampler takes one request at a time: `batching.mode` must be `batch`, and
   a batch's requests run one after another, each with its own seed;
 * speech answers come as GLM-4-Voice codes (`speech_codes`), there being no GLM-4-Voice
@@ -45,9 +48,10 @@ logger = logging.getLogger(__name__)
 
 #: request `confidence` -> the official `alg`
 ALGORITHMS = {"probability": "maskgit_plus", "margin": "topk_margin", "entropy": "entropy", "random": "origin"}
-#: request options the official sampler has no counterpart for
-NOT_OFFICIAL = ("threshold", "text_threshold", "image_threshold", "speech_threshold", "factor", "early_stop",
-                "cache", "cache_refresh", "position_penalty_start")
+#: request options the release's sampler has no counterpart for
+NOT_OFFICIAL = ("text_threshold", "image_threshold", "speech_threshold", "factor", "position_penalty_start")
+#: the prompt cache's refresh interval when a request asks for `cache: prefix` without one
+DEFAULT_CACHE_REFRESH = 4
 #: encoder frames per second of audio (SenseVoice: 10 ms frames, LFR 6), plus its 4 query rows
 FRAMES_PER_SECOND, QUERY_ROWS = 100 / 6, 4
 
@@ -102,6 +106,11 @@ class ReleaseEngine(Engine):
         self._check_estimate(inputs, request.outputs, {})
         prepared = self.prepare(inputs, request.outputs, requested_lengths(request))
         config, seed = self.sampler_config(request, prepared.config)
+        if request.sampler.cache == "dual":
+            raise ClientError("sampler.cache dual: the release's presets decode the response as one block, so "
+                              "there is nothing after it to cache; use prefix", 422)
+        if request.sampler.cache == "prefix":
+            prepared.cache_refresh = request.sampler.cache_refresh or DEFAULT_CACHE_REFRESH
         if config.cfg > 0:
             try:  # the official text-to-image guidance prompt cannot always be built: refuse here
                 self.pipe.model.unconditional(config, prepared.prompt, seed)
@@ -137,9 +146,10 @@ class ReleaseEngine(Engine):
         given = request.sampler.model_dump(exclude_none=True)
         refused = [k for k in NOT_OFFICIAL if k in given]
         if refused:
-            raise ClientError(f"sampler: {', '.join(refused)} is not an option of the released model's official "
+            raise ClientError(f"sampler: {', '.join(refused)} is not an option of the released model's "
                               "sampler (steps, temperature, top_p, top_k, confidence, repetition_penalty, "
-                              "position_penalty, block_length, cfg_scale, seed)", 422)
+                              "position_penalty, block_length, cfg_scale, threshold, early_stop, cache "
+                              "(none, prefix), cache_refresh, seed)", 422)
         problem = over_cap(given, self.cfg.limits)
         if problem:
             raise ClientError(problem, 422)
@@ -149,7 +159,8 @@ class ReleaseEngine(Engine):
         changes: dict = {}
         for ours, theirs in (("steps", "steps"), ("temperature", "temperature"), ("top_p", "top_p"),
                              ("top_k", "top_k"), ("position_penalty", "max_position_penalty"),
-                             ("block_length", "block_size"), ("cfg_scale", "cfg")):
+                             ("block_length", "block_size"), ("cfg_scale", "cfg"), ("threshold", "threshold"),
+                             ("early_stop", "early_stop")):
             if ours in given:
                 changes[theirs] = given[ours]
         if "confidence" in given:

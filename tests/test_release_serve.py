@@ -78,9 +78,25 @@ def test_each_task_is_served_with_its_official_settings(engine):
     assert again.speech_codes == results["tts"].speech_codes  # the same seed, the same answer
 
 
+def test_our_techniques_are_options_off_by_default(engine):
+    """threshold, early_stop and the prompt cache reach the release's sampler only when a
+    request asks; cache_refresh 1 (a full pass every step) gives the official ids."""
+    text = [{"type": "text", "text": "hello there"}]
+    plain = engine.parse_body(_body(text, ["speech"], seed=4))
+    assert plain.config.threshold is None and not plain.config.early_stop and plain.prepared.cache_refresh is None
+    fast = engine.parse_body(_body(text, ["speech"], seed=4, threshold=0.3, early_stop=True, cache="prefix"))
+    assert fast.config.threshold == 0.3 and fast.config.early_stop and fast.prepared.cache_refresh == 4
+    exact = engine.parse_body(_body(text, ["speech"], seed=4, cache="prefix", cache_refresh=1))
+    assert exact.prepared.cache_refresh == 1
+    results = engine.run([plain, fast, exact])
+    assert results[2].speech_codes == results[0].speech_codes
+    assert results[1].usage.steps <= results[0].usage.steps
+
+
 @pytest.mark.parametrize("raw, status, message", [
-    (_body([{"type": "text", "text": "hi"}], ["speech"], threshold=0.9), 422, "not an option of the released"),
-    (_body([{"type": "text", "text": "hi"}], ["speech"], cache="prefix"), 422, "not an option of the released"),
+    (_body([{"type": "text", "text": "hi"}], ["speech"], factor=1.0), 422, "not an option of the released"),
+    (_body([{"type": "text", "text": "hi"}], ["speech"], text_threshold=0.9), 422, "not an option of the released"),
+    (_body([{"type": "text", "text": "hi"}], ["speech"], cache="dual"), 422, "sampler.cache"),
     (_body([{"type": "text", "text": "hi"}], ["speech"], cfg_scale=2.0), 422, "cfg > 0 needs task s2i or t2i"),
     (_body([{"type": "text", "text": "hi"}], ["speech"], confidence="margin", repetition_penalty=1.2), 422,
      "entropy confidence only"),
@@ -145,8 +161,8 @@ def test_a_release_folder_served_over_http(ray_session):
             events = [line for line in stream.iter_lines(decode_unicode=True) if line.startswith("event:")]
         assert events[-1] == "event: result" and events.count("event: progress") >= 1
         bad = requests.post(f"{url}/v1/generate", data=_body([{"type": "text", "text": "hi"}], ["speech"],
-                                                            early_stop=True), timeout=60)
-        assert bad.status_code == 422 and "early_stop" in bad.json()["error"]
+                                                            factor=1.0), timeout=60)
+        assert bad.status_code == 422 and "factor" in bad.json()["error"]
     finally:
         serve.delete("omni_release")
         serve.shutdown()

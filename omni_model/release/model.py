@@ -146,19 +146,22 @@ class ReleaseModel(torch.nn.Module):
     @torch.no_grad()
     def generate(self, prompt: ReleasePrompt, config: OfficialSamplerConfig, features: Sequence[torch.Tensor] = (),
                  unconditional: Sequence[int] | None = None, generator: torch.Generator | None = None,
-                 on_step: Callable[[int], None] | None = None) -> list[int]:
+                 on_step: Callable[[int], None] | None = None,
+                 forward: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> list[int]:
         """The response ids the official `DreamModel.generate` returns for this prompt.
         `on_step(n)` before the n-th forward pass (n from 0): a server's deadline or
-        cancel check, which may raise to stop the call."""
+        cancel check, which may raise to stop the call. `forward`: the logits of
+        `vectors` from `start` (None: `logits`; e.g. `speed.PromptCache`)."""
         vectors = self.prompt_embeds(prompt, features)
         embed = self.transformer.model.embed_tokens
+        logits = forward or self.logits
         passes = [0]
 
         def checked(vectors: torch.Tensor, start: int) -> torch.Tensor:
             on_step(passes[0])
             passes[0] += 1
-            return self.logits(vectors, start)
-        forward = self.logits if on_step is None else checked
+            return logits(vectors, start)
+        forward = logits if on_step is None else checked
         return generate(forward, embed, vectors, self.vocab, config, unconditional, generator).tolist()
 
     def image_codes(self, image, image_tokenizer, resolution: int = INPUT_RESOLUTION) -> list[int]:

@@ -35,6 +35,7 @@ from omni_model.release.prompts import TASKS as PROMPT_TASKS
 from omni_model.release.prompts import ReleasePrompt, task_prompt
 from omni_model.release.response import parse_response
 from omni_model.release.sampler import OfficialSamplerConfig, evaluation_preset, preset
+from omni_model.release.speed import PromptCache
 from omni_model.tokenizers.sensevoice import context_positions
 
 #: (wanted outputs, an image among the inputs, audio among the inputs) -> the release's task
@@ -76,6 +77,10 @@ class ReleasePrepared:
     features: list[torch.Tensor]
     outputs: tuple[str, ...]
     config: OfficialSamplerConfig
+    #: steps between full passes of a prompt key-value cache (`speed.PromptCache`: the
+    #: steps between compute the response only; an approximation); None: no cache, the
+    #: official sampler's own passes
+    cache_refresh: int | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -225,9 +230,10 @@ class ReleaseAnyToAny:
             settings = self.settings(request, config)
             before = passes[0]
             generator = torch.Generator(device=device).manual_seed(int(seed))
+            cache = PromptCache(self.model.transformer, request.cache_refresh) if request.cache_refresh else None
             ids = self.model.generate(request.prompt, settings, request.features,
                                       self.model.unconditional(settings, request.prompt, int(seed)), generator,
-                                      on_step=counted)
+                                      on_step=counted, forward=cache)
             outputs.append(self.decode(request, ids, passes[0] - before, settings))
         return outputs
 
