@@ -137,6 +137,11 @@ class Batching:
     #: on padding; requests of very different lengths go into separate passes beyond it
     max_padding: float = 0.5
     max_batch_size: int = 16  #: batch mode: 1 = no batching
+    #: a release folder in batch mode: the requests of a batch share each step's forward
+    #: pass, in passes whose padding stays within this share of their positions (0: one
+    #: pass per prompt length); None: one request after another, as the official sampler
+    #: runs them. Exact up to rounding (docs/release.md)
+    release_shared_steps: float | None = None
     wait_timeout_s: float = 0.01
 
     def __post_init__(self) -> None:

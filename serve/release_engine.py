@@ -19,7 +19,8 @@ How it differs from `serve.engine.Engine` (whose checks, limits and responses it
   with no counterpart (per-modality thresholds, `factor`, `position_penalty_start`, the
   dual cache) are refused with a 422 naming them;
 * the official sampler takes one request at a time: `batching.mode` must be `batch`, and
-  a batch's requests run one after another, each with its own seed;
+  a batch's requests run one after another, each with its own seed, or, with
+  `batching.release_shared_steps`, share each step's forward pass (exact up to rounding);
 * speech answers come as GLM-4-Voice codes (`speech_codes`), there being no GLM-4-Voice
   decoder in the project yet; streams carry progress events without previews.
 """
@@ -178,8 +179,12 @@ class ReleaseEngine(Engine):
 
     # ------------------------------------------------------------------ generation
     def run(self, jobs: list[Job]) -> list[GenerateResponse | Exception]:
-        """A `@serve.batch` batch: each job in turn (one sampler call each)."""
+        """A `@serve.batch` batch: each job in turn (one sampler call each), or, with
+        `batching.release_shared_steps`, the wanted jobs in one call sharing each step's
+        forward pass."""
         timeout = self.cfg.limits.request_timeout_s
+        if self.cfg.batching.release_shared_steps is not None and len(jobs) > 1:
+            return self._run_shared(jobs)
         results: list[GenerateResponse | Exception] = []
         for job in jobs:
             if not job.wanted:  # cancelled or timed out while it waited: never started
@@ -195,6 +200,35 @@ class ReleaseEngine(Engine):
             except Exception as exc:  # one request's failure is not the others'
                 logger.exception("the official sampler failed for a request")
                 results.append(exc)
+        return results
+
+    def _run_shared(self, jobs: list[Job]) -> list[GenerateResponse | Exception]:
+        timeout = self.cfg.limits.request_timeout_s
+        results: list[GenerateResponse | Exception] = [job.refusal(timeout) for job in jobs]
+        members = [i for i, job in enumerate(jobs) if job.wanted]
+        batch = [jobs[i] for i in members]
+        self.stopped += len(jobs) - len(batch)
+        if not batch:
+            return results
+        stop = self._stop_unwanted(batch)
+        self.sampler_calls += 1
+        self.requests += len(batch)
+        try:
+            outputs = self.pipe.generate_batch([j.prepared for j in batch], [j.config for j in batch],
+                                               seeds=[j.seed for j in batch],
+                                               on_step=lambda n: stop(n, None),
+                                               shared_steps=self.cfg.batching.release_shared_steps)
+        except Stopped:
+            self.stopped += len(batch)
+            return results
+        except Exception as exc:  # the batch's call failed: each of its jobs says so
+            logger.exception("a shared sampler call failed for %d requests", len(batch))
+            outputs = [exc] * len(batch)
+        for i, job, out in zip(members, batch, outputs):
+            if isinstance(out, Exception):
+                results[i] = out
+            else:
+                results[i] = self.response(job, out, len(batch)) if job.wanted else job.refusal(timeout)
         return results
 
     def stream(self, job: Job, emit: Callable[[dict], None]) -> GenerateResponse:

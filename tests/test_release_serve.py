@@ -166,3 +166,25 @@ def test_a_release_folder_served_over_http(ray_session):
     finally:
         serve.delete("omni_release")
         serve.shutdown()
+
+
+def test_a_batch_may_share_each_step_forward_pass():
+    """`batching.release_shared_steps`: one call for a batch, each request's answer its
+    own (rows of one prompt length, unpadded: the same ids as alone); a request past
+    its deadline in the batch answers 504 and the others still answer."""
+    from serve.release_engine import ReleaseEngine
+
+    shared = ReleaseEngine(_config("batching.release_shared_steps=0"))
+    bodies = [json.dumps({"inputs": [{"type": "text", "text": text}], "outputs": ["speech"],
+                          "lengths": {"speech": 16}, "sampler": {"seed": seed, "temperature": 0.7}}).encode()
+              for text, seed in (("hello there", 1), ("hello there", 2), ("good morning to you all", 3))]
+    together = shared.run([shared.parse_body(b) for b in bodies])
+    alone = [shared.run([shared.parse_body(b)])[0] for b in bodies]
+    assert shared.sampler_calls == 1 + 3
+    assert [r.speech_codes for r in together] == [r.speech_codes for r in alone]
+    assert [r.usage.batch_size for r in together] == [3, 3, 3]
+    late = [shared.parse_body(b) for b in bodies]
+    late[1].deadline = 0.0
+    results = shared.run(late)
+    assert isinstance(results[1], ClientError) and results[1].status == 504
+    assert results[0].speech_codes == alone[0].speech_codes and results[2].speech_codes == alone[2].speech_codes

@@ -35,7 +35,7 @@ from omni_model.release.prompts import TASKS as PROMPT_TASKS
 from omni_model.release.prompts import ReleasePrompt, task_prompt
 from omni_model.release.response import parse_response
 from omni_model.release.sampler import OfficialSamplerConfig, evaluation_preset, preset
-from omni_model.release.speed import PromptCache
+from omni_model.release.speed import PromptCache, generate_batch, masked_forward
 from omni_model.tokenizers.sensevoice import context_positions
 
 #: (wanted outputs, an image among the inputs, audio among the inputs) -> the release's task
@@ -213,11 +213,22 @@ class ReleaseAnyToAny:
         return replace(prepared.config, **config)
 
     def generate_batch(self, requests: Sequence[ReleasePrepared], config=None, seeds: Sequence[int] | None = None,
-                       on_step: Callable[[int], None] | None = None) -> list[Output]:
+                       on_step: Callable[[int], None] | None = None,
+                       shared_steps: float | None = None) -> list[Output]:
         """Each request in turn with the official sampler (it takes one at a time), with
         its own seed (default 42, as the official inference). `on_step(n)` before each
-        forward pass, counted over the whole batch: may raise to stop."""
+        forward pass, counted over the whole batch: may raise to stop. `config`: see
+        `settings`, one for every request or a list of one each.
+
+        `shared_steps`: the requests (those without a prompt cache) share each step's
+        forward pass instead (`speed.generate_batch`, each keeping its own loop and
+        draws), in passes whose padding stays within this share of their positions (0:
+        one pass per prompt length). Exact up to rounding: a padded or batched row's
+        logits can differ in the last bits, and near-ties with them (docs/release.md)."""
         seeds = list(seeds) if seeds is not None else [DEFAULT_SEED] * len(requests)
+        configs = list(config) if isinstance(config, (list, tuple)) else [config] * len(requests)
+        if shared_steps is not None and len(requests) > 1 and not any(r.cache_refresh for r in requests):
+            return self._generate_shared(requests, configs, seeds, on_step, shared_steps)
         outputs, passes = [], [0]
 
         def counted(_: int) -> None:
@@ -226,7 +237,7 @@ class ReleaseAnyToAny:
             passes[0] += 1
 
         device = self.model.transformer.lm_head.weight.device
-        for request, seed in zip(requests, seeds):
+        for request, seed, config in zip(requests, seeds, configs):
             settings = self.settings(request, config)
             before = passes[0]
             generator = torch.Generator(device=device).manual_seed(int(seed))
@@ -236,6 +247,28 @@ class ReleaseAnyToAny:
                                       on_step=counted, forward=cache)
             outputs.append(self.decode(request, ids, passes[0] - before, settings))
         return outputs
+
+    def _generate_shared(self, requests: Sequence[ReleasePrepared], configs: Sequence, seeds: Sequence[int],
+                         on_step: Callable[[int], None] | None, max_padding: float) -> list[Output]:
+        """`generate_batch` with shared forward passes; each output's `steps` counts the
+        passes of the whole call."""
+        model = self.model
+        device = model.transformer.lm_head.weight.device
+        settings = [self.settings(r, c) for r, c in zip(requests, configs)]
+        passes = [0]
+
+        def counted(_rows: int) -> None:
+            if on_step is not None:
+                on_step(passes[0])
+            passes[0] += 1
+
+        with torch.no_grad():
+            ids = generate_batch(masked_forward(model.transformer), model.transformer.model.embed_tokens,
+                                 [model.prompt_embeds(r.prompt, r.features) for r in requests], self.vocab, settings,
+                                 [model.unconditional(c, r.prompt, int(s)) for c, r, s in zip(settings, requests, seeds)],
+                                 [torch.Generator(device=device).manual_seed(int(s)) for s in seeds], max_padding,
+                                 on_pass=counted)
+        return [self.decode(r, i.tolist(), passes[0], c) for r, i, c in zip(requests, ids, settings)]
 
     def generate_many(self, requests: Sequence[ReleasePrepared], config=None, seeds: Sequence[int] | None = None,
                       batch_size: int = 1, on_batch: Callable[[int], None] | None = None) -> list[Output]:
