@@ -89,8 +89,10 @@ class ReleaseEngine(Engine):
     # ------------------------------------------------------------------ model card
     def card(self) -> ModelCard:
         image = self.pipe.image_tokenizer is not None
-        outputs = sorted({o for (o, i, _), _t in REQUEST_TASKS.items() if image or not (i or "image" in o)},
-                         key=lambda o: [OUTPUT_MODALITIES.index(x) for x in o])
+        # the output combinations of the tasks it can run (without MAGVIT-v2: none with an image)
+        combos = {outputs for (outputs, takes_image, _), _task in REQUEST_TASKS.items()
+                  if image or not (takes_image or "image" in outputs)}
+        outputs = sorted(combos, key=lambda o: [OUTPUT_MODALITIES.index(x) for x in o])
         inputs = ["text"] + (["image"] if image else []) + ["audio"]
         return ModelCard(id=self.cfg.model.name, outputs=[list(o) for o in outputs], inputs=inputs)
 

@@ -49,6 +49,10 @@ REQUEST_TASKS = {
     (("text", "speech"), True, True): "svqa",
     (("text", "speech"), False, True): "sqa",
 }
+#: `REQUEST_TASKS` in words, for refusals
+SUPPORTED = ("an image from text (t2i) or audio (s2i); text from an image and text (vqa), audio (asr) or "
+             "audio and an image (svqa); speech from text (tts); text and speech from audio (sqa) or audio and "
+             "an image (svqa)")
 PRESET_KINDS = ("inference", "evaluation")
 #: the seed of a request that names none (the official inference seeds 42)
 DEFAULT_SEED = 42
@@ -58,12 +62,9 @@ def task_for(outputs: Sequence[str], has_image: bool, has_audio: bool) -> str:
     """The release task a request is, or a `RequestError` listing what the release does."""
     task = REQUEST_TASKS.get((_in_order(outputs), has_image, has_audio))
     if task is None:
-        known = "; ".join(f"{'+'.join(o)} from {'text' if not (i or a) else '+'.join(['image'] * i + ['audio'] * a)}"
-                          f"{' (+text)' if 'text' in PROMPT_TASKS[t]['inputs'] else ''}"
-                          for (o, i, a), t in REQUEST_TASKS.items())
         raise RequestError(f"the released model has no task for outputs {list(outputs)} from "
                            f"{'an image' if has_image else 'no image'} and {'audio' if has_audio else 'no audio'}; "
-                           f"it answers: {known}")
+                           f"it answers: {SUPPORTED}")
     return task
 
 
