@@ -89,13 +89,9 @@ class _PoisonLoss:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
-    import ray.train.torch
 
     cfg = from_dict(StageConfig, config["stage"])
-    torch.set_num_threads(cfg.scaling.threads_per_worker)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(cfg.scaling.threads_per_worker)
     if cfg.model.attention == "flex" and device.type != "cuda":
         raise ValueError("model.attention=flex needs a GPU worker (FlexAttention has no backward pass "
                          "on the CPU); use model.attention=sdpa")
@@ -108,12 +104,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.set_gradient_checkpointing(cfg.model.gradient_checkpointing).set_attention(cfg.model.attention)
         opt = Optimisation(cfg, model, device, world, resume_dir)
         state.restore_rng(resume_dir)
+    stop_when_nonfinite(lambda: _train(cfg, config, state, model, opt, vocab), rank, cfg.run.dir)
+
+
+def worker_context(threads: int) -> tuple[int, int, torch.device]:
+    """This Ray Train worker's rank, world size and device, its torch threads set."""
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(threads)
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def stop_when_nonfinite(train: Callable[[], None], rank: int, run_dir: str) -> None:
+    """Run `train`; a `NonFiniteTraining` ends the worker quietly, rank 0 leaving the
+    reason in `STOPPED_FILE` for the driver. Every rank is there at the same step (the
+    flags are reduced over the ranks)."""
     try:
-        _train(cfg, config, state, model, opt, vocab)
+        train()
     except NonFiniteTraining as err:
-        # Every rank is here at the same step (the flags are reduced over the ranks).
         if rank == 0:
-            (Path(cfg.run.dir) / STOPPED_FILE).write_text(str(err) + "\n")
+            (Path(run_dir) / STOPPED_FILE).write_text(str(err) + "\n")
         logger.error("rank %d stops: %s", rank, err)
 
 

@@ -30,8 +30,7 @@ from omni_model.release.finetune import (ReleaseDiffusion, SpeechBatch, freeze_s
 from omni_model.release.model import ReleaseModel
 from pipelines.manifest import TASKS
 from pipelines.train.checkpoint import TrainState, restored_checkpoint, write_checkpoint
-from pipelines.train.guards import STOPPED_FILE, NonFiniteTraining
-from pipelines.train.loop import FailOnce, run_steps
+from pipelines.train.loop import FailOnce, run_steps, stop_when_nonfinite, worker_context
 from pipelines.train.parallelism import Optimisation
 from pipelines.train.release_config import ReleaseFinetuneConfig
 
@@ -56,13 +55,9 @@ def build_release(cfg: ReleaseFinetuneConfig, device: torch.device | str = "cpu"
 def release_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
-    import ray.train.torch
 
     cfg = from_dict(ReleaseFinetuneConfig, config["cfg"])
-    torch.set_num_threads(cfg.scaling.threads_per_worker)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(cfg.scaling.threads_per_worker)
     with restored_checkpoint(ray.train.get_checkpoint(), cfg.run.dir) as (resume_dir, recorded):
         torch.manual_seed(cfg.data.seed * 1000 + rank)
         state = TrainState.begin(rank, world, device, recorded, cfg.data.seed)
@@ -70,12 +65,7 @@ def release_loop_per_worker(config: dict[str, Any]) -> None:
         net.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
         opt = Optimisation(cfg, net, device, world, resume_dir)  # type: ignore[arg-type] - the fields it reads
         state.restore_rng(resume_dir)
-    try:
-        _train(cfg, config, state, net, opt)
-    except NonFiniteTraining as err:
-        if rank == 0:
-            (Path(cfg.run.dir) / STOPPED_FILE).write_text(str(err) + "\n")
-        logger.error("rank %d stops: %s", rank, err)
+    stop_when_nonfinite(lambda: _train(cfg, config, state, net, opt), rank, cfg.run.dir)
 
 
 class _Examples:
