@@ -252,16 +252,11 @@ def batch_exactness(name: str, requests: list[Request], model: ReleaseModel) -> 
         cast = [replace(r, vectors=r.vectors.to(dtype)) for r in requests]
         alone = [single(m, r)()[0] for r in cast]
         for max_padding in (None, 0):
-            passes = []
-            together = generate_batch(masked_forward(m.transformer), m.transformer.model.embed_tokens,
-                                      [r.vectors for r in cast], m.vocab, [r.config for r in cast],
-                                      [r.unconditional for r in cast],
-                                      [torch.Generator().manual_seed(SEED) for _ in cast], max_padding,
-                                      on_pass=passes.append)
-            same = [f"{r.task} {sum(a == b for a, b in zip(t.tolist(), a_))}/{len(a_)}"
+            together, passes = batched(m, cast, max_padding)()
+            same = [f"{r.task} {sum(a == b for a, b in zip(t, a_))}/{len(a_)}"
                     for r, t, a_ in zip(cast, together, alone)]
             out.append(f"{name} {str(dtype).removeprefix('torch.')} max_padding={max_padding} "
-                       f"({len(passes)} passes): "
+                       f"({passes} passes): "
                        + ", ".join(same))
     return out
 
