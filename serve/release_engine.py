@@ -53,8 +53,6 @@ ALGORITHMS = {"probability": "maskgit_plus", "margin": "topk_margin", "entropy":
 NOT_OFFICIAL = ("text_threshold", "image_threshold", "speech_threshold", "factor", "position_penalty_start")
 #: the prompt cache's refresh interval when a request asks for `cache: prefix` without one
 DEFAULT_CACHE_REFRESH = 4
-#: encoder frames per second of audio (SenseVoice: 10 ms frames, LFR 6), plus its 4 query rows
-FRAMES_PER_SECOND, QUERY_ROWS = 100 / 6, 4
 
 
 class ReleaseEngine(Engine):
@@ -138,7 +136,9 @@ class ReleaseEngine(Engine):
             if isinstance(x, PILImage.Image):
                 prompt += self._codes_per_image + 2
             elif isinstance(x, Audio):
-                prompt += max(0, math.floor(x.seconds * FRAMES_PER_SECOND) - 1) + QUERY_ROWS + 2
+                speech = self.pipe.model.speech  # its front end's count, less one frame for resampling
+                samples = math.floor(x.seconds * speech.frontend.config.fs)
+                prompt += max(0, speech.context_positions(samples) - 1) + 2
         if prompt > self.max_total_tokens:
             raise ClientError(f"the prompt's media alone (at least {prompt} positions, counted from their sizes) "
                               f"make more than the limit of {self.max_total_tokens}", 413)
