@@ -1,0 +1,1 @@
+"""GLM-4-Voice's speech decoder (flow matching + HiFT vocoder), re-implemented in PyTorch."""
