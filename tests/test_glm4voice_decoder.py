@@ -1,0 +1,150 @@
+"""GLM-4-Voice's speech decoder (flow model + HiFT) against the original code's outputs.
+
+Fixtures `tests/fixtures/glm4voice_decoder` and `glm4voice_decoder_b` (two configurations
+of different sizes and structure) were written by GLM-4-Voice's own `AudioDecoder.token2wav`
+with tiny random weights (their README and make.py say how). Float32 on CPU.
+
+Tolerances, and why: the flow model's mel frames match within MEL_ATOL (seen: 5e-6 on
+values up to 7) and the waveform within WAVE_ATOL (seen: 1.1e-7). The random numbers are
+drawn exactly as the original draws them; what differs is summation order: we run the
+conditional and unconditional estimator passes as one batch (the original runs two),
+and oneDNN picks kernels by shape and thread count; the original itself, rerun with a
+different thread count, moves its mel by 3e-6. Ten Euler steps carry such rounding into
+the result, so the bound is set ten times above what is seen.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omni_model.tokenizers.glm4voice.decoder import GLM4VoiceDecoder
+
+MEL_ATOL = 5e-5
+WAVE_ATOL = 1e-5
+FOLDERS = ("glm4voice_decoder", "glm4voice_decoder_b")
+
+
+def lengths(refs: dict, prefix: str = "eval") -> list[int]:
+    return sorted({int(k.split("_len")[1].split("_")[0]) for k in refs
+                   if k.startswith(f"{prefix}_len") and k.endswith("_tokens")})
+
+
+@pytest.fixture(scope="module", params=FOLDERS)
+def loaded(request, fixtures_dir: Path) -> tuple[GLM4VoiceDecoder, dict]:
+    folder = fixtures_dir / request.param
+    return GLM4VoiceDecoder.from_folder(folder), load_file(folder / "reference.safetensors")
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+def test_one_pass_matches_token2wav(loaded) -> None:
+    decoder, refs = loaded
+    for n in lengths(refs):
+        (wave, mel), = decoder.decode_with_mel([refs[f"eval_len{n}_tokens"][0]])
+        assert mel.shape[-1] == decoder.flow.frames_for(n)
+        assert max_diff(mel, refs[f"eval_len{n}_mel"][0]) < MEL_ATOL, n
+        assert max_diff(wave, refs[f"eval_len{n}_speech"][0]) < WAVE_ATOL, n
+    assert decoder.sample_rate == 22_050
+
+
+def test_a_batch_of_different_lengths_gives_each_what_it_gives_alone(loaded) -> None:
+    """Padding is masked everywhere (the estimator's GroupNorm and attention keys
+    included), and each utterance keeps its own noise: batching changes nothing."""
+    decoder, refs = loaded
+    ns = lengths(refs)
+    outs = decoder.decode_with_mel([refs[f"eval_len{n}_tokens"][0] for n in reversed(ns)])
+    for n, (wave, mel) in zip(reversed(ns), outs):
+        assert max_diff(mel, refs[f"eval_len{n}_mel"][0]) < MEL_ATOL, n
+        assert max_diff(wave, refs[f"eval_len{n}_speech"][0]) < WAVE_ATOL, n
+
+
+def test_the_codes_decide_the_sound(loaded) -> None:
+    decoder, refs = loaded
+    n = lengths(refs)[-1]
+    codes = refs[f"eval_len{n}_tokens"][0]
+    flipped = decoder.flow.config.vocab_size - 1 - codes
+    a, b = decoder.decode([codes, flipped])
+    assert a.shape == b.shape and (a - b).abs().max() > 1e-2
+    assert torch.equal(decoder.decode([codes])[0], decoder.decode([codes])[0])  # seeded as the original
+
+
+def test_fewer_flow_steps_is_an_option(loaded) -> None:
+    decoder, refs = loaded
+    n = lengths(refs)[-1]
+    codes = refs[f"eval_len{n}_tokens"][0]
+    (wave, mel), = decoder.decode_with_mel([codes], steps=4)
+    assert mel.shape == refs[f"eval_len{n}_mel"][0].shape
+    assert max_diff(mel, refs[f"eval_len{n}_mel"][0]) > 1e-3  # a different integration
+    with pytest.raises(ValueError, match="at least 1"):
+        decoder.decode([codes], steps=0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([], dtype=torch.long), "no speech codes"),
+    (torch.tensor([3, -1]), "must lie in"),
+    (torch.tensor([3, 10**6]), "must lie in"),
+])
+def test_bad_codes_are_refused(loaded, bad, message) -> None:
+    decoder, _ = loaded
+    with pytest.raises(ValueError, match=message):
+        decoder.decode([bad])
+
+
+# ---------------------------------------------------------------------- the folder
+@pytest.fixture()
+def copy(tmp_path: Path, fixtures_dir: Path) -> Path:
+    folder = tmp_path / "decoder"
+    shutil.copytree(fixtures_dir / "glm4voice_decoder", folder)
+    return folder
+
+
+def _edit(folder: Path, old: str, new: str) -> None:
+    path = folder / "config.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("BlockConformerEncoder", "ConformerEncoder", "implements BlockConformerEncoder only"),
+    ("pos_enc_layer_type: 'rel_pos_espnet'", "pos_enc_layer_type: 'abs_pos'", "pos_enc_layer_type"),
+    ("use_cnn_module: False", "use_cnn_module: True", "use_cnn_module"),
+    ("block_size: 10", "block_size: 10\n        mystery_option: 3", "mystery_option"),
+    ("solver: 'euler'", "solver: 'midpoint'", "solver"),
+    ("act_fn: 'gelu'", "act_fn: 'snakebeta'", "act_fn"),
+    ("in_channels: 320", "in_channels: 321", "the estimator takes 321"),
+    ("vocab_size: 300", "vocab_size: !ref <nowhere>", "names nothing"),
+])
+def test_a_config_we_cannot_interpret_is_a_clear_error(copy: Path, old, new, message) -> None:
+    _edit(copy, old, new)
+    with pytest.raises(ValueError, match=message):
+        GLM4VoiceDecoder.from_folder(copy)
+
+
+def test_references_and_arithmetic_in_the_config_are_resolved(copy: Path, fixtures_dir: Path) -> None:
+    _edit(copy, "spk_embed_dim: 192", "spk_embed_dim: 192\nflow_width: 16")
+    _edit(copy, "input_size: 32\n    output_size: 80", "input_size: !ref <flow_width> * 2\n    output_size: 80")
+    decoder = GLM4VoiceDecoder.from_folder(copy)
+    assert decoder.flow.config.input_size == 32 and decoder.flow.config.spk_embed_dim == 192
+
+
+def test_weights_that_do_not_fit_or_are_not_plain_tensors_are_refused(copy: Path) -> None:
+    state = torch.load(copy / "flow.pt", weights_only=True)
+    state.pop("encoder_proj.bias")
+    torch.save(state, copy / "flow.pt")
+    with pytest.raises(ValueError, match="encoder_proj.bias"):
+        GLM4VoiceDecoder.from_folder(copy)
+    torch.save({"weights": Path("not a tensor")}, copy / "flow.pt")  # needs unpickling a class
+    with pytest.raises(ValueError, match="refused to unpickle"):
+        GLM4VoiceDecoder.from_folder(copy)
+    (copy / "hift.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="hift.pt"):
+        GLM4VoiceDecoder.from_folder(copy)
