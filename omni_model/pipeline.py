@@ -146,7 +146,8 @@ class AnyToAny:
     def from_pretrained(cls, folder: str | Path, image_tokenizer: str | Path | None = None,
                         speech_tokenizer: str | Path | None = None,
                         text_tokenizer: str | Path | None = None, device: str = "cpu",
-                        presets: LengthPresets | None = None) -> "AnyToAny":
+                        presets: LengthPresets | None = None,
+                        speech_decoder: str | Path | None = None) -> "AnyToAny":
         """A checkpoint folder (model, vocab.json, tokenizers.json) and tokenizer folders.
 
         The text tokenizer defaults to the copy in the checkpoint (`tokenizers.json` names
@@ -157,7 +158,9 @@ class AnyToAny:
         A folder in the released model's format (`is_release_folder`) gives a
         `ReleaseAnyToAny`: the same requests, answered with the release's own prompts
         and official sampler settings (`presets` do not apply to it), its weights in
-        bfloat16 on a GPU and float32 on a CPU.
+        bfloat16 on a GPU and float32 on a CPU; `speech_decoder` (GLM-4-Voice's decoder
+        folder) makes its speech answers audible. For the project's own models a bare
+        GLM-4-Voice tokenizer folder speaks through it too; an embedded codec speaks itself.
         """
         folder = Path(folder)
         from omni_model.release.model import is_release_folder
@@ -167,7 +170,8 @@ class AnyToAny:
 
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # float32: CPUs' fast one
             return ReleaseAnyToAny.from_pretrained(folder, image_tokenizer, speech_tokenizer, text_tokenizer,
-                                                   device, dtype)  # type: ignore[return-value]
+                                                   device, dtype,
+                                                   speech_decoder=speech_decoder)  # type: ignore[return-value]
         model = Transformer.from_pretrained(folder).to(device).eval()
         vocab = Vocab.load(folder)
         recorded = json.loads((folder / "tokenizers.json").read_text()) \
@@ -186,6 +190,14 @@ class AnyToAny:
         if speech_tokenizer is not None:
             speech = load_speech_tokenizer(speech_tokenizer, device)
             _check_fingerprint("speech", speech, recorded)
+        if speech_decoder is not None:
+            from omni_model.tokenizers.glm4voice import GLM4VoiceDecoder
+            from omni_model.tokenizers.speech import GLM4VoiceTokenizer
+
+            if not isinstance(speech, GLM4VoiceTokenizer) or speech.decoder is not None:
+                raise ValueError("speech_decoder speaks GLM-4-Voice codes: it needs a bare GLM-4-Voice "
+                                 "speech tokenizer folder (an embedded codec decodes its own codes)")
+            speech.decoder = GLM4VoiceDecoder.from_folder(speech_decoder, device)
         if presets is None and (folder / "presets.json").exists():
             presets = LengthPresets.from_dict(json.loads((folder / "presets.json").read_text()))
         return cls(model, vocab, text, image, speech, presets or LengthPresets())
@@ -281,6 +293,7 @@ class AnyToAny:
                 out.speech_codes = self.vocab.ids_to_speech(codes).tolist() if codes else []
                 if codes and self.speech_codec is not None and self.speech_codec.can_decode:
                     out.speech = self.speech_codec.decode([torch.tensor(out.speech_codes)])[0].numpy()
+                    out.sample_rate = int(getattr(self.speech_codec, "output_sample_rate", out.sample_rate))
                 elif self.speech_codec is not None and self.speech_codec.can_decode:
                     out.speech = np.zeros(0, dtype=np.float32)
         return out

@@ -253,8 +253,11 @@ class OmniDiffusion:
     @app.post("/v1/generate/stream", responses={**ERRORS, 200: {
         "content": {"text/event-stream": {}},
         "description": "`event: progress` per step (step, max_steps, masked, and at some steps "
-                       "a `preview` with the text so far and a base64 PNG), then `event: result` "
-                       "with a GenerateResponse, or `event: error` (`error`: what failed, `status`)"}},
+                       "a `preview` with the text so far and a base64 PNG); a release folder with a "
+                       "speech decoder then sends the spoken answer as `event: audio` chunks (index, "
+                       "sample_rate, samples, base64 WAV `speech`, final) as they are decoded; then "
+                       "`event: result` with a GenerateResponse, or `event: error` (`error`: what "
+                       "failed, `status`)"}},
               openapi_extra=_BODY)
     async def generate_stream(self, request: Request) -> StreamingResponse:
         job = await self._parse(request)  # refused requests get their 4xx before the stream starts
@@ -287,7 +290,8 @@ class OmniDiffusion:
 
         def work() -> None:
             try:
-                result = self.engine.stream(job, lambda event: emit("progress", event))
+                result = self.engine.stream(job, lambda event: emit("progress", event),
+                                            lambda event: emit("audio", event))
                 emit("result", result.model_dump())
             except Exception as exc:  # reported in the stream: the 200 is already sent
                 status, message, _ = failure(exc)
@@ -306,7 +310,7 @@ class OmniDiffusion:
             while True:
                 kind, data = await queue.get()
                 yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-                if kind != "progress":
+                if kind not in ("progress", "audio"):
                     return
         finally:  # finished, or cancelled by a disconnect: either way nothing more is wanted
             job.cancelled.set()

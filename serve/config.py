@@ -20,6 +20,9 @@ class ModelPaths:
     model: str = "runs/stage3/final"  #: checkpoint folder (model.safetensors, vocab.json, tokenizers.json)
     image_tokenizer: str | None = "runs/tokenizers/image"  #: None: no image inputs or outputs
     speech_tokenizer: str | None = "runs/tokenizers/speech"  #: None: no speech inputs or outputs
+    #: GLM-4-Voice's decoder folder (config.yaml, flow.pt, hift.pt): a release folder's spoken
+    #: answers as 22,050 Hz WAV (default: the release's own glm-4-voice-decoder/ if present)
+    speech_decoder: str | None = None
     text_tokenizer: str | None = None  #: None: the path recorded in tokenizers.json
     name: str = "omni-diffusion-tiny"  #: the model id `GET /v1/models` lists
     device: str = "auto"  #: auto: cuda when the replica was given a GPU, else cpu
@@ -242,6 +245,7 @@ class ServeConfig:
         m = self.model
         return replace(self, model=replace(m, model=absolute(m.model), image_tokenizer=absolute(m.image_tokenizer),
                                            speech_tokenizer=absolute(m.speech_tokenizer),
+                                           speech_decoder=absolute(m.speech_decoder),
                                            text_tokenizer=absolute(m.text_tokenizer)))
 
 

@@ -88,7 +88,8 @@ class Engine:
         m = cfg.model
         self.pipe = AnyToAny.from_pretrained(m.model, image_tokenizer=m.image_tokenizer,
                                              speech_tokenizer=m.speech_tokenizer,
-                                             text_tokenizer=m.text_tokenizer, device=device)
+                                             text_tokenizer=m.text_tokenizer, device=device,
+                                             speech_decoder=m.speech_decoder)
         if m.vocoder_iterations is not None and hasattr(self.pipe.speech_codec, "griffin_lim_iterations"):
             self.pipe.speech_codec.griffin_lim_iterations = m.vocoder_iterations
         self.sampler_calls = 0
@@ -313,8 +314,10 @@ class Engine:
                 raise Stopped(f"stopped after {step} steps: no request in the batch is still wanted")
         return on_step
 
-    def stream(self, job: Job, emit: Callable[[dict], None]) -> GenerateResponse:
-        """One request with a progress event per step and `stream_previews` previews."""
+    def stream(self, job: Job, emit: Callable[[dict], None],
+               emit_audio: Callable[[dict], None] | None = None) -> GenerateResponse:
+        """One request with a progress event per step and `stream_previews` previews
+        (`emit_audio` is for engines that stream speech in chunks; this one does not)."""
         if not job.wanted:
             self.stopped += 1
             raise job.refusal(self.cfg.limits.request_timeout_s)

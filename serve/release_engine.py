@@ -21,8 +21,13 @@ How it differs from `serve.engine.Engine` (whose checks, limits and responses it
 * the official sampler takes one request at a time: `batching.mode` must be `batch`, and
   a batch's requests run one after another, each with its own seed, or, with
   `batching.release_shared_steps`, share each step's forward pass (exact up to rounding);
-* speech answers come as GLM-4-Voice codes (`speech_codes`), there being no GLM-4-Voice
-  decoder in the project yet; streams carry progress events without previews.
+* speech answers come as GLM-4-Voice codes (`speech_codes`) and, with GLM-4-Voice's
+  decoder folder (`model.speech_decoder`), as a 22,050 Hz WAV (`speech`, `sample_rate`),
+  a batch's answers decoded together; a stream carries progress events without
+  previews, then the spoken answer in `audio` events, chunk by chunk as the decoder
+  makes them (GLM-4-Voice's streaming schedule: 25 codes first, then 50, 100, 150, 200),
+  and its result holds the chunks joined (a chunked rendering differs slightly from the
+  one-pass one: docs/speech_decoder.md).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image as PILImage
 
@@ -43,6 +49,7 @@ from omni_model.release.sampler import INFERENCE_PRESETS, OfficialSamplerConfig,
 from serve.config import ServeConfig, over_cap
 from serve.engine import OUTPUT_MODALITIES, Engine, Job, requested_lengths
 from serve.errors import ClientError, Stopped
+from serve.media import encode_wav
 from serve.schemas import GenerateRequest, GenerateResponse, ModelCard
 
 logger = logging.getLogger(__name__)
@@ -65,7 +72,8 @@ class ReleaseEngine(Engine):
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # a CPU: float32 is the fast one
         self.pipe = ReleaseAnyToAny.from_pretrained(m.model, image_tokenizer=m.image_tokenizer,
                                                     speech_tokenizer=m.speech_tokenizer,
-                                                    text_tokenizer=m.text_tokenizer, device=device, dtype=dtype)
+                                                    text_tokenizer=m.text_tokenizer, device=device, dtype=dtype,
+                                                    speech_decoder=m.speech_decoder)
         self.pipe.image_resolution = m.release_image_resolution
         self.sampler_calls = self.requests = self.stopped = 0
         self.max_total_tokens = min(cfg.limits.max_total_tokens, self.pipe.max_positions)
@@ -187,22 +195,29 @@ class ReleaseEngine(Engine):
         timeout = self.cfg.limits.request_timeout_s
         if self.cfg.batching.release_shared_steps is not None and len(jobs) > 1:
             return self._run_shared(jobs)
-        results: list[GenerateResponse | Exception] = []
+        results: list[GenerateResponse | Exception | Output] = []
         for job in jobs:
             if not job.wanted:  # cancelled or timed out while it waited: never started
                 results.append(job.refusal(timeout))
                 self.stopped += 1
                 continue
             try:
-                out = self._generate([job], self._stop_unwanted([job]))[0]
-                results.append(self.response(job, out, 1) if job.wanted else job.refusal(timeout))
+                out = self._generate([job], self._stop_unwanted([job]), speak=False)[0]
+                results.append(out if job.wanted else job.refusal(timeout))
             except Stopped:
                 self.stopped += 1
                 results.append(job.refusal(timeout))
             except Exception as exc:  # one request's failure is not the others'
                 logger.exception("the official sampler failed for a request")
                 results.append(exc)
-        return results
+        answered = [i for i, r in enumerate(results) if isinstance(r, Output)]
+        try:  # the batch's spoken answers are decoded together
+            self.pipe.speak([results[i] for i in answered])
+        except Exception as exc:
+            logger.exception("the speech decoder failed for %d requests", len(answered))
+            for i in answered:
+                results[i] = exc
+        return [self.response(job, r, 1) if isinstance(r, Output) else r for job, r in zip(jobs, results)]
 
     def _run_shared(self, jobs: list[Job]) -> list[GenerateResponse | Exception]:
         timeout = self.cfg.limits.request_timeout_s
@@ -233,8 +248,10 @@ class ReleaseEngine(Engine):
                 results[i] = self.response(job, out, len(batch)) if job.wanted else job.refusal(timeout)
         return results
 
-    def stream(self, job: Job, emit: Callable[[dict], None]) -> GenerateResponse:
-        """One request with a progress event per forward pass (no previews)."""
+    def stream(self, job: Job, emit: Callable[[dict], None],
+               emit_audio: Callable[[dict], None] | None = None) -> GenerateResponse:
+        """One request with a progress event per forward pass (no previews), then its
+        spoken answer chunk by chunk (`emit_audio`) when the deployment can speak."""
         if not job.wanted:
             self.stopped += 1
             raise job.refusal(self.cfg.limits.request_timeout_s)
@@ -247,14 +264,35 @@ class ReleaseEngine(Engine):
             if done:
                 emit({"step": done, "max_steps": most})
 
-        out = self._generate([job], on_step)[0]
+        chunked = emit_audio is not None and self.pipe.speech_decoder is not None
+        out = self._generate([job], on_step, speak=not chunked)[0]
+        if chunked and out.speech_codes:
+            out.speech, out.sample_rate = self._stream_speech(job, out.speech_codes, emit_audio)
+        elif chunked:
+            self.pipe.speak([out])
         return self.response(job, out, 1)
 
-    def _generate(self, batch: list[Job], on_step=None) -> list[Output]:
+    def _stream_speech(self, job: Job, codes: list[int], emit_audio: Callable[[dict], None]):
+        """Decode a spoken answer in chunks, sending each as soon as it is made."""
+        rate = self.pipe.speech_decoder.sample_rate
+        chunks = []
+        for i, chunk in enumerate(self.pipe.stream_speech(codes)):
+            wave = chunk.numpy()
+            chunks.append(wave)
+            emit_audio({"index": i, "sample_rate": rate, "samples": len(wave),
+                        "speech": encode_wav(wave, rate), "final": False})
+            if not job.wanted:  # the client left, or the deadline passed: decode no more
+                self.stopped += 1
+                raise job.refusal(self.cfg.limits.request_timeout_s)
+        emit_audio({"index": len(chunks), "sample_rate": rate, "samples": 0, "speech": None, "final": True})
+        return np.concatenate(chunks), rate
+
+    def _generate(self, batch: list[Job], on_step=None, speak: bool = True) -> list[Output]:
         self.sampler_calls += len(batch)
         self.requests += len(batch)
         return self.pipe.generate_batch([j.prepared for j in batch], batch[0].config, seeds=[j.seed for j in batch],
-                                        on_step=(lambda n: on_step(n, None)) if on_step is not None else None)
+                                        on_step=(lambda n: on_step(n, None)) if on_step is not None else None,
+                                        speak=speak)
 
     def response(self, job: Job, out: Output, batch_size: int) -> GenerateResponse:
         response = super().response(job, out, batch_size)

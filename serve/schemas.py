@@ -114,8 +114,9 @@ class GenerateResponse(BaseModel):
     image: str | None = Field(None, description="base64 PNG")
     speech: str | None = Field(None, description="base64 WAV (16-bit PCM)")
     sample_rate: int | None = None
-    speech_codes: list[int] | None = Field(None, description="the spoken answer as GLM-4-Voice codes (12.5 a "
-                                           "second), where the deployment has no speech decoder (a release folder)")
+    speech_codes: list[int] | None = Field(None, description="a release folder's spoken answer as GLM-4-Voice "
+                                           "codes (12.5 a second), beside `speech` when the deployment has "
+                                           "GLM-4-Voice's decoder")
     usage: Usage
 
 

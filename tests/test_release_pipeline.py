@@ -6,6 +6,7 @@ folder the official code wrote (tests/fixtures/omni_release/tiny_a), with real s
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from omni_model.release.sampler import preset
 from pipelines.evaluation.public_sets import write_set
 from pipelines.evaluation.run import EvalConfig, evaluate
 from tests.conftest import FIXTURES
+from tests.speech_decoder import wide_decoder
 
 RELEASE = FIXTURES / "omni_release" / "tiny_a"
 MAGVIT = FIXTURES / "magvit_tiny_a"
@@ -63,6 +65,41 @@ def test_one_loader_recognises_either_format(pipe):
         AnyToAny.from_pretrained(RELEASE, speech_tokenizer=FIXTURES / "glm4voice_tiny_a")
     with pytest.raises(ValueError, match="own text tokenizer"):
         AnyToAny.from_pretrained(RELEASE, text_tokenizer="anything")
+
+
+def test_speech_answers_are_spoken_by_glm4voice_decoder(tmp_path, clip):
+    """With GLM-4-Voice's decoder folder (given, or found inside the release folder as
+    glm-4-voice-decoder/), speech answers come as 22,050 Hz waveforms: the decoder's
+    rendering of the codes, a batch's answers decoded together as each alone."""
+    decoder = wide_decoder()
+    speaking = AnyToAny.from_pretrained(RELEASE, speech_decoder=decoder)
+    requests = [speaking.prepare(["hello there"], ["speech"], {"speech": 20}),
+                speaking.prepare(["see you"], ["speech"], {"speech": 40}),
+                speaking.prepare([Audio(*clip)], ["text", "speech"])]
+    outs = speaking.generate_batch(requests, seeds=[1, 2, 3])
+    for out in outs:
+        if out.speech_codes:
+            assert out.sample_rate == 22_050 and out.speech.dtype == np.float32
+            alone = speaking.speech_decoder.decode([torch.tensor(out.speech_codes)])[0].numpy()
+            assert out.speech.shape == alone.shape and np.abs(out.speech - alone).max() < 1e-5
+        else:
+            assert out.speech is not None and len(out.speech) == 0
+    assert outs[0].speech_codes and len(outs[0].speech) == 256 * speaking.speech_decoder.flow.frames_for(
+        len(outs[0].speech_codes))
+    longest = max((o.speech_codes for o in outs), key=len)
+    chunks = list(speaking.stream_speech(longest, blocks=(10,)))
+    assert len(chunks) == -(-len(longest) // 10)
+    # each chunk's frames are rounded on their own (the original's arithmetic): about the
+    # one-pass length, within a frame a chunk
+    assert abs(sum(map(len, chunks)) - 256 * speaking.speech_decoder.flow.frames_for(len(longest))) <= 256 * len(chunks)
+    # codes only without a decoder; a folder beside the release's files is found
+    assert AnyToAny.from_pretrained(RELEASE).generate(["hello there"], ["speech"], seed=1).speech is None
+    folder = tmp_path / "release"
+    shutil.copytree(RELEASE, folder)  # copies: the loader refuses shards that link outside
+    shutil.copytree(decoder, folder / "glm-4-voice-decoder")
+    assert AnyToAny.from_pretrained(folder).speech_decoder is not None
+    with pytest.raises(ValueError, match="knows 300 codes"):
+        AnyToAny.from_pretrained(RELEASE, speech_decoder=FIXTURES / "glm4voice_decoder")
 
 
 def test_requests_map_to_the_release_tasks(pipe, clip):
@@ -228,8 +265,8 @@ def test_public_sets_become_manifests(tmp_path):
 @pytest.mark.slow
 def test_evaluate_a_release_folder_on_public_sets(tmp_path):
     """jobs/evaluate.py's driver on a release folder: LibriSpeech ASR, LibriTTS TTS,
-    MME and POPE yes/no through the official evaluation settings, with a broken row
-    quarantined (random weights: the scores are noise; what is checked is that every
+    MME and POPE yes/no through the official evaluation settings, TTS spoken by the
+    GLM-4-Voice decoder and heard by Whisper, with a broken row quarantined (random weights: the scores are noise; what is checked is that every
     set runs, is scored by its metric and uses the official settings)."""
     root = tmp_path / "data"
     sets = public_sets(root)
@@ -241,14 +278,18 @@ def test_evaluate_a_release_folder_on_public_sets(tmp_path):
         f.write('{"task": "vqa", "messages": [{"role": "user", "content": "<|image|>\\nIs it?"}, '
                 '{"role": "assistant", "content": "Yes"}], "images": ["../outside.png"]}\n')
     cfg = EvalConfig(model=str(RELEASE), image_tokenizer=str(MAGVIT), speech_tokenizer=None, data_root=str(root),
+                     speech_decoder=str(wide_decoder()), wavs=1,
                      manifests=tuple(str(manifests / f"{n}.jsonl") for n in ("librispeech", "libritts", "mme", "pope")),
                      out=str(tmp_path / "report"), tasks=("asr", "tts", "vqa"), max_per_task=16, calibrate_from=(),
-                     runs=(), step_curve=(), release_image_resolution=SIDE, grid=0, wavs=0,
+                     runs=(), step_curve=(), release_image_resolution=SIDE, grid=0,
                      release_sampler={"tts": {"max_new_tokens": 12, "steps": 6}})
     metrics = evaluate(cfg)
     tasks = metrics["tasks"]
     assert tasks["asr"]["n"] == 2 and "wer" in tasks["asr"]
-    assert tasks["tts"]["n"] == 2 and "mean_speech_codes" in tasks["tts"]
+    # spoken by GLM-4-Voice's decoder and heard by Whisper: intelligibility, and a 22,050 Hz WAV
+    assert tasks["tts"]["n"] == 2 and 0 <= tasks["tts"]["intelligibility_wer"]
+    wav = next((tmp_path / "report").rglob("tts_0.wav"))
+    assert sf.info(wav).samplerate == 22_050
     assert tasks["vqa"]["n"] == 6 and {"yes_no_accuracy", "yes_no_accuracy_plus", "yes_no_f1"} <= set(tasks["vqa"])
     settings = metrics["release_settings"]
     assert settings["vqa"]["max_new_tokens"] == 8 and settings["vqa"]["steps"] == 8  # the MME script's

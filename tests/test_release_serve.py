@@ -9,14 +9,17 @@ import io
 import json
 import socket
 
+import numpy as np
 import pytest
 import requests
 import soundfile as sf
+import torch
 from PIL import Image
 
 from serve.config import load_serve_config
-from serve.errors import ClientError
+from serve.errors import ClientError, Stopped
 from tests.conftest import FIXTURES, ROOT
+from tests.speech_decoder import wide_decoder
 from tests.test_release_pipeline import picture, speech
 
 pytestmark = pytest.mark.timeout(600)
@@ -28,6 +31,7 @@ MAGVIT = FIXTURES / "magvit_tiny_a"
 def _config(*more: str):
     return load_serve_config(ROOT / "configs/release/serve.yaml", [
         f"model.model={RELEASE}", f"model.image_tokenizer={MAGVIT}", "model.release_image_resolution=32",
+        f"model.speech_decoder={wide_decoder()}",
         "limits.max_output_tokens=300", "limits.max_total_tokens=4096", *more])
 
 
@@ -71,11 +75,49 @@ def test_each_task_is_served_with_its_official_settings(engine):
     results = dict(zip(jobs, engine.run(list(jobs.values()))))
     assert all(not isinstance(r, Exception) for r in results.values()), results
     assert results["asr"].text is not None and results["asr"].speech_codes is None
-    assert isinstance(results["tts"].speech_codes, list) and results["tts"].speech is None
+    assert isinstance(results["tts"].speech_codes, list) and results["tts"].speech_codes
+    # spoken through GLM-4-Voice's decoder (the test's wide fixture decoder): a 22,050 Hz WAV
+    wave, rate = sf.read(io.BytesIO(base64.b64decode(results["tts"].speech)), dtype="float32")
+    assert rate == results["tts"].sample_rate == 22_050
+    expected = engine.pipe.speech_decoder.decode([torch.tensor(results["tts"].speech_codes)])[0].numpy()
+    assert len(wave) == len(expected) == 256 * engine.pipe.speech_decoder.flow.frames_for(
+        len(results["tts"].speech_codes))
+    assert np.abs(wave - np.clip(expected, -1, 1)).max() < 1 / 2**14  # 16-bit PCM
+    assert results["svqa"].speech is not None or results["svqa"].speech_codes == []
     png = Image.open(io.BytesIO(base64.b64decode(results["t2i"].image)))
     assert png.size[0] > 0 and results["t2i"].usage.steps <= 8
     again = engine.run([engine.parse_body(bodies["tts"])])[0]
     assert again.speech_codes == results["tts"].speech_codes  # the same seed, the same answer
+
+
+def test_a_stream_sends_the_spoken_answer_in_chunks(engine):
+    """`stream` with an audio sink: progress per pass, then the answer chunk by chunk as
+    the decoder makes them (GLM-4-Voice's schedule: 25 codes first), then the result
+    holding the chunks joined; a client that leaves stops the decoding."""
+    raw = json.dumps({"inputs": [{"type": "text", "text": "hello there"}], "outputs": ["speech"],
+                      "sampler": {"seed": 1}, "lengths": {"speech": 80}}).encode()
+    progress, audio = [], []
+    result = engine.stream(engine.parse_body(raw), progress.append, audio.append)
+    codes = result.speech_codes
+    assert progress and len(codes) > 25, len(codes)  # long enough for two chunks
+    assert [a["index"] for a in audio] == list(range(len(audio))) and audio[-1]["final"] and len(audio) >= 3
+    waves = [sf.read(io.BytesIO(base64.b64decode(a["speech"])), dtype="float32") for a in audio[:-1]]
+    assert {rate for _, rate in waves} == {22_050} and [len(w) for w, _ in waves] == [a["samples"] for a in audio[:-1]]
+    joined, rate = sf.read(io.BytesIO(base64.b64decode(result.speech)), dtype="float32")
+    assert rate == 22_050 and len(joined) == sum(len(w) for w, _ in waves)
+    # the chunks cover the utterance: about as long as the one-pass rendering (each chunk's
+    # frames are rounded on their own, as in the original), whose samples differ
+    one_pass = engine.pipe.speech_decoder.decode([torch.tensor(codes)])[0]
+    assert abs(len(joined) - len(one_pass)) <= 256 * len(waves)
+    job = engine.parse_body(raw)
+    chunks = []
+
+    def leave(event: dict) -> None:
+        chunks.append(event)
+        job.cancelled.set()  # the client disconnects after the first chunk
+    with pytest.raises(Stopped):
+        engine.stream(job, lambda event: None, leave)
+    assert len(chunks) == 1
 
 
 def test_our_techniques_are_options_off_by_default(engine):
@@ -130,8 +172,8 @@ def test_a_request_past_its_deadline_stops_at_the_next_pass(engine):
 @pytest.mark.slow
 def test_a_release_folder_served_over_http(ray_session):
     """The real application: /v1/models lists the release's combinations, a spoken
-    question is transcribed, a text is spoken as codes, a stream reports progress, a
-    bad option gets its 422."""
+    question is transcribed, a text is spoken (codes and a 22,050 Hz WAV), a stream
+    reports progress and sends the audio in chunks, a bad option gets its 422."""
     from ray import serve
 
     from serve.app import build
@@ -155,11 +197,20 @@ def test_a_release_folder_served_over_http(ray_session):
             "inputs": [{"type": "text", "text": "see you soon"}], "outputs": ["speech"],
             "lengths": {"speech": 16}, "sampler": {"seed": 2}}), timeout=120)
         assert tts.status_code == 200 and isinstance(tts.json()["speech_codes"], list)
+        spoken = tts.json()
+        if spoken["speech_codes"]:  # a spoken answer comes back as a WAV at 22,050 Hz
+            wave, rate = sf.read(io.BytesIO(base64.b64decode(spoken["speech"])), dtype="float32")
+            assert rate == spoken["sample_rate"] == 22_050 and len(wave) > 0
         with requests.post(f"{url}/v1/generate/stream", data=json.dumps({
                 "inputs": [{"type": "text", "text": "see you soon"}], "outputs": ["speech"],
                 "lengths": {"speech": 16}, "sampler": {"seed": 2}}), stream=True, timeout=120) as stream:
-            events = [line for line in stream.iter_lines(decode_unicode=True) if line.startswith("event:")]
+            lines = list(stream.iter_lines(decode_unicode=True))
+        events = [line for line in lines if line.startswith("event:")]
         assert events[-1] == "event: result" and events.count("event: progress") >= 1
+        if spoken["speech_codes"]:
+            assert events.count("event: audio") >= 2  # a chunk and the final marker
+            first = json.loads(lines[lines.index("event: audio") + 1][len("data: "):])
+            assert first["sample_rate"] == 22_050 and first["index"] == 0
         bad = requests.post(f"{url}/v1/generate", data=_body([{"type": "text", "text": "hi"}], ["speech"],
                                                             factor=1.0), timeout=60)
         assert bad.status_code == 422 and "factor" in bad.json()["error"]

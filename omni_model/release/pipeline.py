@@ -14,8 +14,11 @@ A request is one of the release's tasks (`task_for`): its prompt is the official
 sampler takes one request at a time, so a batch runs its requests one after another,
 each with its own seed (the same seed, the same answer, whatever it is batched with).
 
-Speech answers end at GLM-4-Voice codes (`Output.speech_codes`): turning them into a
-waveform needs GLM-4-Voice's decoder, which is not part of the project yet.
+Speech answers are GLM-4-Voice codes (`Output.speech_codes`); with GLM-4-Voice's decoder
+folder (`speech_decoder=`, or a `glm-4-voice-decoder/` folder inside the release folder)
+they are also spoken: `Output.speech` at 22,050 Hz, through the project's own
+`GLM4VoiceDecoder` (the official `token2wav`: no prompt, 10 flow steps, its seeds), the
+answers of a batch decoded together. `stream_speech` decodes one in chunks.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from omni_model.release.prompts import ReleasePrompt, task_prompt
 from omni_model.release.response import parse_response
 from omni_model.release.sampler import OfficialSamplerConfig, evaluation_preset, preset
 from omni_model.release.speed import PromptCache, generate_batch, masked_forward
+from omni_model.tokenizers.glm4voice.decoder import WEB_DEMO_BLOCKS, GLM4VoiceDecoder
 from omni_model.tokenizers.sensevoice import context_positions
 
 #: (wanted outputs, an image among the inputs, audio among the inputs) -> the release's task
@@ -56,6 +60,8 @@ SUPPORTED = ("an image from text (t2i) or audio (s2i); text from an image and te
 PRESET_KINDS = ("inference", "evaluation")
 #: the seed of a request that names none (the official inference seeds 42)
 DEFAULT_SEED = 42
+#: where a release folder may keep GLM-4-Voice's decoder (the official README puts it beside)
+DECODER_SUBFOLDER = "glm-4-voice-decoder"
 
 
 def task_for(outputs: Sequence[str], has_image: bool, has_audio: bool) -> str:
@@ -91,12 +97,16 @@ class ReleasePrepared:
 class ReleaseAnyToAny:
     """`AnyToAny`'s request API over a `ReleaseModel` (see the module docstring)."""
 
-    speech_codec = None  #: no speech decoder yet: speech answers are codes
+    speech_codec = None  #: speech input goes through the release's own SenseVoice encoder
 
     def __init__(self, model: ReleaseModel, image_tokenizer=None, presets: str = "inference",
-                 image_resolution: int = INPUT_RESOLUTION) -> None:
+                 image_resolution: int = INPUT_RESOLUTION, speech_decoder: GLM4VoiceDecoder | None = None) -> None:
         if presets not in PRESET_KINDS:
             raise ValueError(f"presets {presets!r}: one of {', '.join(PRESET_KINDS)}")
+        if speech_decoder is not None and speech_decoder.flow.config.vocab_size < model.vocab.speech_range.size:
+            raise ValueError(f"the speech decoder knows {speech_decoder.flow.config.vocab_size} codes; the model "
+                             f"speaks {model.vocab.speech_range.size} (GLM-4-Voice's decoder is needed)")
+        self.speech_decoder = speech_decoder
         self.model = model
         self.image_tokenizer = image_tokenizer
         self.presets = presets
@@ -106,23 +116,28 @@ class ReleaseAnyToAny:
     def from_pretrained(cls, folder: str | Path, image_tokenizer: str | Path | None = None,
                         speech_tokenizer: str | Path | None = None, text_tokenizer: str | Path | None = None,
                         device: str = "cpu", dtype: torch.dtype | None = None, presets: str = "inference",
-                        **frontend_overrides) -> "ReleaseAnyToAny":
-        """A release folder (`ReleaseModel.from_folder`) and a MAGVIT-v2 folder for
-        image input and output. The release brings its own text tokenizer, and its
-        speech output needs GLM-4-Voice's decoder (not in the project yet): a text or
-        speech tokenizer given here is an error rather than silently unused."""
+                        speech_decoder: str | Path | None = None, **frontend_overrides) -> "ReleaseAnyToAny":
+        """A release folder (`ReleaseModel.from_folder`), a MAGVIT-v2 folder for image
+        input and output, and GLM-4-Voice's decoder folder for speech output
+        (`speech_decoder`; default: `<folder>/glm-4-voice-decoder` when present; without
+        one, speech answers are codes only). The release brings its own text tokenizer
+        and hears through its own SenseVoice encoder: a text or speech tokenizer given
+        here is an error rather than silently unused. The decoder runs in float32."""
         if text_tokenizer is not None:
             raise ValueError("a release folder brings its own text tokenizer (vocab.json + merges.txt); "
                              "leave text_tokenizer unset")
         if speech_tokenizer is not None:
-            raise ValueError("the released model takes speech through its own SenseVoice encoder, and its "
-                             "speech answers are GLM-4-Voice codes (no decoder in the project yet): leave "
+            raise ValueError("the released model takes speech through its own SenseVoice encoder, and speaks "
+                             "GLM-4-Voice codes through speech_decoder (GLM-4-Voice's decoder folder): leave "
                              "speech_tokenizer unset")
         from omni_model.tokenizers import load_image_tokenizer
 
         model = ReleaseModel.from_folder(folder, dtype=dtype, device=device, **frontend_overrides)
         image = load_image_tokenizer(image_tokenizer, device) if image_tokenizer is not None else None
-        return cls(model, image, presets)
+        if speech_decoder is None and (Path(folder) / DECODER_SUBFOLDER).is_dir():
+            speech_decoder = Path(folder) / DECODER_SUBFOLDER
+        decoder = GLM4VoiceDecoder.from_folder(speech_decoder, device) if speech_decoder is not None else None
+        return cls(model, image, presets, speech_decoder=decoder)
 
     @property
     def vocab(self):
@@ -215,11 +230,12 @@ class ReleaseAnyToAny:
 
     def generate_batch(self, requests: Sequence[ReleasePrepared], config=None, seeds: Sequence[int] | None = None,
                        on_step: Callable[[int], None] | None = None,
-                       shared_steps: float | None = None) -> list[Output]:
+                       shared_steps: float | None = None, speak: bool = True) -> list[Output]:
         """Each request in turn with the official sampler (it takes one at a time), with
         its own seed (default 42, as the official inference). `on_step(n)` before each
         forward pass, counted over the whole batch: may raise to stop. `config`: see
-        `settings`, one for every request or a list of one each.
+        `settings`, one for every request or a list of one each. `speak`: decode the
+        speech answers to waveforms (with a speech decoder), all in one batch.
 
         `shared_steps`: the requests (those without a prompt cache) share each step's
         forward pass instead (`speed.generate_batch`, each keeping its own loop and
@@ -229,7 +245,8 @@ class ReleaseAnyToAny:
         seeds = list(seeds) if seeds is not None else [DEFAULT_SEED] * len(requests)
         configs = list(config) if isinstance(config, (list, tuple)) else [config] * len(requests)
         if shared_steps is not None and len(requests) > 1 and not any(r.cache_refresh for r in requests):
-            return self._generate_shared(requests, configs, seeds, on_step, shared_steps)
+            outputs = self._generate_shared(requests, configs, seeds, on_step, shared_steps)
+            return self.speak(outputs) if speak else outputs
         outputs, passes = [], [0]
 
         def counted(_: int) -> None:
@@ -247,7 +264,29 @@ class ReleaseAnyToAny:
                                       self.model.unconditional(settings, request.prompt, int(seed)), generator,
                                       on_step=counted, forward=cache)
             outputs.append(self.decode(request, ids, passes[0] - before, settings))
+        return self.speak(outputs) if speak else outputs
+
+    def speak(self, outputs: Sequence[Output], steps: int | None = None) -> list[Output]:
+        """Fill `speech` (22,050 Hz) of the outputs that have speech codes, decoding them
+        together; an empty answer gets an empty waveform. Without a decoder: unchanged."""
+        outputs = list(outputs)
+        if self.speech_decoder is None:
+            return outputs
+        talking = [o for o in outputs if o.speech_codes]
+        waves = self.speech_decoder.decode([torch.tensor(o.speech_codes) for o in talking], steps) if talking else []
+        for out, wave in zip(talking, waves):
+            out.speech, out.sample_rate = wave.numpy(), self.speech_decoder.sample_rate
+        for out in outputs:
+            if out.speech_codes is not None and not out.speech_codes:
+                out.speech, out.sample_rate = np.zeros(0, dtype=np.float32), self.speech_decoder.sample_rate
         return outputs
+
+    def stream_speech(self, codes: Sequence[int], blocks: Sequence[int] = WEB_DEMO_BLOCKS):
+        """A speech answer decoded chunk by chunk (`GLM4VoiceDecoder.stream`: GLM-4-Voice's
+        streaming schedule, first 25 codes): yields float32 waveforms at 22,050 Hz."""
+        if self.speech_decoder is None:
+            raise RuntimeError("no speech decoder: load the release with speech_decoder=<glm-4-voice-decoder>")
+        return self.speech_decoder.stream(torch.tensor(list(codes)), blocks)
 
     def _generate_shared(self, requests: Sequence[ReleasePrepared], configs: Sequence, seeds: Sequence[int],
                          on_step: Callable[[int], None] | None, max_padding: float) -> list[Output]:
@@ -273,11 +312,16 @@ class ReleaseAnyToAny:
 
     def generate_many(self, requests: Sequence[ReleasePrepared], config=None, seeds: Sequence[int] | None = None,
                       batch_size: int = 1, on_batch: Callable[[int], None] | None = None) -> list[Output]:
-        """Any requests, one at a time (`batch_size` is accepted for the API's sake)."""
+        """Any requests, one at a time; the speech answers of each `batch_size` requests
+        are decoded together."""
         seeds = list(seeds) if seeds is not None else [DEFAULT_SEED] * len(requests)
-        outputs = []
-        for request, seed in zip(requests, seeds):
-            outputs += self.generate_batch([request], config, [seed])
+        outputs: list[Output] = []
+        pending: list[Output] = []
+        for i, (request, seed) in enumerate(zip(requests, seeds)):
+            pending += self.generate_batch([request], config, [seed], speak=False)
+            if len(pending) >= max(1, batch_size) or i == len(requests) - 1:
+                outputs += self.speak(pending)
+                pending = []
             if on_batch is not None:
                 on_batch(1)
         return outputs

@@ -13,8 +13,8 @@ windows, each encoded on its own, as the original `extract_speech_token` does.
 GLM-4-Voice's decoder (a flow-matching model plus a HiFT vocoder) cannot be fetched here.
 So the tiny world trains its own: the same tokenizer architecture at a small width, plus
 `CodeToMel`, a transformer from codes to Whisper log-mel frames, vocoded by Griffin-Lim
-(`mel.mel_to_waveform`). `GLM4VoiceFlowDecoder` is the documented extension point with
-the same `decode` signature for users who have the real decoder installed.
+(`mel.mel_to_waveform`). GLM-4-Voice's real decoder is `omni_model.tokenizers.glm4voice.
+GLM4VoiceDecoder` (the released `glm-4-voice-decoder` folder), attached as `decoder=`.
 """
 
 from __future__ import annotations
@@ -281,8 +281,13 @@ class GLM4VoiceTokenizer(nn.Module):
 
     @property
     def can_decode(self) -> bool:
-        """Only with a decoder attached (GLM-4-Voice's own is not shipped here)."""
+        """Only with a decoder attached (`GLM4VoiceDecoder`: GLM-4-Voice's own)."""
         return self.decoder is not None
+
+    @property
+    def output_sample_rate(self) -> int:
+        """The rate of decoded waveforms: the attached decoder's (22,050 Hz for GLM-4-Voice's)."""
+        return int(self.decoder.sample_rate) if self.decoder is not None else self.mel.sample_rate
 
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
@@ -359,8 +364,8 @@ class GLM4VoiceTokenizer(nn.Module):
         """Codes -> waveforms, through the attached decoder (GLM-4-Voice ships none here)."""
         if self.decoder is None:
             raise RuntimeError("this speech tokenizer has no decoder attached: pass "
-                               "decoder=GLM4VoiceFlowDecoder(path) (the real one) or use the "
-                               "embedded SpeechCodec")
+                               "decoder=GLM4VoiceDecoder.from_folder(<glm-4-voice-decoder>) "
+                               "(omni_model.tokenizers.glm4voice) or use the embedded SpeechCodec")
         return self.decoder.decode(codes)
 
     # ------------------------------------------------------------------ persistence
@@ -412,40 +417,3 @@ class SpeechDecoder:
 
     def decode(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
-
-
-class GLM4VoiceFlowDecoder(SpeechDecoder):
-    """Extension point for GLM-4-Voice's real decoder (flow matching + HiFT, 22.05 kHz).
-
-    This project does not ship it (its weights cannot be fetched here and its code is not
-    on PyPI). A user who has the `glm-4-voice-decoder` folder and the GLM-4-Voice
-    repository (`flow_inference.AudioDecoder`) importable can use it:
-
-        decoder = GLM4VoiceFlowDecoder("/models/glm-4-voice-decoder")
-        tokenizer = GLM4VoiceTokenizer.from_pretrained(path, decoder=decoder)
-    """
-
-    sample_rate = 22_050
-
-    def __init__(self, folder: str | Path, device: str = "cuda") -> None:
-        folder = Path(folder)
-        try:
-            from flow_inference import AudioDecoder  # the GLM-4-Voice repository
-        except ImportError as err:
-            raise ImportError("GLM4VoiceFlowDecoder needs the GLM-4-Voice repository on "
-                              "PYTHONPATH (flow_inference.AudioDecoder)") from err
-        for name in ("config.yaml", "flow.pt", "hift.pt"):
-            if not (folder / name).exists():
-                raise FileNotFoundError(f"{folder} lacks {name}")
-        self._decoder = AudioDecoder(config_path=str(folder / "config.yaml"),
-                                     flow_ckpt_path=str(folder / "flow.pt"),
-                                     hift_ckpt_path=str(folder / "hift.pt"), device=device)
-        self.device = device
-
-    def decode(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # pragma: no cover
-        out = []
-        for c in codes:
-            tokens = torch.as_tensor(c, dtype=torch.long, device=self.device)[None]
-            wave, _ = self._decoder.token2wav(tokens, uuid="omni", finalize=True)
-            out.append(wave.squeeze(0).float().cpu())
-        return out

@@ -6,8 +6,10 @@ A release folder (the authors' checkpoint format) is evaluated through the same 
 (`ReleaseAnyToAny`): each task's inputs as the release's fixed prompts take them
 (`release_inputs`), the official evaluation scripts' sampler settings
 (`release_presets`), no response-length calibration and no steps curve (its sampler is
-the official one); its speech answers are codes until GLM-4-Voice's decoder is part of
-the project, so TTS reports their length, not their intelligibility.
+the official one); its speech answers are spoken by GLM-4-Voice's decoder
+(`speech_decoder`, the project's `GLM4VoiceDecoder`) and heard by Whisper, so TTS
+reports intelligibility (WER of the transcript) and spoken answers whether they say the
+answer; without a decoder, TTS reports only how many codes were said.
 
 One case never stops the evaluation: a row that cannot be loaded (`load_cases`) or
 whose inputs the model cannot take (`AnyToAny.prepare`) is quarantined, written to
@@ -47,6 +49,9 @@ class EvalConfig:
     model: str = "runs/stage3/final"  #: a checkpoint folder (final/ of a stage)
     image_tokenizer: str = "runs/tokenizers/image"
     speech_tokenizer: str = "runs/tokenizers/speech"
+    #: GLM-4-Voice's decoder folder (config.yaml, flow.pt, hift.pt): speech out for a release
+    #: folder (or a bare GLM-4-Voice tokenizer); None: a release's own glm-4-voice-decoder/ if any
+    speech_decoder: str | None = None
     data_root: str = "runs/world"
     #: held-out manifests (the published format): folders of {task}.jsonl (t2i, caption,
     #: vqa, asr, tts, svqa, s2i; the first folder holding a task's file), and/or .jsonl
@@ -153,7 +158,8 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = AnyToAny.from_pretrained(cfg.model, image_tokenizer=cfg.image_tokenizer,
-                                    speech_tokenizer=cfg.speech_tokenizer, device=device, presets=cfg.presets)
+                                    speech_tokenizer=cfg.speech_tokenizer, device=device, presets=cfg.presets,
+                                    speech_decoder=cfg.speech_decoder)
     release = isinstance(pipe, ReleaseAnyToAny)
     if release:
         pipe.presets, pipe.image_resolution = cfg.release_presets, cfg.release_image_resolution
@@ -164,7 +170,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         pipe.presets = replace(pipe.presets, sampler=recorded_sampler(cfg))
         (out_dir / "presets.json").write_text(json.dumps(pipe.presets.to_dict(), indent=2) + "\n")
     recognizer = None
-    speaks = getattr(pipe.speech_codec, "can_decode", False)
+    speaks = getattr(pipe.speech_codec, "can_decode", False) or getattr(pipe, "speech_decoder", None) is not None
     if cfg.transcribe and speaks and any(TASKS[t].speaks for t in cfg.tasks):
         if recognizer_factory is None:
             from pipelines.asr import WhisperRecognizer

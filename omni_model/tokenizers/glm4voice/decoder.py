@@ -44,6 +44,8 @@ WEB_DEMO_BLOCKS = (25, 50, 100, 150, 200)
 TOKEN_OVERLAP = 5
 #: mel frames the vocoder re-synthesises at the start of the next chunk (`mel_cache_len`)
 MEL_CACHE = 1
+#: the smallest chunk `stream` takes: twice the overlap it holds back
+MIN_CHUNK = 2 * TOKEN_OVERLAP
 
 
 def _load_weights(path: Path) -> dict:
@@ -138,8 +140,9 @@ class GLM4VoiceDecoder(SpeechDecoder):
         start, i = 0, 0
         while start < len(codes):
             size = int(blocks[min(i, len(blocks) - 1)])
-            if size < 1:
-                raise ValueError(f"chunk sizes must be positive, got {size}")
+            if size < MIN_CHUNK:
+                raise ValueError(f"chunks of at least {MIN_CHUNK} codes, got {size} (each chunk holds back "
+                                 f"{TOKEN_OVERLAP} codes' worth of frames to cross-fade)")
             end = min(start + size, len(codes))
             yield stream.push(codes[start:end], final=end == len(codes))
             start, i = end, i + 1
