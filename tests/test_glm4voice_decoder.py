@@ -60,7 +60,7 @@ def test_a_batch_of_different_lengths_gives_each_what_it_gives_alone(loaded) -> 
     included), and each utterance keeps its own noise: batching changes nothing."""
     decoder, refs = loaded
     ns = lengths(refs)
-    outs = decoder.decode_with_mel([refs[f"eval_len{n}_tokens"][0] for n in reversed(ns)])
+    outs = decoder.decode_with_mel([refs[f"eval_len{n}_tokens"][0] for n in reversed(ns)], batch_size=len(ns))
     for n, (wave, mel) in zip(reversed(ns), outs):
         assert max_diff(mel, refs[f"eval_len{n}_mel"][0]) < MEL_ATOL, n
         assert max_diff(wave, refs[f"eval_len{n}_speech"][0]) < WAVE_ATOL, n
@@ -71,7 +71,7 @@ def test_the_codes_decide_the_sound(loaded) -> None:
     n = lengths(refs)[-1]
     codes = refs[f"eval_len{n}_tokens"][0]
     flipped = decoder.flow.config.vocab_size - 1 - codes
-    a, b = decoder.decode([codes, flipped])
+    a, b = decoder.decode([codes, flipped], batch_size=2)
     assert a.shape == b.shape and (a - b).abs().max() > 1e-2
     assert torch.equal(decoder.decode([codes])[0], decoder.decode([codes])[0])  # seeded as the original
 
