@@ -71,9 +71,40 @@ def test_the_codes_decide_the_sound(loaded) -> None:
     n = lengths(refs)[-1]
     codes = refs[f"eval_len{n}_tokens"][0]
     flipped = decoder.flow.config.vocab_size - 1 - codes
-    a, b = decoder.decode([codes, flipped], batch_size=2)
-    assert a.shape == b.shape and (a - b).abs().max() > 1e-2
+    (wave_a, mel_a), (wave_b, mel_b) = decoder.decode_with_mel([codes, flipped], batch_size=2)
+    assert mel_a.shape == mel_b.shape and (mel_a - mel_b).abs().max() > 0.1
+    assert wave_a.shape == wave_b.shape and not torch.equal(wave_a, wave_b)
     assert torch.equal(decoder.decode([codes])[0], decoder.decode([codes])[0])  # seeded as the original
+
+
+def test_chunked_decoding_matches_the_original_streaming(loaded) -> None:
+    """Every chunk of the original's streaming schedules (`stream_inference`: chunks of
+    the encoder's block size; the web demo: 25, 50, 100, ... codes), decoded with the
+    earlier codes and mel frames as the prompt, the held-back frames cross-faded and the
+    vocoder's source cached, as `token2wav(finalize=False)` does chunk after chunk."""
+    decoder, refs = loaded
+    schedules = sorted(k[: -len("_bounds")] for k in refs if k.endswith("_bounds"))
+    assert schedules, "the fixture has no chunked references"
+    for name in schedules:
+        bounds = refs[f"{name}_bounds"].tolist()
+        codes = refs[f"eval_len{name.split('_len')[1]}_tokens"][0]
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        chunks = list(decoder.stream(codes, blocks=sizes))
+        stream = decoder.start_stream()
+        for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            wave = stream.push(codes[start:end], final=end == bounds[-1])
+            assert max_diff(stream.mels[-1], refs[f"{name}_chunk{i}_mel"][0]) < MEL_ATOL * 2, (name, i)
+            assert max_diff(wave, refs[f"{name}_chunk{i}_speech"][0]) < WAVE_ATOL, (name, i)
+            assert torch.equal(wave, chunks[i])  # `stream` is the same loop
+        with pytest.raises(RuntimeError, match="finished"):
+            stream.push(codes[:1])
+
+
+def test_a_chunk_too_small_to_hold_back_its_overlap_is_refused(loaded) -> None:
+    decoder, refs = loaded
+    codes = refs[f"eval_len{lengths(refs)[-1]}_tokens"][0]
+    with pytest.raises(ValueError, match="holds back"):
+        list(decoder.stream(codes, blocks=(5,)))
 
 
 def test_fewer_flow_steps_is_an_option(loaded) -> None:

@@ -44,8 +44,6 @@ WEB_DEMO_BLOCKS = (25, 50, 100, 150, 200)
 TOKEN_OVERLAP = 5
 #: mel frames the vocoder re-synthesises at the start of the next chunk (`mel_cache_len`)
 MEL_CACHE = 1
-#: the smallest chunk `stream` takes: twice the overlap it holds back
-MIN_CHUNK = 2 * TOKEN_OVERLAP
 
 
 def _load_weights(path: Path) -> dict:
@@ -161,9 +159,8 @@ class GLM4VoiceDecoder(SpeechDecoder):
         start, i = 0, 0
         while start < len(codes):
             size = int(blocks[min(i, len(blocks) - 1)])
-            if size < MIN_CHUNK:
-                raise ValueError(f"chunks of at least {MIN_CHUNK} codes, got {size} (each chunk holds back "
-                                 f"{TOKEN_OVERLAP} codes' worth of frames to cross-fade)")
+            if size < 1:
+                raise ValueError(f"chunk sizes must be positive, got {size}")
             end = min(start + size, len(codes))
             yield stream.push(codes[start:end], final=end == len(codes))
             start, i = end, i + 1
@@ -208,6 +205,10 @@ class SpeechStream:
             speech, _ = d.hift.inference(mel, [generator], cache_source=cache)
             self.finished = True
         else:
+            if mel.shape[-1] < d.mel_overlap + 2:
+                raise ValueError(f"a chunk of {len(codes)} codes gave {mel.shape[-1]} mel frames; a chunk "
+                                 f"before the last needs more than the {d.mel_overlap} it holds back to "
+                                 f"cross-fade (at 12.5 codes a second: at least 6 codes)")
             self.overlap = mel[:, :, -d.mel_overlap:]
             mel = mel[:, :, : -d.mel_overlap]
             speech, source = d.hift.inference(mel, [generator], cache_source=cache)
