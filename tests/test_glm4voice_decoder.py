@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from omni_model.tokenizers.glm4voice.decoder import GLM4VoiceDecoder
+from omni_model.tokenizers.glm4voice.estimator import ACT_FNS, ConditionalDecoder, EstimatorConfig
 
 MEL_ATOL = 5e-5
 WAVE_ATOL = 1e-5
@@ -129,6 +130,21 @@ def test_bad_codes_are_refused(loaded, bad, message) -> None:
         decoder.decode([bad])
 
 
+@pytest.mark.parametrize("act_fn", ACT_FNS)
+def test_each_estimator_activation_matches_matcha(fixtures_dir: Path, act_fn: str) -> None:
+    """The U-Net with each feed-forward activation Matcha-TTS offers (the released decoder
+    uses gelu), against the original `ConditionalDecoder` on a batch whose second row is
+    padded: in the original's arithmetic (`padded=False`) both rows match it."""
+    refs = load_file(fixtures_dir / "glm4voice_decoder" / "estimators.safetensors")
+    net = ConditionalDecoder(EstimatorConfig(in_channels=320, out_channels=80, channels=(8,), attention_head_dim=4,
+                                             n_blocks=1, num_mid_blocks=1, num_heads=2, act_fn=act_fn)).eval()
+    net.load_state_dict({k[len(act_fn) + 1:]: v for k, v in refs.items() if k.startswith(f"{act_fn}.")
+                         and k != f"{act_fn}.out"})
+    with torch.no_grad():
+        out = net(refs["x"], refs["mask"], refs["mu"], refs["t"], refs["spks"], refs["cond"])
+    assert max_diff(out, refs[f"{act_fn}.out"]) < 1e-5
+
+
 # ---------------------------------------------------------------------- the folder
 @pytest.fixture()
 def copy(tmp_path: Path, fixtures_dir: Path) -> Path:
@@ -150,7 +166,7 @@ def _edit(folder: Path, old: str, new: str) -> None:
     ("use_cnn_module: False", "use_cnn_module: True", "use_cnn_module"),
     ("block_size: 10", "block_size: 10\n        mystery_option: 3", "mystery_option"),
     ("solver: 'euler'", "solver: 'midpoint'", "solver"),
-    ("act_fn: 'gelu'", "act_fn: 'snakebeta'", "act_fn"),
+    ("act_fn: 'gelu'", "act_fn: 'snake'", "act_fn"),
     ("in_channels: 320", "in_channels: 321", "the estimator takes 321"),
     ("vocab_size: 300", "vocab_size: !ref <nowhere>", "names nothing"),
 ])
@@ -165,6 +181,35 @@ def test_references_and_arithmetic_in_the_config_are_resolved(copy: Path, fixtur
     _edit(copy, "input_size: 32\n    output_size: 80", "input_size: !ref <flow_width> * 2\n    output_size: 80")
     decoder = GLM4VoiceDecoder.from_folder(copy)
     assert decoder.flow.config.input_size == 32 and decoder.flow.config.spk_embed_dim == 192
+
+
+def test_the_rest_of_a_full_cosyvoice_config_is_ignored(copy: Path) -> None:
+    """The released config.yaml also holds CosyVoice's data pipeline and training
+    settings (functions by `!name:`, lists of `!ref`s, arithmetic): never executed, never
+    needed, and they do not stop the decoder from loading."""
+    with open(copy / "config.yaml", "a") as f:
+        f.write("""
+llm_input_size: 1024
+get_tokenizer: !name:whisper.tokenizer.get_tokenizer
+    multilingual: True
+    language: 'en'
+feat_extractor: !name:matcha.utils.audio.mel_spectrogram
+    n_fft: 1024
+    sampling_rate: !ref <sample_rate>
+    fmax: !ref <sample_rate> // 2
+compute_fbank: !name:cosyvoice.dataset.processor.compute_fbank
+    feat_extractor: !ref <feat_extractor>
+data_pipeline: [!ref <compute_fbank>, !ref <get_tokenizer>]
+train_conf:
+    optim: adam
+    optim_conf: {lr: 0.001}
+    scheduler: warmuplr
+    checkpoint: !PLACEHOLDER
+    weird: !some_future_tag <anything at all>
+    broken_ref: !ref <nowhere> * 2
+""")
+    decoder = GLM4VoiceDecoder.from_folder(copy)
+    assert decoder.flow.config.vocab_size == 300 and decoder.sample_rate == 22_050
 
 
 def test_weights_that_do_not_fit_or_are_not_plain_tensors_are_refused(copy: Path) -> None:

@@ -58,10 +58,14 @@ def _tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node, kind: str) ->
     return Tagged(kind, suffix, args)
 
 
-for _kind in ("new", "apply", "name"):
+for _kind in ("new", "apply", "name", "include"):
     _Loader.add_multi_constructor(f"!{_kind}:", lambda l, s, n, k=_kind: _tagged(l, s, n, k))
 _Loader.add_constructor("!ref", lambda l, n: _Ref(l.construct_scalar(n)))
+_Loader.add_constructor("!copy", lambda l, n: _Ref(l.construct_scalar(n)))
 _Loader.add_constructor("!tuple", lambda l, n: tuple(l.construct_sequence(n, deep=True)))
+_Loader.add_constructor("!PLACEHOLDER", lambda l, n: None)
+# any other tag (a later HyperPyYAML's, or a section of the file we never read) stays inert
+_Loader.add_multi_constructor("!", lambda l, s, n: _tagged(l, s, n, "other"))
 
 
 _REF = re.compile(r"<([^<>]+)>")
@@ -117,15 +121,20 @@ def _resolve(node: Any, root: dict, depth: int = 0) -> Any:
     return node
 
 
-def read_yaml(path: Path) -> dict:
-    """The file as plain data: tags become `Tagged` records, references are resolved."""
+def read_yaml(path: Path, sections: tuple[str, ...] = ("flow", "hift")) -> dict:
+    """The file's `sections` as plain data: tags become `Tagged` records and references
+    are resolved within them (the rest of the file, training and data settings in the
+    released one, is neither resolved nor checked)."""
     try:
         root = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(root, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    return _resolve(root, root)
+    for section in sections:
+        if section not in root:
+            raise ValueError(f"{path}: no `{section}:` section")
+    return {section: _resolve(root[section], root) for section in sections}
 
 
 def _instance(node: Any, where: str, class_name: str) -> dict:
@@ -273,7 +282,4 @@ def load_decoder_config(folder: str | Path) -> DecoderConfig:
         raise FileNotFoundError(f"{folder} has no config.yaml (a GLM-4-Voice decoder folder holds "
                                 "config.yaml, flow.pt and hift.pt)")
     root = read_yaml(path)
-    for section in ("flow", "hift"):
-        if section not in root:
-            raise ValueError(f"{path}: no `{section}:` section")
     return DecoderConfig(flow=_flow_config(root["flow"]), hift=_hift_config(root["hift"]))

@@ -44,7 +44,8 @@ class EstimatorConfig:
     num_heads: int = 8
     """Attention heads."""
     act_fn: str = "gelu"
-    """Feed-forward activation of the Transformer blocks (gelu or gelu-approximate)."""
+    """Feed-forward activation of the Transformer blocks: gelu (the released decoder),
+    gelu-approximate, geglu, geglu-approximate or snakebeta, as Matcha-TTS names them."""
 
 
 def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, mask: torch.Tensor, padded: bool) -> torch.Tensor:
@@ -152,22 +153,68 @@ class Attention(nn.Module):
 
 
 class GELUProjection(nn.Module):
-    def __init__(self, dim: int, inner: int, approximate: str) -> None:
+    """diffusers' GELU (`gelu`, `gelu-approximate`) and GEGLU (`geglu`: half the projection
+    gates the other half)."""
+
+    def __init__(self, dim: int, inner: int, approximate: str, gated: bool = False) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, inner)
-        self.approximate = approximate
+        self.proj = nn.Linear(dim, inner * 2 if gated else inner)
+        self.approximate, self.gated = approximate, gated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate=self.approximate)
+        x = self.proj(x)
+        if self.gated:
+            x, gate = x.chunk(2, dim=-1)
+            return x * F.gelu(gate, approximate=self.approximate)
+        return F.gelu(x, approximate=self.approximate)
+
+
+class SigmoidGELUProjection(nn.Module):
+    """diffusers' ApproximateGELU (`geglu-approximate`): x * sigmoid(1.702 x)."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SnakeBetaProjection(nn.Module):
+    """Matcha's SnakeBeta: x + sin^2(a x) / b, a and b learned on a log scale."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+        self.alpha = nn.Parameter(torch.zeros(inner))
+        self.beta = nn.Parameter(torch.zeros(inner))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        alpha, beta = torch.exp(self.alpha), torch.exp(self.beta)
+        return x + (1.0 / (beta + 0.000000001)) * torch.pow(torch.sin(x * alpha), 2)
+
+
+def _activation(act_fn: str, dim: int, inner: int) -> nn.Module:
+    if act_fn in ("gelu", "gelu-approximate"):
+        return GELUProjection(dim, inner, "none" if act_fn == "gelu" else "tanh")
+    if act_fn == "geglu":
+        return GELUProjection(dim, inner, "none", gated=True)
+    if act_fn == "geglu-approximate":
+        return SigmoidGELUProjection(dim, inner)
+    return SnakeBetaProjection(dim, inner)
+
+
+ACT_FNS = ("gelu", "gelu-approximate", "geglu", "geglu-approximate", "snakebeta")
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, act_fn: str, mult: int = 4) -> None:
         super().__init__()
-        approximate = {"gelu": "none", "gelu-approximate": "tanh"}[act_fn]
         # index 1 is the (inactive) dropout of the original's ModuleList; keeping the slot
         # keeps the `net.2` parameter names
-        self.net = nn.ModuleList([GELUProjection(dim, dim * mult, approximate), nn.Identity(),
+        self.net = nn.ModuleList([_activation(act_fn, dim, dim * mult), nn.Identity(),
                                   nn.Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,9 +251,9 @@ class ConditionalDecoder(nn.Module):
 
     def __init__(self, config: EstimatorConfig) -> None:
         super().__init__()
-        if config.act_fn not in ("gelu", "gelu-approximate"):
-            raise ValueError(f"estimator act_fn {config.act_fn!r} is not supported "
-                             "(the released decoder uses 'gelu')")
+        if config.act_fn not in ACT_FNS:
+            raise ValueError(f"estimator act_fn {config.act_fn!r} is not supported: one of "
+                             f"{', '.join(ACT_FNS)} (the released decoder uses 'gelu')")
         self.config = config
         channels = tuple(config.channels)
         time_dim = channels[0] * 4
