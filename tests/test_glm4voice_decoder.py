@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from omni_model.tokenizers.glm4voice.conformer import BlockConformerEncoder, EncoderConfig
 from omni_model.tokenizers.glm4voice.decoder import GLM4VoiceDecoder
 from omni_model.tokenizers.glm4voice.estimator import ACT_FNS, ConditionalDecoder, EstimatorConfig
 
@@ -135,7 +136,7 @@ def test_each_estimator_activation_matches_matcha(fixtures_dir: Path, act_fn: st
     """The U-Net with each feed-forward activation Matcha-TTS offers (the released decoder
     uses gelu), against the original `ConditionalDecoder` on a batch whose second row is
     padded: in the original's arithmetic (`padded=False`) both rows match it."""
-    refs = load_file(fixtures_dir / "glm4voice_decoder" / "estimators.safetensors")
+    refs = load_file(fixtures_dir / "glm4voice_decoder" / "parts.safetensors")
     net = ConditionalDecoder(EstimatorConfig(in_channels=320, out_channels=80, channels=(8,), attention_head_dim=4,
                                              n_blocks=1, num_mid_blocks=1, num_heads=2, act_fn=act_fn)).eval()
     net.load_state_dict({k[len(act_fn) + 1:]: v for k, v in refs.items() if k.startswith(f"{act_fn}.")
@@ -143,6 +144,26 @@ def test_each_estimator_activation_matches_matcha(fixtures_dir: Path, act_fn: st
     with torch.no_grad():
         out = net(refs["x"], refs["mask"], refs["mu"], refs["t"], refs["spks"], refs["cond"])
     assert max_diff(out, refs[f"{act_fn}.out"]) < 1e-5
+
+
+@pytest.mark.parametrize("name, options", [
+    ("macaron", dict(macaron_style=True, normalize_before=True, activation_type="relu", key_bias=True)),
+    ("postnorm", dict(macaron_style=False, normalize_before=False, activation_type="gelu", key_bias=False)),
+])
+def test_encoder_layer_options_match_cosyvoice(fixtures_dir: Path, name: str, options: dict) -> None:
+    """The block conformer in the layer options the released decoder does not use (a
+    macaron feed-forward; post-norm without a key bias), against CosyVoice's encoder on a
+    batch with a padded row: the valid positions match."""
+    refs = load_file(fixtures_dir / "glm4voice_decoder" / "parts.safetensors")
+    enc = BlockConformerEncoder(EncoderConfig(input_size=12, output_size=12, attention_heads=3, linear_units=20,
+                                              num_blocks=2, block_size=5, **options)).eval()
+    prefix = f"enc.{name}."
+    enc.load_state_dict({k[len(prefix):]: v for k, v in refs.items() if k.startswith(prefix) and k != prefix + "out"})
+    with torch.no_grad():
+        out = enc(refs["enc_x"], refs["enc_lengths"])
+    ref = refs[prefix + "out"]
+    for row, n in enumerate(refs["enc_lengths"].tolist()):
+        assert max_diff(out[row, :n], ref[row, :n]) < 1e-5, (name, row)
 
 
 # ---------------------------------------------------------------------- the folder
