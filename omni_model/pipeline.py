@@ -197,7 +197,11 @@ class AnyToAny:
             if not isinstance(speech, GLM4VoiceTokenizer) or speech.decoder is not None:
                 raise ValueError("speech_decoder speaks GLM-4-Voice codes: it needs a bare GLM-4-Voice "
                                  "speech tokenizer folder (an embedded codec decodes its own codes)")
-            speech.decoder = GLM4VoiceDecoder.from_folder(speech_decoder, device)
+            decoder = GLM4VoiceDecoder.from_folder(speech_decoder, device)
+            if decoder.flow.config.vocab_size < speech.codebook_size:
+                raise ValueError(f"the speech decoder knows {decoder.flow.config.vocab_size} codes; the speech "
+                                 f"tokenizer makes {speech.codebook_size}")
+            speech.decoder = decoder
         if presets is None and (folder / "presets.json").exists():
             presets = LengthPresets.from_dict(json.loads((folder / "presets.json").read_text()))
         return cls(model, vocab, text, image, speech, presets or LengthPresets())

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from omni_model.tokenizers import ImageTokenizer, SpeechTokenizer, load_image_tokenizer, load_speech_tokenizer
 from omni_model.tokenizers.codec import SpeechCodec
 from omni_model.tokenizers.image import MagVitConfig, MagVitTokenizer, TrunkConfig
+from omni_model.tokenizers.glm4voice import GLM4VoiceDecoder
 from omni_model.tokenizers.mel import MelConfig, griffin_lim, log_mel, mel_to_waveform
 from omni_model.tokenizers.speech import GLM4VoiceTokenizer
 from omni_model.tokenizers.text import BPETokenizer
@@ -18,6 +19,7 @@ from omni_model.tokenizers.train_image import ImageTrainConfig, train_image_toke
 from omni_model.tokenizers.train_speech import (CTC_ALPHABET, DecoderTrainConfig, SpeechTrainConfig,
                                                 ctc_targets, small_codec, train_code_decoder,
                                                 train_speech_codec)
+from tests.speech_decoder import wide_decoder
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +219,11 @@ def test_one_loader_per_kind_and_the_protocols(fixtures_dir, tmp_path):
     assert isinstance(alone, GLM4VoiceTokenizer) and alone.fingerprint == codec.fingerprint
     wave = torch.sin(torch.arange(16000) / 7.0)
     assert torch.equal(codec.encode([wave], 16000)[0], alone.encode([wave], 16000)[0])
+    # GLM-4-Voice's decoder attached: GLM-4-Voice codes become 22,050 Hz audio
+    glm.decoder = GLM4VoiceDecoder.from_folder(wide_decoder())
+    codes = glm.encode([wave], 16000)[0]
+    assert glm.can_decode and glm.output_sample_rate == 22_050
+    assert glm.decode([codes])[0].shape == (256 * glm.decoder.flow.frames_for(len(codes)),)
 
 
 # ---------------------------------------------------------------- text
