@@ -1,9 +1,21 @@
 """A tiny any-to-any model trained until it has memorised one example of every task,
 built from real parts: a rendered world scene through the trained image tokenizer in
 tests/assets, espeak-ng speech through a real (untrained, small) speech codec. Shared by
-the API tests (tests/test_pipeline.py) and the server tests (tests/test_serve.py)."""
+the API tests (tests/test_pipeline.py) and the server tests (tests/test_serve.py).
 
+Training it is the suite's biggest piece of work (about 1.5 min on a fast 2-core machine,
+about 10 on the slowest seen), too much to hide inside one test's timeout. So
+`scripts/test.sh` builds it first, outside pytest, into a cache keyed by everything that
+shapes it (`python -m tests.any2any CACHE_DIR`), and the session fixture loads it from
+there (`OMNI_TEST_CACHE`); without the variable the fixture trains it itself.
+"""
+
+import hashlib
 import json
+import os
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,16 +37,8 @@ IMAGE_TOKENIZER = ROOT / "tests/assets/world_magvit32"
 MAX_PADS = 4
 
 
-def train_any2any(root: Path) -> tuple[Path, Path, dict]:
-    """Train and save the model under `root`: (model folder, codec folder, tasks), where
-    tasks maps a name to (inputs, outputs, the answer parts it was trained on)."""
-    text = ByteTokenizer()
-    image_tok = MagVitTokenizer.from_pretrained(IMAGE_TOKENIZER)
-    codec = small_codec(codebook_size=64, d_model=64, layers=2, seed=0).eval()
-    codec.save_pretrained(root / "codec")
-    vocab = Vocab.fresh(text.vocab_size, image_tok.codebook_size, codec.codebook_size)
-    pipe = AnyToAny(toy_model(vocab, hidden=192, layers=3, seed=0), vocab, text, image_tok, codec)
-
+def make_tasks(image_tok: MagVitTokenizer, codec) -> dict:
+    """Task name -> (inputs, outputs, the answer parts to train on), from real media."""
     picture = render(make_scene(0, 3), 32)
     espeak = EspeakEngine()
     caption_audio = Audio(espeak.synthesize("two blue squares"), 16000)
@@ -52,6 +56,19 @@ def train_any2any(root: Path) -> tuple[Path, Path, dict]:
         "all": (["Show and tell: two blue squares"], ["text", "image", "speech"],
                 (Text("two blue squares"), image, speech)),
     }
+    return tasks
+
+
+def train_any2any(root: Path) -> tuple[Path, Path, dict]:
+    """Train and save the model under `root`: (model folder, codec folder, tasks), where
+    tasks maps a name to (inputs, outputs, the answer parts it was trained on)."""
+    text = ByteTokenizer()
+    image_tok = MagVitTokenizer.from_pretrained(IMAGE_TOKENIZER)
+    codec = small_codec(codebook_size=64, d_model=64, layers=2, seed=0).eval()
+    codec.save_pretrained(root / "codec")
+    vocab = Vocab.fresh(text.vocab_size, image_tok.codebook_size, codec.codebook_size)
+    pipe = AnyToAny(toy_model(vocab, hidden=192, layers=3, seed=0), vocab, text, image_tok, codec)
+    tasks = make_tasks(image_tok, codec)
     samples = [[Message("user", tuple(pipe._part(x) for x in inputs)), Message("assistant", parts)]
                for inputs, _, parts in tasks.values()]
     losses = fit(pipe.model, samples, text, vocab, FitConfig(steps=1000, max_pads=MAX_PADS, log_every=0))
@@ -78,6 +95,42 @@ def train_any2any(root: Path) -> tuple[Path, Path, dict]:
         "text": None, "image": {"fingerprint": image_tok.fingerprint},
         "speech": {"fingerprint": codec.fingerprint}}))
     return folder, root / "codec", tasks
+
+
+def recipe_key() -> str:
+    """A digest of everything that shapes the trained model: the core's code, this file,
+    the world and TTS code, the image tokenizer, torch's version."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    files = sorted((ROOT / "omni_model").rglob("*.py")) + [Path(__file__), ROOT / "pipelines/world.py",
+                                                           ROOT / "pipelines/tts.py"]
+    files += sorted(p for p in IMAGE_TOKENIZER.rglob("*") if p.is_file())
+    for path in files:
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_any2any(cache: Path) -> tuple[Path, Path, dict]:
+    """`train_any2any`'s result from `cache` (trained there first when missing or stale)."""
+    from omni_model.tokenizers.codec import SpeechCodec
+
+    folder = cache / f"any2any-{recipe_key()}"
+    if not (folder / "done").exists():
+        work = cache / f"building-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        train_any2any(work)
+        (work / "done").write_text("trained and checked by tests/any2any.py\n")
+        try:
+            work.rename(folder)  # atomic; another process may have finished first
+        except OSError:
+            shutil.rmtree(work, ignore_errors=True)
+        for stale in cache.glob("any2any-*"):
+            if stale != folder:
+                shutil.rmtree(stale, ignore_errors=True)
+    codec = SpeechCodec.from_pretrained(folder / "codec").eval()
+    tasks = make_tasks(MagVitTokenizer.from_pretrained(IMAGE_TOKENIZER), codec)
+    return folder / "model", folder / "codec", tasks
 
 
 # every sampler setting the tests ask the trained answers back with (tests/test_scheduler.py,
@@ -143,3 +196,9 @@ def request_part(x) -> dict:
         return {"type": "image", "data": encode_png(x)}
     assert isinstance(x, Audio)
     return {"type": "audio", "data": encode_wav(np.asarray(x.waveform), x.sample_rate)}
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    model, _, _ = cached_any2any(Path(sys.argv[1]).resolve())
+    print(f"the shared test model: {model} ({time.perf_counter() - start:.0f} s)")

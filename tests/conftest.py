@@ -3,6 +3,7 @@ a missing folder is an error, never a skip."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,12 @@ def tiny_model(vocab):
 @pytest.fixture(scope="session")
 def any2any(tmp_path_factory):
     """(model folder, speech codec folder, tasks) of a tiny model that has memorised one
-    example of every any-to-any task (tests/any2any.py); trained once per session."""
-    from tests.any2any import train_any2any
+    example of every any-to-any task (tests/any2any.py): from the cache scripts/test.sh
+    builds it into (`OMNI_TEST_CACHE`), else trained here once per session."""
+    from tests.any2any import cached_any2any, train_any2any
 
+    if os.environ.get("OMNI_TEST_CACHE"):
+        return cached_any2any(Path(os.environ["OMNI_TEST_CACHE"]))
     return train_any2any(tmp_path_factory.mktemp("any2any"))
 
 
