@@ -42,3 +42,26 @@ def test_no_file_of_the_repository_cites_files_outside_it():
             text = path.read_text(errors="replace")
             citing += [f"{name}: {needle}" for needle in OUTSIDE if needle in text]
     assert tracked and not citing, citing
+
+
+def test_the_readme_layout_names_every_module_and_folder():
+    """README's "Layout" is checked against the tree: every top-level folder, every module
+    of the packages' top levels and of omni_model/tokenizers/, every subpackage, is named
+    there (a `train_*.py` pattern counts for the files it matches)."""
+    text = (ROOT / "README.md").read_text()
+    layout = text.split("## Layout", 1)[1].split("```")[1]
+    words = set(re.findall(r"[\w]+", layout))
+    patterns = [p.replace("*", r"\w*") for p in re.findall(r"\b(\w+\*)", layout)]
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    wanted = {name.split("/")[0] for name in tracked if "/" in name and not name.startswith(".")}
+    for name in tracked:
+        parts = name.split("/")
+        if parts[0] not in ("omni_model", "pipelines", "serve", "jobs") or not name.endswith(".py"):
+            continue
+        flat = len(parts) == 2 or parts[:2] == ["omni_model", "tokenizers"] and len(parts) == 3
+        if flat and not parts[-1].startswith("__"):
+            wanted.add(parts[-1][:-3])
+        elif len(parts) > 2:
+            wanted.add(parts[-2] if parts[:2] == ["omni_model", "tokenizers"] else parts[1])
+    missing = sorted(w for w in wanted if w not in words and not any(re.fullmatch(p, w) for p in patterns))
+    assert not missing, f"README's Layout does not name: {missing}"
