@@ -67,7 +67,8 @@ class RelativePositions(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.width = width
-        self._table: torch.Tensor | None = None
+        self._table: torch.Tensor | None = None  # float32 on the CPU, as built
+        self._placed: torch.Tensor | None = None  # the same on the model's device and dtype
 
     def _build(self, positions: int) -> torch.Tensor:
         position = torch.arange(0, positions, dtype=torch.float32).unsqueeze(1)
@@ -84,8 +85,10 @@ class RelativePositions(nn.Module):
     def forward(self, length: int, like: torch.Tensor) -> torch.Tensor:
         """[1, 2*length-1, width]: distances length-1 ... -(length-1)."""
         if self._table is None or self._table.size(0) < 2 * length - 1:
-            self._table = self._build(max(_TABLE_POSITIONS, length))
-        table = self._table.to(device=like.device, dtype=like.dtype)
+            self._table, self._placed = self._build(max(_TABLE_POSITIONS, length)), None
+        if self._placed is None or self._placed.device != like.device or self._placed.dtype != like.dtype:
+            self._placed = self._table.to(device=like.device, dtype=like.dtype)  # once, not per call
+        table = self._placed
         middle = table.size(0) // 2
         return table[middle - length + 1: middle + length].unsqueeze(0)
 

@@ -71,7 +71,7 @@ class GLM4VoiceDecoder(SpeechDecoder):
         rate = config.flow.input_frame_rate
         self.mel_overlap = int(TOKEN_OVERLAP / rate * MEL_SAMPLE_RATE / MEL_HOP)
         self.window = torch.from_numpy(np.hamming(2 * self.mel_overlap))
-        hop = int(np.prod(config.hift.upsample_rates)) * config.hift.istft_hop_len
+        hop = config.hift.samples_per_frame
         if hop != MEL_HOP or self.sample_rate != MEL_SAMPLE_RATE:
             log.warning("decoder vocoder makes %d samples per frame at %d Hz; the flow model sizes "
                         "its frames for %d at %d Hz (as the original does)", hop, self.sample_rate,
