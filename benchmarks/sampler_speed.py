@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni_model.pipeline import AnyToAny, LengthPresets, batch_key, batches
+from omni_model.any_to_any import AnyToAny, LengthPresets, batch_key, batches
 from omni_model.sampler import SamplerConfig, sample
 from pipelines.evaluation import TASKS, EvalConfig, load_cases
 from pipelines.evaluation.run import prediction

@@ -3,7 +3,7 @@ its media, prepare it (`AnyToAny.prepare`), run batches of prepared requests thr
 sampler, and turn outputs into response bodies.
 
 A batch from `@serve.batch` may mix requests; `run` groups those whose layout and
-sampler options (the seed aside) are equal (`omni_model.pipeline.batch_key`, the grouping
+sampler options (the seed aside) are equal (`omni_model.any_to_any.batch_key`, the grouping
 the evaluation uses too) and makes one sampler call per group. Every
 request keeps its own seed (per-row generators in the sampler), so its result does not
 depend on what it was batched with.
@@ -39,7 +39,7 @@ from PIL import Image as PILImage
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from omni_model.pipeline import OUTPUTS, AnyToAny, Audio, Input, Output, Prepared, RequestError, batch_key, batches
+from omni_model.any_to_any import OUTPUTS, AnyToAny, Audio, Input, Output, Prepared, RequestError, batch_key, batches
 from omni_model.sampler import Layout, SamplerConfig
 from omni_model.templates import Message, encode_prompt
 from serve.config import ServeConfig, over_cap, within_caps

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, UnidentifiedImageError
 
-from omni_model.pipeline import Audio
+from omni_model.any_to_any import Audio
 from serve.errors import ClientError
 
 IMAGE_FORMATS = ("PNG", "JPEG")

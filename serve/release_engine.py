@@ -4,7 +4,7 @@ own prompts and its official sampler.
 
 How it differs from `serve.engine.Engine` (whose checks, limits and responses it keeps):
 
-* a request is one of the release's tasks (`omni_model.release.pipeline.task_for`);
+* a request is one of the release's tasks (`omni_model.release.any_to_any.task_for`);
   options it leaves out take the task's official settings (`preset`), not the
   deployment's `sampler` defaults; every preset must fit the deployment's caps (checked
   when the replica starts);
@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from omni_model.pipeline import Audio, Input, Output
-from omni_model.release.pipeline import REQUEST_TASKS, ReleaseAnyToAny
+from omni_model.any_to_any import Audio, Input, Output
+from omni_model.release.any_to_any import REQUEST_TASKS, ReleaseAnyToAny
 from omni_model.release.sampler import INFERENCE_PRESETS, OfficialSamplerConfig, preset
 from serve.config import ServeConfig, over_cap
 from serve.engine import OUTPUT_MODALITIES, Engine, Job, requested_lengths

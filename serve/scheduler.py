@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from omni_model.pipeline import AnyToAny, Output, Prepared
+from omni_model.any_to_any import AnyToAny, Output, Prepared
 from omni_model.sampler import Denoiser, Layout, SamplerConfig, forward_window, span_inputs
 from serve.errors import DecodingFailed, SamplingFailed, SchedulerStopped
 from serve.threads import single_threaded_pool

@@ -1,7 +1,7 @@
 """A tiny any-to-any model trained until it has memorised one example of every task,
 built from real parts: a rendered world scene through the trained image tokenizer in
 tests/assets, espeak-ng speech through a real (untrained, small) speech codec. Shared by
-the API tests (tests/test_pipeline.py) and the server tests (tests/test_serve.py).
+the API tests (tests/test_any_to_any.py) and the server tests (tests/test_serve.py).
 
 Training it is the suite's biggest piece of work (about 1.5 min on a fast 2-core machine,
 about 10 on the slowest seen), too much to hide inside one test's timeout. So
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from omni_model.pipeline import AnyToAny, Audio
+from omni_model.any_to_any import AnyToAny, Audio
 from omni_model.sampler import SamplerConfig
 from omni_model.templates import Image, Message, Speech, Text
 from omni_model.tokenizers.image import MagVitTokenizer
@@ -134,7 +134,7 @@ def cached_any2any(cache: Path) -> tuple[Path, Path, dict]:
 
 
 # every sampler setting the tests ask the trained answers back with (tests/test_scheduler.py,
-# tests/test_pipeline.py, tests/test_serve.py)
+# tests/test_any_to_any.py, tests/test_serve.py)
 SAMPLER_SETTINGS = [{}, {"threshold": 0.9}, {"confidence": "margin"}, {"cache": "prefix", "cache_refresh": 4},
                     {"early_stop": True}, {"steps": 48, "factor": 1.0}, {"cache": "dual", "block_length": 8},
                     {"steps": 128}]

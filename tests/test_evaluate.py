@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omni_model.pipeline import LengthPresets
+from omni_model.any_to_any import LengthPresets
 from omni_model.sampler import SamplerConfig
 from omni_model.tokenizers.image import MagVitTokenizer
 from omni_model.tokenizers.text import ByteTokenizer

@@ -22,7 +22,7 @@ def test_a_job_upload_holds_code_and_configs_not_data():
                  "runs/stage1/final/model.safetensors", ".cache/tests/any2any-x/model/config.json",
                  "benchmarks/results/glm4voice_decoder_cpu.json"):
         assert left_out(data), data
-    for code in ("jobs/stage1.py", "configs/tiny/stage1.yaml", "omni_model/pipeline.py", "scripts/env.sh",
+    for code in ("jobs/stage1.py", "configs/tiny/stage1.yaml", "omni_model/any_to_any.py", "scripts/env.sh",
                  "pretrained/tokenizers/speech/decoder/config.json", "tests/any2any.py"):
         assert not left_out(code), code
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True,

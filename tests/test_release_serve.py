@@ -20,7 +20,7 @@ from serve.config import load_serve_config
 from serve.errors import ClientError, Stopped
 from tests.conftest import FIXTURES, ROOT
 from tests.speech_decoder import wide_decoder
-from tests.test_release_pipeline import picture, speech
+from tests.test_release_any_to_any import picture, speech
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from omni_model.pipeline import AnyToAny
+from omni_model.any_to_any import AnyToAny
 from omni_model.sampler import Denoiser, SamplerConfig
 from omni_model.templates import Image, Speech, Text
 from serve.errors import SamplingFailed, SchedulerStopped, Stopped

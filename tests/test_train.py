@@ -264,7 +264,7 @@ def test_a_stalled_stage_fails_and_says_what_is_pending(shards, tmp_path):
 def test_the_text_tokenizer_travels_with_the_checkpoint(shards, tmp_path):
     """Trained with a BPE text tokenizer, `final/` holds its copy and fingerprint: it
     loads with the original gone, and a next stage with another tokenizer is refused."""
-    from omni_model.pipeline import AnyToAny
+    from omni_model.any_to_any import AnyToAny
     from omni_model.tokenizers.text import BPETokenizer
 
     corpus = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "square")

@@ -1,6 +1,6 @@
 """Evaluation of a trained model on held-out examples (never seen in training).
 
-Every task goes through the any-to-any API (`omni_model.pipeline.AnyToAny`), the same
+Every task goes through the any-to-any API (`omni_model.any_to_any.AnyToAny`), the same
 object the server uses, batched the way the server batches (`batch_key`):
 
 - t2i and s2i: the world's attribute checker reads the generated image back (colour,

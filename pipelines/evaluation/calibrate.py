@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from omni_model.pipeline import LengthPresets
+from omni_model.any_to_any import LengthPresets
 
 
 def calibrate_presets(shard_sets: Sequence[str], tokenizer, base: LengthPresets = LengthPresets(),

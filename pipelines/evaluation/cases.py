@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from omni_model.pipeline import Audio
+from omni_model.any_to_any import Audio
 from omni_model.templates import Text, split_placeholders
 from pipelines.evaluation.tasks import Case, spec
 from pipelines.manifest import ManifestError, Sample, parse_line, read_bounded_lines, resolve_media

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from omni_model.pipeline import OUTPUTS, AnyToAny, LengthPresets, Output, sampler_with
-from omni_model.release.pipeline import PRESET_KINDS, ReleaseAnyToAny
+from omni_model.any_to_any import OUTPUTS, AnyToAny, LengthPresets, Output, sampler_with
+from omni_model.release.any_to_any import PRESET_KINDS, ReleaseAnyToAny
 from omni_model.release.sampler import OfficialSamplerConfig
 from omni_model.sampler import SamplerConfig
 from pipelines.evaluation.calibrate import calibrate_presets

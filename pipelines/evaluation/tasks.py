@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from omni_model.pipeline import Audio
+from omni_model.any_to_any import Audio
 from omni_model.templates import AUDIO_PLACEHOLDER
 from pipelines.evaluation.scores import exact_match, says, score_images
 from pipelines.evaluation.standard import asr_scores, caption_scores, vqa_accuracy, vqa_normalise, yes_no_scores

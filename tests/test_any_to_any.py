@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from omni_model.pipeline import AnyToAny, Audio, LengthPresets, RequestError, batch_key, batches
+from omni_model.any_to_any import AnyToAny, Audio, LengthPresets, RequestError, batch_key, batches
 from omni_model.sampler import SamplerConfig
 from omni_model.templates import Image, Text
 from omni_model.tokenizers.text import ByteTokenizer

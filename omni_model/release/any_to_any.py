@@ -1,5 +1,5 @@
 """The released model behind the any-to-any API: the same requests as
-`omni_model.pipeline.AnyToAny` (input parts in order, the wanted outputs), answered
+`omni_model.any_to_any.AnyToAny` (input parts in order, the wanted outputs), answered
 the way the official inference answers them.
 
     pipe = AnyToAny.from_pretrained("/models/Omni-Diffusion", image_tokenizer="/models/magvitv2")
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from omni_model.pipeline import OUTPUTS, Audio, Input, Output, RequestError, _in_order
+from omni_model.any_to_any import OUTPUTS, Audio, Input, Output, RequestError, _in_order
 from omni_model.release.images import INPUT_RESOLUTION, output_image
 from omni_model.release.model import ReleaseModel
 from omni_model.release.prompts import TASKS as PROMPT_TASKS

@@ -166,7 +166,7 @@ class AnyToAny:
         from omni_model.release.model import is_release_folder
 
         if is_release_folder(folder):
-            from omni_model.release.pipeline import ReleaseAnyToAny
+            from omni_model.release.any_to_any import ReleaseAnyToAny
 
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # float32: CPUs' fast one
             return ReleaseAnyToAny.from_pretrained(folder, image_tokenizer, speech_tokenizer, text_tokenizer,

@@ -17,8 +17,8 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from omni_model.pipeline import AnyToAny, Audio, RequestError
-from omni_model.release.pipeline import ReleaseAnyToAny, task_for
+from omni_model.any_to_any import AnyToAny, Audio, RequestError
+from omni_model.release.any_to_any import ReleaseAnyToAny, task_for
 from omni_model.release.response import parse_response
 from omni_model.release.sampler import preset
 from pipelines.evaluation.public_sets import write_set
