@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from pipelines.evaluation import TASKS
-from pipelines.manifest import parse_line, read_lines
+from pipelines.data.manifest import parse_line, read_lines
 
 #: the outputs each task asks for (the evaluation's table)
 OUTPUTS = {task: list(spec.outputs) for task, spec in TASKS.items()}

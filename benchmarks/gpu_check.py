@@ -308,7 +308,7 @@ class Check:
 
     def shards_vocab(self):
         """The vocab stage (b) trains with: the byte tokenizer's ids and the shards' codes."""
-        from pipelines.shards import check_compatible
+        from pipelines.data.shards import check_compatible
         from pipelines.train.start import resolve_vocab
 
         cfg = self.train_config(2, self.workdir / "probe", 1)
@@ -604,7 +604,7 @@ class Check:
     def random_model_folder(self) -> Path:
         """A random-weight checkpoint folder of stage (b)'s shape for Serve, when stage
         (b) left none: model, vocab.json and tokenizers.json as a stage writes them."""
-        from pipelines.shards import check_compatible
+        from pipelines.data.shards import check_compatible
         from pipelines.train import TOKENIZERS_FILE, build_model, resolve_vocab
 
         folder = self.workdir / "random_model"

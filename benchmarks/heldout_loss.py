@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from omni_model.batching import collate
 from omni_model.transformer import Transformer
 from omni_model.vocab import Vocab
-from pipelines.shards import shard_files
+from pipelines.data.shards import shard_files
 from pipelines.train import AssembleSamples
 
 TASK_ORDER = ("t2i", "s2i", "caption", "vqa", "asr", "tts", "svqa", "text")

@@ -25,8 +25,8 @@ from omni_model.tokenizers.mel import SAMPLE_RATE, log_mel, mel_to_waveform, res
 from pipelines.asr import WhisperRecognizer
 from pipelines.evaluation.scores import says
 from pipelines.evaluation.standard import asr_scores
-from pipelines.manifest import parse_line, read_lines, resolve_media
-from pipelines.media import load_audio
+from pipelines.data.manifest import parse_line, read_lines, resolve_media
+from pipelines.data.media import load_audio
 
 
 def clip(world: Path, rel: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ from omni_model.batching import pack
 from omni_model.config import load_config
 from omni_model.masking import add_tail_pad
 from omni_model.objective import diffusion_loss_of_batch
-from pipelines.shards import check_compatible, shard_files
+from pipelines.data.shards import check_compatible, shard_files
 from pipelines.train import AssembleSamples, StageConfig, build_model, lr_schedule, objective_of, resolve_vocab
 
 SETTINGS = {  # name: optim overrides

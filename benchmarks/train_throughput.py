@@ -27,7 +27,7 @@ from omni_model.config import load_config
 from omni_model.masking import add_tail_pad
 from omni_model.objective import diffusion_loss_of_batch
 from pipelines.ray_setup import RayConfig, start_ray, stop_ray
-from pipelines.shards import check_compatible, shard_files
+from pipelines.data.shards import check_compatible, shard_files
 from pipelines.train import (AssembleSamples, DataSource, StageConfig, build_model, lr_schedule, objective_of,
                              resolve_vocab, run_stage)
 

@@ -6,7 +6,7 @@
         [--max-file-bytes N] [--max-row-decoded-bytes N]
 
 DIR is a `save_to_disk` folder, a folder of Parquet files, an `imagefolder` or an
-`audiofolder` (nothing is fetched from a hub). Roles per task (pipelines/hf_import.py):
+`audiofolder` (nothing is fetched from a hub). Roles per task (pipelines/data/hf_import.py):
 asr audio+text, tts text+audio, caption image+text, vqa image+question+answer
 (+answers), t2i text+image. Then tokenize it (`jobs/tokenize_manifest.py --manifest
 OUT/TASK.jsonl --data-root OUT`) or evaluate on it (`evaluate.manifests=[OUT]`,
@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 
-from pipelines.hf_import import LAYOUTS, ROLES, ImportConfig, import_dataset
+from pipelines.data.hf_import import LAYOUTS, ROLES, ImportConfig, import_dataset
 
 DEFAULTS = ImportConfig(".", "asr", ".")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from omni_model.config import load_config, save_config
 from pipelines.ray_setup import RayConfig, start_ray, stop_ray
-from pipelines.tokenize import TokenizeConfig, tokenize_manifest
+from pipelines.data.tokenize import TokenizeConfig, tokenize_manifest
 
 FLAGS = {"manifest": "manifest", "data_root": "data_root", "out": "out",
          "image_tokenizer": "image_tokenizer", "speech_tokenizer": "speech_tokenizer"}

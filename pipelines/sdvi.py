@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.manifest import ManifestError, Sample, parse_line, read_lines, write_manifest
+from pipelines.data.manifest import ManifestError, Sample, parse_line, read_lines, write_manifest
 from pipelines.tts import synthesize_rows
 from pipelines.world_data import Voice
 

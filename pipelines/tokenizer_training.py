@@ -33,8 +33,8 @@ from omni_model.tokenizers.train_image import (ImageTrainConfig, evaluate_image_
                                                train_image_tokenizer)
 from omni_model.tokenizers.train_speech import (DecoderTrainConfig, SpeechTrainConfig, evaluate_speech_codec,
                                                 small_codec, train_code_decoder, train_speech_codec)
-from pipelines.manifest import ManifestError, parse_line, read_lines, resolve_media
-from pipelines.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, find_files, load_audio, load_image
+from pipelines.data.manifest import ManifestError, parse_line, read_lines, resolve_media
+from pipelines.data.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, find_files, load_audio, load_image
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.manifest import Sample, write_manifest
+from pipelines.data.manifest import Sample, write_manifest
 from pipelines.tts import synthesize_rows
 from pipelines.world import captions, make_scene, questions, render
 

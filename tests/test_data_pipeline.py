@@ -13,10 +13,10 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipelines.manifest import read_lines
+from pipelines.data.manifest import read_lines
 from pipelines.sdvi import SDVIConfig, build_sdvi
-from pipelines.shards import read_quarantine, read_shards, shard_files, to_messages
-from pipelines.tokenize import TokenizeConfig, tokenize_manifest
+from pipelines.data.shards import read_quarantine, read_shards, shard_files, to_messages
+from pipelines.data.tokenize import TokenizeConfig, tokenize_manifest
 from pipelines.world_data import Voice, WorldConfig, build_world
 from tests.hostile import hostile_manifest_rows
 

@@ -184,7 +184,7 @@ def test_tasks_are_a_table_and_an_unknown_task_is_refused_by_name():
 
 def test_presets_are_calibrated_from_training_shards(tmp_path):
     from pipelines.evaluation import calibrate_presets
-    from pipelines.shards import write_shard
+    from pipelines.data.shards import write_shard
 
     def row(task, user, answer):
         return {"sample_id": f"{task}{len(user)}", "task": task, "source": "m", "line": 0, "meta": "{}",
@@ -304,7 +304,7 @@ def test_one_bad_case_is_quarantined_and_audio_is_read_within_its_limit(tmp_path
     stopped it. Now each is quarantined with its file, line and reason; the rest load."""
     import os
 
-    from pipelines.media import MediaLimits
+    from pipelines.data.media import MediaLimits
     from tests.hostile import wav_bytes
 
     root = tmp_path / "set"

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from pipelines.tokenize import ImageStage, SpeechStage, TokenizeConfig, read_parts, validate_rows
+from pipelines.data.tokenize import ImageStage, SpeechStage, TokenizeConfig, read_parts, validate_rows
 from tests.hostile import hostile_manifest_rows, png_bytes, wav_bytes
 
 LINE_LIMIT = 100_000
@@ -112,8 +112,8 @@ def test_the_issues_budget_attack_ends_in_quarantine_fast_through_ray_data(ray_s
     """Measured before: the tokenize job ran 15 minutes at 23 of 24 GB, its actor
     restarted 5 times, nothing written. Now: both rows in quarantine, the three valid
     rows in shards, in seconds."""
-    from pipelines.shards import read_quarantine, read_shards
-    from pipelines.tokenize import tokenize_manifest
+    from pipelines.data.shards import read_quarantine, read_shards
+    from pipelines.data.tokenize import tokenize_manifest
 
     root = tmp_path / "data"
     manifest = tmp_path / "attack.jsonl"

@@ -15,9 +15,9 @@ import soundfile as sf
 
 from jobs.import_hf import main as import_main
 from pipelines.evaluation import EvalConfig, load_cases
-from pipelines.hf_import import ImportConfig, import_dataset
-from pipelines.manifest import parse_line, read_lines
-from pipelines.media import load_audio, load_image
+from pipelines.data.hf_import import ImportConfig, import_dataset
+from pipelines.data.manifest import parse_line, read_lines
+from pipelines.data.media import load_audio, load_image
 from pipelines.tts import get_engine
 from pipelines.world import make_scene, render
 
@@ -156,8 +156,8 @@ def test_the_command_line(asr_on_disk, tmp_path, capsys):
 
 
 def test_an_imported_manifest_tokenizes_through_the_ray_data_job(ray_session, asr_on_disk, fixtures_dir, tmp_path):
-    from pipelines.shards import read_shards
-    from pipelines.tokenize import TokenizeConfig, tokenize_manifest
+    from pipelines.data.shards import read_shards
+    from pipelines.data.tokenize import TokenizeConfig, tokenize_manifest
 
     out = tmp_path / "asr"
     import_dataset(ImportConfig(str(asr_on_disk), "asr", str(out), {"text": "transcription"}))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipelines.manifest import ManifestError, Sample, infer_task, parse_line, read_lines, write_manifest
+from pipelines.data.manifest import ManifestError, Sample, infer_task, parse_line, read_lines, write_manifest
 
 
 def _row(**kw):

@@ -1,4 +1,4 @@
-"""Fine-tuning the released model (omni_model/release/finetune.py, pipelines/release_examples.py,
+"""Fine-tuning the released model (omni_model/release/finetune.py, pipelines/data/release_examples.py,
 pipelines/train/release_*.py): manifest rows from real WAV and PNG files become the ids
 the official training builds, with the release's speech features and quarantine
 reasons; a few steps in-process overfit one example with the speech encoder frozen;
@@ -29,7 +29,7 @@ from omni_model.release.prompts import task_prompt
 from omni_model.tokenizers.image import MagVitTokenizer
 from omni_model.tokenizers.sensevoice import context_positions
 from omni_model.tokenizers.speech import GLM4VoiceTokenizer
-from pipelines.release_examples import EXAMPLE_SCHEMA, ReleaseExamples, manifest_batch
+from pipelines.data.release_examples import EXAMPLE_SCHEMA, ReleaseExamples, manifest_batch
 from tests.conftest import ROOT
 
 TINY = ROOT / "tests/fixtures/omni_release/tiny_a"

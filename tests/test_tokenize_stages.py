@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipelines.tokenize import ImageStage, _encode_or_isolate, shard_row, validate_rows
+from pipelines.data.tokenize import ImageStage, _encode_or_isolate, shard_row, validate_rows
 from pipelines.world import make_scene, render
 
 

@@ -19,7 +19,7 @@ from omni_model.tokenizers.text import ByteTokenizer
 from omni_model.transformer import Transformer
 from omni_model.vocab import Vocab
 from pipelines.sdvi import SDVIConfig, build_sdvi
-from pipelines.tokenize import TokenizeConfig, tokenize_manifest
+from pipelines.data.tokenize import TokenizeConfig, tokenize_manifest
 from pipelines.train import (DataConfig, DataSource, FreshModel, ModelConfig, OptimConfig, RunConfig,
                              ScalingConfig, ScheduleConfig, StageConfig, latest_checkpoint, run_stage)
 from pipelines.world_data import Voice, WorldConfig, build_world

@@ -20,7 +20,7 @@ def calibrate_presets(shard_sets: Sequence[str], tokenizer, base: LengthPresets 
     """
     import pyarrow.parquet as pq
 
-    from pipelines.shards import shard_files
+    from pipelines.data.shards import shard_files
 
     def n_text(parts) -> int:
         return sum(len(tokenizer.encode(p["text"])) for p in parts if p["type"] == "text")

@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from pipelines.manifest import Sample, write_manifest
+from pipelines.data.manifest import Sample, write_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from pipelines.evaluation.cases import load_cases
 from pipelines.evaluation.report import write_report
 from pipelines.evaluation.scores import chance_levels, score_images
 from pipelines.evaluation.tasks import TASKS, Case, Prediction, prior_guess, spec
-from pipelines.media import MediaLimits
+from pipelines.data.media import MediaLimits
 
 logger = logging.getLogger(__name__)
 

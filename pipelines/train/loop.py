@@ -20,7 +20,7 @@ from omni_model.masking import add_tail_pad
 from omni_model.objective import Objective, StepResult, diffusion_loss_of_batch
 from omni_model.precision import autocast
 from omni_model.vocab import Vocab
-from pipelines.manifest import TASKS
+from pipelines.data.manifest import TASKS
 from pipelines.train.checkpoint import TrainState, restored_checkpoint, save_checkpoint
 from pipelines.train.config import StageConfig
 from pipelines.train.guards import STOPPED_FILE, NonFiniteTraining

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.manifest import TASKS
+from pipelines.data.manifest import TASKS
 
 logger = logging.getLogger(__name__)
 

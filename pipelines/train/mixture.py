@@ -14,7 +14,7 @@ import numpy as np
 
 from omni_model.templates import encode_sample
 from omni_model.vocab import Vocab
-from pipelines.shards import check_compatible, shard_files, to_messages
+from pipelines.data.shards import check_compatible, shard_files, to_messages
 from pipelines.train.config import DataSource, StageConfig
 from pipelines.train.start import load_text_tokenizer
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from omni_model.config import RayConfig
 from omni_model.release.finetune import MASKINGS
-from pipelines.media import MediaLimits
+from pipelines.data.media import MediaLimits
 from pipelines.train.config import OptimConfig, RunConfig, ScalingConfig, ScheduleConfig
 
 DTYPES = ("float32", "bfloat16")

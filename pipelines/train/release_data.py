@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.release_examples import ReleaseExamples, manifest_batch
-from pipelines.shards import QUARANTINE_SCHEMA, write_quarantine
+from pipelines.data.release_examples import ReleaseExamples, manifest_batch
+from pipelines.data.shards import QUARANTINE_SCHEMA, write_quarantine
 from pipelines.train.release_config import ReleaseFinetuneConfig
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from omni_model.precision import autocast
 from omni_model.release.finetune import (ReleaseDiffusion, SpeechBatch, freeze_speech_encoder, load_release_weights,
                                          release_loss)
 from omni_model.release.model import ReleaseModel
-from pipelines.manifest import TASKS
+from pipelines.data.manifest import TASKS
 from pipelines.train.checkpoint import TrainState, restored_checkpoint, write_checkpoint
 from pipelines.train.loop import FailOnce, run_steps, stop_when_nonfinite, worker_context
 from pipelines.train.parallelism import Optimisation

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from omni_model.config import save_config
-from pipelines.shards import check_compatible
+from pipelines.data.shards import check_compatible
 from pipelines.train.checkpoint import (TRAIN_STATE, check_text_tokenizer, export_final, latest_checkpoint,
                                         text_tokenizer_entry)
 from pipelines.train.config import StageConfig

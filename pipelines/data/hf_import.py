@@ -49,8 +49,8 @@ from typing import Any, Iterator
 import numpy as np
 import soundfile as sf
 
-from pipelines.manifest import ManifestError, load_json, read_bounded_lines
-from pipelines.media import (AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, MediaLimits, check_regular_file,
+from pipelines.data.manifest import ManifestError, load_json, read_bounded_lines
+from pipelines.data.media import (AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, MediaLimits, check_regular_file,
                              check_row_media, load_audio, load_image, read_regular_file)
 
 logger = logging.getLogger(__name__)

@@ -26,12 +26,11 @@ the manifest's name, `rows_per_part` and the tokenizers: a re-run with another p
 size or other tokenizers into the same folder is refused; a re-run after the manifest
 changed redoes exactly the parts whose lines changed (and drops parts past its end); a
 re-run of an unchanged manifest does nothing. Every input line ends in a shard or in
-quarantine, with the reason.
+quarantine, with the reason. The commit, the markers and `_run.json` are `shards.py`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -49,11 +48,11 @@ import torch
 from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from omni_model.tokenizers import load_image_tokenizer, load_speech_tokenizer
 from omni_model.tokenizers.mel import resample, to_mono
-from pipelines.manifest import ManifestError, parse_line, read_bounded_lines, resolve_media, sample_id
-from pipelines.media import MediaError, MediaLimits, check_row_media, load_audio, load_image
-from pipelines.shards import (PARTS_DIR, SHARD_SCHEMA, SUCCESS_FILE, atomic_write_text, image_part,
-                              shard_files, speech_part, text_part, tokenizer_identity, write_quarantine,
-                              write_shard)
+from pipelines.data.manifest import ManifestError, parse_line, read_bounded_lines, resolve_media, sample_id
+from pipelines.data.media import MediaError, MediaLimits, check_row_media, load_audio, load_image
+from pipelines.data.shards import (SHARD_SCHEMA, SUCCESS_FILE, atomic_write_text, claim_run, commit_part,
+                                   committed_parts, image_part, manifest_fingerprint, part_digest, shard_files,
+                                   speech_part, text_part, tokenizer_identity, uncommit_part)
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +89,6 @@ class TokenizeConfig:
                            self.max_sample_rate, self.max_channels, self.max_media_per_row,
                            self.max_row_decoded_bytes)
 
-
-#: The run's fixed parameters; a re-run into the same folder must match them.
-RUN_FILE = "_run.json"
 
 
 # ---------------------------------------------------------------------- stages
@@ -298,15 +294,6 @@ def read_parts(manifest: Path, rows_per_part: int, max_line_bytes: int | None = 
     return [rows[i:i + rows_per_part] for i in range(0, len(rows), rows_per_part)]
 
 
-def part_digest(rows: list[dict]) -> str:
-    """What a part holds: its lines' numbers and contents (through their sample ids)."""
-    return hashlib.sha256("\n".join(r["sample_id"] for r in rows).encode()).hexdigest()[:32]
-
-
-def manifest_fingerprint(parts: list[list[dict]]) -> str:
-    return hashlib.sha256("\n".join(map(part_digest, parts)).encode()).hexdigest()[:32]
-
-
 def _build_dataset(rows: list[dict], cfg: TokenizeConfig):
     import ray
 
@@ -367,7 +354,8 @@ def _commit(staging: Path, wave: dict[int, list[dict]], out: Path, cfg: Tokenize
         bad = [{"sample_id": row["sample_id"], "source": source, "line": row["line"],
                 "reason": failed[row["sample_id"]], "raw": row["raw"][:20000]}
                for row in rows if row["sample_id"] in failed]
-        counts = _replace_part(out, index, rows, good, bad, cfg, identity, fingerprint)
+        counts = commit_part(out, index, rows, good, bad, cfg.rows_per_part, cfg.max_shard_bytes,
+                             identity, fingerprint)
         for key in counts:
             totals[key] += counts[key]
     return totals
@@ -390,53 +378,6 @@ def _storable(rows: list[dict]) -> tuple[list[dict], dict[str, str]]:
         return kept, failed
 
 
-def _part_name(index: int) -> str:
-    return f"part-{index:05d}"
-
-
-def _uncommit(out: Path, index: int) -> None:
-    """Take a part out of the set: its marker first (readers skip it from then on), then
-    its files."""
-    name = _part_name(index)
-    (out / PARTS_DIR / f"{name}.json").unlink(missing_ok=True)
-    for old in [*(out / "shards").glob(f"{name}-*.parquet"), out / "quarantine" / f"{name}.parquet"]:
-        old.unlink(missing_ok=True)
-
-
-def _replace_part(out: Path, index: int, rows: list[dict], good: list[dict], bad: list[dict],
-                  cfg: TokenizeConfig, identity: dict, fingerprint: str) -> dict[str, int]:
-    """Replace a part's shard and quarantine files together; the marker, written last,
-    commits them."""
-    name = _part_name(index)
-    _uncommit(out, index)
-    shards = []
-    for k, chunk in enumerate(_by_bytes(good, cfg.max_shard_bytes)):
-        shards.append(f"{name}-{k:03d}.parquet")
-        write_shard(chunk, out / "shards" / shards[-1], identity)
-    if bad:
-        write_quarantine(bad, out / "quarantine" / f"{name}.parquet")
-    counts = {"rows": len(rows), "shard_rows": len(good), "quarantined": len(bad)}
-    atomic_write_text(out / PARTS_DIR / f"{name}.json", json.dumps({
-        **counts, "part": index, "first_line": rows[0]["line"], "last_line": rows[-1]["line"],
-        "rows_per_part": cfg.rows_per_part, "digest": part_digest(rows), "manifest": fingerprint,
-        "shards": shards, "quarantine": f"{name}.parquet" if bad else None}))
-    return counts
-
-
-def _by_bytes(rows: list[dict], max_bytes: int) -> list[list[dict]]:
-    chunks: list[list[dict]] = [[]]
-    size = 0
-    for row in rows:
-        est = 64 + sum(4 * len(p["codes"] or []) + len(p["text"] or "") for m in row["messages"]
-                       for p in m["parts"])
-        if chunks[-1] and size + est > max_bytes:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(row)
-        size += est
-    return [c for c in chunks if c]
-
-
 def tokenize_manifest(cfg: TokenizeConfig) -> dict[str, Any]:
     """Run the pipeline on a started Ray; returns (and writes) the run summary."""
     start = time.perf_counter()
@@ -452,7 +393,7 @@ def tokenize_manifest(cfg: TokenizeConfig) -> dict[str, Any]:
 
     parts = read_parts(manifest, cfg.rows_per_part, cfg.max_line_bytes)
     fingerprint = manifest_fingerprint(parts)
-    _claim(out, {"source": manifest.name, "rows_per_part": cfg.rows_per_part, "tokenizers": identity})
+    claim_run(out, {"source": manifest.name, "rows_per_part": cfg.rows_per_part, "tokenizers": identity})
     committed = committed_parts(out)
     pending = [i for i, rows in enumerate(parts) if committed.get(i, {}).get("digest") != part_digest(rows)]
     beyond = sorted(i for i in committed if i >= len(parts))
@@ -463,7 +404,7 @@ def tokenize_manifest(cfg: TokenizeConfig) -> dict[str, Any]:
     if pending or beyond:
         (out / SUCCESS_FILE).unlink(missing_ok=True)  # the set is being changed
     for i in beyond:
-        _uncommit(out, i)
+        uncommit_part(out, i)
     logger.info("%s: %d lines in %d parts, %d to do", manifest, sum(map(len, parts)), len(parts),
                 len(pending))
     totals = {"rows": 0, "shard_rows": 0, "quarantined": 0, **{k: 0.0 for k in TIMING_COLUMNS}}
@@ -489,27 +430,6 @@ def tokenize_manifest(cfg: TokenizeConfig) -> dict[str, Any]:
     summary = _summarise(out, len(parts), identity, fingerprint, cfg, totals, elapsed)
     atomic_write_text(out / SUCCESS_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _claim(out: Path, run: dict) -> None:
-    """Record the run's fixed parameters, or refuse a folder made with other ones."""
-    path = out / RUN_FILE
-    if path.exists():
-        previous = json.loads(path.read_text())
-        for key, value in run.items():
-            if previous.get(key) != value:
-                raise ValueError(
-                    f"{out} holds parts made with {key}={json.dumps(previous.get(key))}; this run "
-                    f"has {key}={json.dumps(value)}. Mixing them would lose or duplicate rows: "
-                    f"use a new --out (or the same {key})")
-        return
-    atomic_write_text(path, json.dumps(run, indent=2) + "\n")
-
-
-def committed_parts(out: Path) -> dict[int, dict]:
-    """The markers of the committed parts of a shard set, by part index."""
-    return {int(m.stem.split("-")[1]): json.loads(m.read_text())
-            for m in sorted((out / PARTS_DIR).glob("part-*.json"))}
 
 
 def _summarise(out: Path, n_parts: int, identity: dict, fingerprint: str, cfg: TokenizeConfig,

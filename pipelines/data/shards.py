@@ -1,4 +1,5 @@
-"""Parquet token shards: the schema, the writer, the reader and the quarantine table.
+"""Parquet token shards: the schema, the writer, the reader, the quarantine table, and the
+commit of a shard set's parts.
 
 One row a sample: a stable `sample_id`, `task`, `source` (manifest name) and `line`, and
 the messages with each media part replaced by its codes (`list<int32>`, plus the grid
@@ -12,11 +13,15 @@ Rows that cannot be used go to the quarantine table instead (`source`, `line`,
 
 A shard set written by the tokenize job is read through its part markers
 (`_parts/part-NNNNN.json`, each written after its files): only the files of committed
-parts are read, so a part whose commit was interrupted is never half in the set.
+parts are read, so a part whose commit was interrupted is never half in the set. The
+writing half is here too: `commit_part` removes a part's old marker and files, writes the
+new ones and the marker last; `claim_run` records a run's fixed parameters (`_run.json`)
+and refuses a folder made with other ones; `committed_parts` reads the markers back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,8 +35,10 @@ from omni_model.templates import Image, Message, Part, Speech, Text
 FORMAT_VERSION = 1
 TOKENIZERS_KEY = b"omni.tokenizers"
 SUCCESS_FILE = "_SUCCESS.json"
-#: one marker per committed part (pipelines/tokenize.py); it lists the part's files
+#: one marker per committed part; it lists the part's files
 PARTS_DIR = "_parts"
+#: The run's fixed parameters; a re-run into the same folder must match them.
+RUN_FILE = "_run.json"
 
 PART = pa.struct([
     ("type", pa.string()),  # text | image | speech
@@ -204,3 +211,81 @@ def read_quarantine(root: str | Path) -> pa.Table:
     if not files:
         return QUARANTINE_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(p, schema=QUARANTINE_SCHEMA) for p in files])
+
+
+# ---------------------------------------------------------------------- committing parts
+def part_digest(rows: list[dict]) -> str:
+    """What a part holds: its lines' numbers and contents (through their sample ids)."""
+    return hashlib.sha256("\n".join(r["sample_id"] for r in rows).encode()).hexdigest()[:32]
+
+
+def manifest_fingerprint(parts: list[list[dict]]) -> str:
+    return hashlib.sha256("\n".join(map(part_digest, parts)).encode()).hexdigest()[:32]
+
+
+def _part_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def uncommit_part(out: Path, index: int) -> None:
+    """Take a part out of the set: its marker first (readers skip it from then on), then
+    its files."""
+    name = _part_name(index)
+    (out / PARTS_DIR / f"{name}.json").unlink(missing_ok=True)
+    for old in [*(out / "shards").glob(f"{name}-*.parquet"), out / "quarantine" / f"{name}.parquet"]:
+        old.unlink(missing_ok=True)
+
+
+def commit_part(out: Path, index: int, rows: list[dict], good: list[dict], bad: list[dict],
+                rows_per_part: int, max_shard_bytes: int, identity: dict, fingerprint: str) -> dict[str, int]:
+    """Replace a part's shard and quarantine files together; the marker, written last,
+    commits them."""
+    name = _part_name(index)
+    uncommit_part(out, index)
+    shards = []
+    for k, chunk in enumerate(_by_bytes(good, max_shard_bytes)):
+        shards.append(f"{name}-{k:03d}.parquet")
+        write_shard(chunk, out / "shards" / shards[-1], identity)
+    if bad:
+        write_quarantine(bad, out / "quarantine" / f"{name}.parquet")
+    counts = {"rows": len(rows), "shard_rows": len(good), "quarantined": len(bad)}
+    atomic_write_text(out / PARTS_DIR / f"{name}.json", json.dumps({
+        **counts, "part": index, "first_line": rows[0]["line"], "last_line": rows[-1]["line"],
+        "rows_per_part": rows_per_part, "digest": part_digest(rows), "manifest": fingerprint,
+        "shards": shards, "quarantine": f"{name}.parquet" if bad else None}))
+    return counts
+
+
+def _by_bytes(rows: list[dict], max_bytes: int) -> list[list[dict]]:
+    chunks: list[list[dict]] = [[]]
+    size = 0
+    for row in rows:
+        est = 64 + sum(4 * len(p["codes"] or []) + len(p["text"] or "") for m in row["messages"]
+                       for p in m["parts"])
+        if chunks[-1] and size + est > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(row)
+        size += est
+    return [c for c in chunks if c]
+
+
+def claim_run(out: Path, run: dict) -> None:
+    """Record the run's fixed parameters, or refuse a folder made with other ones."""
+    path = out / RUN_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        for key, value in run.items():
+            if previous.get(key) != value:
+                raise ValueError(
+                    f"{out} holds parts made with {key}={json.dumps(previous.get(key))}; this run "
+                    f"has {key}={json.dumps(value)}. Mixing them would lose or duplicate rows: "
+                    f"use a new --out (or the same {key})")
+        return
+    atomic_write_text(path, json.dumps(run, indent=2) + "\n")
+
+
+def committed_parts(out: Path) -> dict[int, dict]:
+    """The markers of the committed parts of a shard set, by part index."""
+    return {int(m.stem.split("-")[1]): json.loads(m.read_text())
+            for m in sorted((out / PARTS_DIR).glob("part-*.json"))}

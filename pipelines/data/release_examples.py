@@ -1,7 +1,7 @@
 """Manifest rows -> training examples of the released model (a Ray Data `map_batches`
 callable, plain `batch -> table`, so tests call it without Ray).
 
-A row of the published JSONL manifest (`pipelines/manifest.py`) is parsed and its media
+A row of the published JSONL manifest (`pipelines/data/manifest.py`) is parsed and its media
 checked from their headers within `MediaLimits`; then a user's speech becomes SenseVoice
 front-end features (the release's continuous speech input; dither drawn from a
 generator seeded by the row, so a rerun gives the same features), images become
@@ -33,8 +33,8 @@ from omni_model.release.tokenizer import ReleaseTokenizer
 from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from omni_model.tokenizers.mel import resample, to_mono
 from omni_model.tokenizers.sensevoice import SenseVoiceFrontend, context_positions
-from pipelines.manifest import ManifestError, parse_line, resolve_media
-from pipelines.media import MediaError, MediaLimits, check_row_media, load_audio, load_image
+from pipelines.data.manifest import ManifestError, parse_line, resolve_media
+from pipelines.data.media import MediaError, MediaLimits, check_row_media, load_audio, load_image
 
 #: one example a row; `reason` empty for a good one, the quarantine reason otherwise
 EXAMPLE_SCHEMA = pa.schema([
@@ -161,7 +161,7 @@ class ReleaseExamples:
 
 def manifest_batch(manifest: str | Path, source: str | None = None, max_line_bytes: int | None = None) -> dict:
     """A manifest's non-blank lines as one input batch (`raw`, `line`, `source`, `sample_id`)."""
-    from pipelines.manifest import read_bounded_lines, sample_id
+    from pipelines.data.manifest import read_bounded_lines, sample_id
 
     source = source or Path(manifest).name
     rows = list(read_bounded_lines(manifest, max_line_bytes))

@@ -1,0 +1,1 @@
+"""The data path: manifests, media probing, tokenization into shards, the shard format, imports."""
