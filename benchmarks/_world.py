@@ -11,7 +11,7 @@ def make_shards(root: Path, scenes: int = 150, tts_workers: int = 2) -> Path:
     """Build a `scenes`-scene world under `root/world` and its shard set `root/shards/train`;
     returns `root/shards`."""
     from pipelines.data.tokenize import TokenizeConfig, tokenize_manifest
-    from pipelines.world_data import Voice, WorldConfig, build_world
+    from pipelines.world.build import Voice, WorldConfig, build_world
 
     build_world(WorldConfig(out=str(root / "world"), train_scenes=scenes, eval_scenes=1, tts_workers=tts_workers,
                             caption_voices=(Voice("espeak", "en-us"),)))

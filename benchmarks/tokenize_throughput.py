@@ -16,9 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines.ray_setup import RayConfig, start_ray, stop_ray
 from pipelines.data.tokenize import TokenizeConfig, tokenize_manifest
-from pipelines.world_data import Voice, WorldConfig, build_world
+from pipelines.ray_setup import RayConfig, start_ray, stop_ray
+from pipelines.world.build import Voice, WorldConfig, build_world
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 

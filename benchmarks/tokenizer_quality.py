@@ -17,9 +17,9 @@ from pathlib import Path
 
 import soundfile as sf
 
-from pipelines.tts import get_engine
-from pipelines.world import captions, make_scene, render
-from pipelines.world_data import WorldConfig
+from pipelines.world.build import WorldConfig
+from pipelines.world.scenes import captions, make_scene, render
+from pipelines.world.tts import get_engine
 
 
 def build(root: Path, scenes: int, utterances: int, seed: int = 0) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from jobs.ray_job import run_ray_job
 from pipelines.ray_setup import RayConfig
-from pipelines.sdvi import SDVIConfig, build_sdvi
+from pipelines.world.sdvi import SDVIConfig, build_sdvi
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from jobs.ray_job import run_ray_job
 from pipelines.ray_setup import RayConfig
-from pipelines.world_data import WorldConfig, build_world
+from pipelines.world.build import WorldConfig, build_world
 
 
 @dataclass(frozen=True)

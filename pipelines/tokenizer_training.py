@@ -373,7 +373,7 @@ def quality_on_world(tokenizers: str | Path, world: str | Path, transcribe: Call
 def _checker_agreement(model: MagVitTokenizer, images: torch.Tensor) -> dict:
     """For synthetic-world images: the share whose decoded image the world's attribute
     checker reads as the same scene (colour, shape, position, size, count)."""
-    from pipelines.world import Agreement, check_image
+    from pipelines.world.checker import Agreement, check_image
 
     originals = _to_pil(images)
     decoded = model.decode_images(model.encode(images), model.grid_for(*images.shape[-2:]))

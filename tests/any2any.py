@@ -28,8 +28,8 @@ from omni_model.tokenizers.text import ByteTokenizer
 from omni_model.tokenizers.train_speech import small_codec
 from omni_model.toy import FitConfig, fit, toy_model
 from omni_model.vocab import Vocab
-from pipelines.tts import EspeakEngine
-from pipelines.world import make_scene, render
+from pipelines.world.scenes import make_scene, render
+from pipelines.world.tts import EspeakEngine
 from tests.conftest import ROOT
 
 IMAGE_TOKENIZER = ROOT / "tests/assets/world_magvit32"
@@ -101,8 +101,9 @@ def recipe_key() -> str:
     """A digest of everything that shapes the trained model: the core's code, this file,
     the world and TTS code, the image tokenizer, torch's version."""
     digest = hashlib.sha256(torch.__version__.encode())
-    files = sorted((ROOT / "omni_model").rglob("*.py")) + [Path(__file__), ROOT / "pipelines/world.py",
-                                                           ROOT / "pipelines/tts.py"]
+    files = sorted((ROOT / "omni_model").rglob("*.py")) + [Path(__file__), ROOT / "pipelines/world/scenes.py",
+                                                           ROOT / "pipelines/world/checker.py",
+                                                           ROOT / "pipelines/world/tts.py"]
     files += sorted(p for p in IMAGE_TOKENIZER.rglob("*") if p.is_file())
     for path in files:
         digest.update(str(path.relative_to(ROOT)).encode())

@@ -14,10 +14,10 @@ import soundfile as sf
 from PIL import Image
 
 from pipelines.data.manifest import read_lines
-from pipelines.sdvi import SDVIConfig, build_sdvi
 from pipelines.data.shards import read_quarantine, read_shards, shard_files, to_messages
 from pipelines.data.tokenize import TokenizeConfig, tokenize_manifest
-from pipelines.world_data import Voice, WorldConfig, build_world
+from pipelines.world.build import Voice, WorldConfig, build_world
+from pipelines.world.sdvi import SDVIConfig, build_sdvi
 from tests.hostile import hostile_manifest_rows
 
 LINE_LIMIT = 100_000
@@ -214,7 +214,8 @@ def test_shard_codes_decode_to_scenes_the_checker_recognises(world, tmp_path):
     """Tokenize the world's t2i manifest with a trained world tokenizer, read the shards
     back with plain pyarrow, decode the image codes and check the scenes."""
     from omni_model.tokenizers.image import MagVitTokenizer
-    from pipelines.world import Agreement, Scene, check_image
+    from pipelines.world.checker import Agreement, check_image
+    from pipelines.world.scenes import Scene
     from tests.conftest import ROOT
 
     out, _ = world

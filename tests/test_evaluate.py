@@ -19,9 +19,9 @@ from omni_model.toy import toy_model
 from omni_model.vocab import Vocab
 from pipelines.evaluation import (TASKS, Case, EvalConfig, Prediction, evaluate, exact_match, format_report,
                                   load_cases, prior_guess, says, score_images)
-from pipelines.sdvi import SDVIConfig, build_sdvi
-from pipelines.world import ANSWERS, captions, make_scene, questions, render
-from pipelines.world_data import Voice, WorldConfig, build_world
+from pipelines.world.build import Voice, WorldConfig, build_world
+from pipelines.world.scenes import ANSWERS, captions, make_scene, questions, render
+from pipelines.world.sdvi import SDVIConfig, build_sdvi
 from tests.conftest import ROOT
 
 IMAGE_TOKENIZER = ROOT / "tests/assets/world_magvit32"
@@ -183,8 +183,8 @@ def test_tasks_are_a_table_and_an_unknown_task_is_refused_by_name():
 
 
 def test_presets_are_calibrated_from_training_shards(tmp_path):
-    from pipelines.evaluation import calibrate_presets
     from pipelines.data.shards import write_shard
+    from pipelines.evaluation import calibrate_presets
 
     def row(task, user, answer):
         return {"sample_id": f"{task}{len(user)}", "task": task, "source": "m", "line": 0, "meta": "{}",
@@ -208,7 +208,7 @@ def _users_set(root):
     tasks, their images (no world scene recorded) and real neural speech (hibari)."""
     import soundfile as sf
 
-    from pipelines.tts import get_engine
+    from pipelines.world.tts import get_engine
 
     (root / "media").mkdir(parents=True)
     for i in range(3):

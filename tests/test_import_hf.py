@@ -14,12 +14,12 @@ import pytest
 import soundfile as sf
 
 from jobs.import_hf import main as import_main
-from pipelines.evaluation import EvalConfig, load_cases
 from pipelines.data.hf_import import ImportConfig, import_dataset
 from pipelines.data.manifest import parse_line, read_lines
 from pipelines.data.media import load_audio, load_image
-from pipelines.tts import get_engine
-from pipelines.world import make_scene, render
+from pipelines.evaluation import EvalConfig, load_cases
+from pipelines.world.scenes import make_scene, render
+from pipelines.world.tts import get_engine
 
 SENTENCES = ["the quick brown fox", "three red circles", "good morning to you"]
 

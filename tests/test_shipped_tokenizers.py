@@ -12,7 +12,7 @@ from jobs.build_world import BuildWorldJob
 from omni_model.config import load_config
 from pipelines.asr import WhisperRecognizer
 from pipelines.tokenizer_training import quality_on_world
-from pipelines.world_data import build_world
+from pipelines.world.build import build_world
 from tests.conftest import ROOT
 
 SHIPPED = ROOT / "pretrained" / "tokenizers"

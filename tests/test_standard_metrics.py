@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.evaluation.standard import (asr_scores, caption_scores, normalise, vqa_accuracy, vqa_normalise,
                                           yes_no_scores)
-from pipelines.world import captions, make_scene
+from pipelines.world.scenes import captions, make_scene
 
 
 def test_wer_and_cer_are_taken_after_whispers_normaliser():

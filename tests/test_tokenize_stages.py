@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.data.tokenize import ImageStage, _encode_or_isolate, shard_row, validate_rows
-from pipelines.world import make_scene, render
+from pipelines.world.scenes import make_scene, render
 
 
 def _batch(lines):

@@ -18,11 +18,11 @@ from omni_model.templates import Message, Text, encode_prompt
 from omni_model.tokenizers.text import ByteTokenizer
 from omni_model.transformer import Transformer
 from omni_model.vocab import Vocab
-from pipelines.sdvi import SDVIConfig, build_sdvi
 from pipelines.data.tokenize import TokenizeConfig, tokenize_manifest
+from pipelines.world.sdvi import SDVIConfig, build_sdvi
 from pipelines.train import (DataConfig, DataSource, FreshModel, ModelConfig, OptimConfig, RunConfig,
                              ScalingConfig, ScheduleConfig, StageConfig, latest_checkpoint, run_stage)
-from pipelines.world_data import Voice, WorldConfig, build_world
+from pipelines.world.build import Voice, WorldConfig, build_world
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

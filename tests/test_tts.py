@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipelines.tts import Synthesize, get_engine
+from pipelines.world.tts import Synthesize, get_engine
 
 TEXT = "a large red circle on the left"
 

@@ -4,8 +4,8 @@ import random
 
 from PIL import Image, ImageFilter
 
-from pipelines.world import (ANSWERS, Agreement, Obj, Scene, captions, check_image, make_scene,
-                             questions, render)
+from pipelines.world.checker import Agreement, check_image
+from pipelines.world.scenes import ANSWERS, Obj, Scene, captions, make_scene, questions, render
 
 
 def test_scenes_are_deterministic_and_varied():

@@ -16,10 +16,10 @@ from typing import Sequence
 
 from omni_model.any_to_any import Audio
 from omni_model.templates import Text, split_placeholders
-from pipelines.evaluation.tasks import Case, spec
 from pipelines.data.manifest import ManifestError, Sample, parse_line, read_bounded_lines, resolve_media
 from pipelines.data.media import MediaLimits, check_row_media, load_audio, load_image
-from pipelines.world import Scene
+from pipelines.evaluation.tasks import Case, spec
+from pipelines.world.scenes import Scene
 
 logger = logging.getLogger(__name__)
 

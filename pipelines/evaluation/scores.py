@@ -8,7 +8,8 @@ from typing import Sequence
 from PIL import Image
 
 from omni_model.metrics import normalize_text, word_error_rate
-from pipelines.world import ANSWERS, Agreement, Scene, check_image
+from pipelines.world.checker import Agreement, check_image
+from pipelines.world.scenes import ANSWERS, Scene
 
 __all__ = ["chance_levels", "exact_match", "says", "score_images", "word_error_rate"]
 

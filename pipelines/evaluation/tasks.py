@@ -19,10 +19,10 @@ from PIL import Image
 
 from omni_model.any_to_any import Audio
 from omni_model.templates import AUDIO_PLACEHOLDER
+from pipelines.data.manifest import Sample
 from pipelines.evaluation.scores import exact_match, says, score_images
 from pipelines.evaluation.standard import asr_scores, caption_scores, vqa_accuracy, vqa_normalise, yes_no_scores
-from pipelines.data.manifest import Sample
-from pipelines.world import Scene, captions, render
+from pipelines.world.scenes import Scene, captions, render
 
 
 @dataclass

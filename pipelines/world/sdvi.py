@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.data.manifest import ManifestError, Sample, parse_line, read_lines, write_manifest
-from pipelines.tts import synthesize_rows
-from pipelines.world_data import Voice
+from pipelines.world.build import Voice
+from pipelines.world.tts import synthesize_rows
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.data.manifest import Sample, write_manifest
-from pipelines.tts import synthesize_rows
-from pipelines.world import captions, make_scene, questions, render
+from pipelines.world.scenes import captions, make_scene, questions, render
+from pipelines.world.tts import synthesize_rows
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The synthetic world of the embedded default: scenes, their checker, speech, SDVI, and building its data."""
