@@ -17,7 +17,7 @@ def case(isolated: bool, threads: int) -> tuple[float, float, float, float]:
     import torch
 
     from omni_model.tokenizers.mel import MelConfig, mel_to_waveform
-    from pipelines.asr import WhisperRecognizer
+    from pipelines.evaluation.asr import WhisperRecognizer
 
     torch.set_num_threads(2)
     mel = torch.rand(1, 128, 200)

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     recognizer = None
     tasks = [t for t in args.tasks.split(",") if t]
     if not args.no_transcribe and any(TASKS[t].speaks for t in tasks):
-        from pipelines.asr import WhisperRecognizer
+        from pipelines.evaluation.asr import WhisperRecognizer
 
         recognizer = WhisperRecognizer()
     names = [v for v in args.variants.split("|") if v]

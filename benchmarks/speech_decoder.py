@@ -22,11 +22,11 @@ import torch
 
 from omni_model.tokenizers.codec import SpeechCodec
 from omni_model.tokenizers.mel import SAMPLE_RATE, log_mel, mel_to_waveform, resample, to_mono
-from pipelines.asr import WhisperRecognizer
-from pipelines.evaluation.scores import says
-from pipelines.evaluation.standard import asr_scores
 from pipelines.data.manifest import parse_line, read_lines, resolve_media
 from pipelines.data.media import load_audio
+from pipelines.evaluation.asr import WhisperRecognizer
+from pipelines.evaluation.scores import says
+from pipelines.evaluation.standard import asr_scores
 
 
 def clip(world: Path, rel: str) -> torch.Tensor:

@@ -16,7 +16,10 @@ import sys
 import torch
 
 from omni_model.config import parse_job_args, save_config
-from pipelines.tokenizer_training import TokenizersConfig, format_report, train_tokenizers, use_shipped
+from pipelines.tokenizers.config import TokenizersConfig
+from pipelines.tokenizers.quality import format_report
+from pipelines.tokenizers.shipped import use_shipped
+from pipelines.tokenizers.train import train_tokenizers
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from jobs.demo import DemoConfig
 from jobs.evaluate import EvaluateJob
 from jobs.tokenize_manifest import TokenizeJob
 from omni_model.config import load_config
-from pipelines.tokenizer_training import TokenizersConfig
+from pipelines.tokenizers.config import TokenizersConfig
 from pipelines.train import StageConfig
 from pipelines.train.release_config import ReleaseFinetuneConfig
 from serve.config import ServeConfig

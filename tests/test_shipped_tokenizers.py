@@ -10,8 +10,8 @@ import pytest
 
 from jobs.build_world import BuildWorldJob
 from omni_model.config import load_config
-from pipelines.asr import WhisperRecognizer
-from pipelines.tokenizer_training import quality_on_world
+from pipelines.evaluation.asr import WhisperRecognizer
+from pipelines.tokenizers.quality import quality_on_world
 from pipelines.world.build import build_world
 from tests.conftest import ROOT
 

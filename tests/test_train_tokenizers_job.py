@@ -17,8 +17,9 @@ from omni_model.config import load_config, to_dict
 from omni_model.tokenizers.codec import SpeechCodec
 from omni_model.tokenizers.image import MagVitTokenizer
 from omni_model.tokenizers.text import BPETokenizer
-from pipelines.tokenizer_training import (WORLD_SETTINGS, DataConfig, TokenizersConfig, _voice_clips, decoder_clips,
-                                         shipped_differences, training_settings)
+from pipelines.tokenizers.config import DataConfig, TokenizersConfig
+from pipelines.tokenizers.data import decoder_clips, voice_clips
+from pipelines.tokenizers.shipped import WORLD_SETTINGS, shipped_differences, training_settings
 from tests.conftest import ROOT
 
 SENTENCES = ["a red circle on the left", "two blue squares", "a green triangle at the top",
@@ -139,11 +140,11 @@ def test_voice_clips_count_the_rows_that_say_them(media, tmp_path):
     repeated = tmp_path / "repeated.jsonl"
     repeated.write_text(manifest.read_text() + manifest.read_text().splitlines()[3] + "\n")
     data = DataConfig(voice_manifests=(str(repeated),), voice_root=str(media.parent), voice_draw="rows")
-    counts = _voice_clips(data)
+    counts = voice_clips(data)
     root = media.parent.resolve()
     assert counts == {root / "answers/yes.wav": 2, **{root / f"{media.name}/utt_{i}.wav": 1 for i in (1, 3, 4)}}
     with pytest.raises(ValueError, match="voice_draw"):
-        _voice_clips(replace(data, voice_draw="often"))
+        voice_clips(replace(data, voice_draw="often"))
 
 
 def test_decoder_clips_and_their_draws(tmp_path):

@@ -35,7 +35,7 @@ def test_espeak_voices_speeds_and_errors():
 
 def test_engine_speech_is_recognised():
     from omni_model.metrics import word_error_rate
-    from pipelines.asr import WhisperRecognizer
+    from pipelines.evaluation.asr import WhisperRecognizer
 
     asr = WhisperRecognizer()
     audio = get_engine("hibari").synthesize(TEXT)

@@ -16,7 +16,8 @@ object the server uses, batched the way the server batches (`batch_key`):
 
 Modules: `tasks` (the table of tasks: outputs, reference, scorer, prior guess), `scores`
 (pure scoring functions), `cases` (manifests into cases), `calibrate` (response lengths
-from the training shards), `report` (the report folder and its charts), `run` (the driver).
+from the training shards), `report` (the report folder and its charts), `run` (the driver),
+`asr` (the offline recogniser that transcribes speech).
 """
 
 from pipelines.evaluation.calibrate import calibrate_presets

@@ -34,12 +34,12 @@ from omni_model.any_to_any import OUTPUTS, AnyToAny, LengthPresets, Output, samp
 from omni_model.release.any_to_any import PRESET_KINDS, ReleaseAnyToAny
 from omni_model.release.sampler import OfficialSamplerConfig
 from omni_model.sampler import SamplerConfig
+from pipelines.data.media import MediaLimits
 from pipelines.evaluation.calibrate import calibrate_presets
 from pipelines.evaluation.cases import load_cases
 from pipelines.evaluation.report import write_report
 from pipelines.evaluation.scores import chance_levels, score_images
 from pipelines.evaluation.tasks import TASKS, Case, Prediction, prior_guess, spec
-from pipelines.data.media import MediaLimits
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
     speaks = getattr(pipe.speech_codec, "can_decode", False) or getattr(pipe, "speech_decoder", None) is not None
     if cfg.transcribe and speaks and any(TASKS[t].speaks for t in cfg.tasks):
         if recognizer_factory is None:
-            from pipelines.asr import WhisperRecognizer
+            from pipelines.evaluation.asr import WhisperRecognizer
 
             recognizer_factory = WhisperRecognizer
         recognizer = recognizer_factory()

@@ -1,0 +1,1 @@
+"""Training the small tokenizers of the embedded default: config, data, train, quality, shipped."""
