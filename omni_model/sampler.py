@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omni_model.transformer import KVCache
@@ -208,9 +209,13 @@ def spoken_layout(vocab: Vocab, length: int, boa_fraction: float = 0.2) -> Layou
 
 def transfer_schedule(num_masked: int, steps: int) -> list[int]:
     """Tokens to commit at each step: `num_masked` split evenly, remainder first."""
-    steps = max(1, min(steps, num_masked))
-    base, extra = divmod(num_masked, steps)
-    return [base + (1 if s < extra else 0) for s in range(steps)]
+    return split_evenly(num_masked, max(1, min(steps, num_masked)))
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` in `parts` shares that differ by at most one, the larger ones first."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -262,7 +267,7 @@ class _Plan:
         self.n_blocks = int(self.block.max()) + 1
         # steps per block: the total split evenly (at least one per block)
         self.block_steps = torch.tensor(
-            [max(1, s) for s in _split(config.steps, self.n_blocks)], device=device)
+            [max(1, s) for s in split_evenly(config.steps, self.n_blocks)], device=device)
         ramp = torch.zeros(layout.length)
         for r, region in enumerate(layout.regions):
             if region.modality != "image" or config.position_penalty == 1:
@@ -292,20 +297,20 @@ class _Plan:
             self.end_modality = layout.regions[-1].modality
 
 
-def _split(total: int, parts: int) -> list[int]:
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
 class Denoiser:
     """The state of one sampling call between steps: rows that share a layout and
-    sampler options, each with its own prompt and seed.
+    sampler options, each with its own prompt and seed. Its methods are the sampler's
+    step API; the state changes through them only.
 
     A step is `begin()` (which positions this step predicts, `[a, b)` of the response,
-    and whether it is a full pass), a forward pass over `inputs()` made by the caller,
-    then `advance(logits)` with the logits of those positions (conditional rows, then the
-    unconditional ones with `cfg_scale > 0`). `sample` drives one; a scheduler can drive
-    many, sharing forward passes between them.
+    and whether it is a full pass), a forward pass made by the caller, then
+    `advance(logits)` with the logits of those positions (conditional rows, then the
+    unconditional ones with `cfg_scale > 0`). The pass: a full one over `inputs()`, whose
+    cache (with `config.cache`) the caller hands back with `keep_cache`; between
+    refreshes, a span pass over `span(a, b)` against that cache. `sample` drives one
+    (`forward_window`); a scheduler can drive many, sharing forward passes between them:
+    `inputs(left, right)` pads the rows into a pass shared with longer prompts or
+    responses, and `keep_cache(cache, (left, right))` says so.
     """
 
     def __init__(self, prompt_ids: torch.Tensor | Sequence[torch.Tensor], layout: Layout,
@@ -347,9 +352,9 @@ class Denoiser:
         self.current = torch.full((batch,), -1, dtype=torch.long, device=device)
         self.steps = torch.zeros(batch, dtype=torch.long, device=device)
         self.step = 0
-        self.kv = None  #: the cache (`KVCache`) of the last full pass, when `config.cache` uses one
+        self._cache: KVCache | None = None  #: the cache of the last full pass, when `config.cache` uses one
         #: extra left and right padding of its rows in that pass (a scheduler's shared pass)
-        self.frame = (0, 0)
+        self._frame = (0, 0)
         self.since = 0  #: steps since the last full pass
         self._masked_now()
 
@@ -367,6 +372,11 @@ class Denoiser:
     def rows(self) -> int:
         """Rows of the forward batch (twice `batch` with guidance)."""
         return self.prompt.shape[0]
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether its full passes keep a cache (`keep_cache`) for span passes (`span`)."""
+        return self.config.cache != "none"
 
     def _masked_now(self) -> None:
         self.masked = self.response == self.layout.mask_id
@@ -388,7 +398,7 @@ class Denoiser:
         self.budget = torch.where(entered, plan.block_steps[new_block.clamp(max=plan.n_blocks - 1)], self.budget)
         self.current = new_block
         self.eligible = self.masked & (plan.block[None] == self.current[:, None])
-        self.full = (config.cache == "none" or self.kv is None or bool(entered[self.active].any())
+        self.full = (config.cache == "none" or self._cache is None or bool(entered[self.active].any())
                      or self.since >= config.cache_refresh)
         self.since = 1 if self.full else self.since + 1
         if config.cache == "none":
@@ -400,12 +410,34 @@ class Denoiser:
             self.window = (a, b)
         return (*self.window, self.full)
 
-    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward pass's ids `[rows, P + R]` (the unconditional rows after the
-        others) and attention mask."""
-        if not self.guided:
-            return self.x, self.attn
-        return torch.cat([self.x, torch.cat([self.prompt[self.batch:], self.response], 1)]), self.attn
+    def inputs(self, left: int = 0, right: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full pass's ids `[rows, left + P + R + right]` (the unconditional rows after
+        the others) and attention mask: `left` and `right` extra positions of padding
+        (pad id, masked out of attention) place the rows in a pass shared with longer
+        prompts (left) or responses (right)."""
+        ids = self.x if not self.guided else torch.cat(
+            [self.x, torch.cat([self.prompt[self.batch:], self.response], 1)])
+        attn = self.attn
+        if left or right:
+            ids = F.pad(ids, (left, right), value=self.pad_id)
+            attn = F.pad(attn, (left, right), value=0)
+        return ids, attn
+
+    def keep_cache(self, cache: KVCache, frame: tuple[int, int] = (0, 0)) -> None:
+        """Hand over the cache of this step's full pass, made over `inputs(*frame)`
+        (only these rows: `KVCache.rows` of a shared pass); span passes use it until the
+        next full pass."""
+        self._cache, self._frame = cache, frame
+
+    def span(self, a: int, b: int) -> tuple[torch.Tensor, KVCache, int, int]:
+        """What `Transformer.forward_span` (or, with other spans, `forward_spans`) needs
+        for response positions `[a, b)` against the cache of the last full pass: the ids
+        in that pass's padding, the cache, and the span's start and end in it."""
+        if self._cache is None:
+            raise RuntimeError("a span pass needs the cache of a full pass first (keep_cache)")
+        ids, _ = self.inputs(*self._frame)
+        start = self.plen + self._frame[0]
+        return ids, self._cache, start + a, start + b
 
     def advance(self, logits: torch.Tensor) -> None:
         """Commit this step's positions from the logits of the window `[rows, b - a, V]`."""
@@ -499,30 +531,18 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor | Sequence[torch.Tensor], 
 
 
 def forward_window(model: nn.Module, state: Denoiser, a: int, b: int, full: bool) -> torch.Tensor:
-    """Logits of response positions `[a, b)` for one `Denoiser`: a full pass (keeping
-    its cache when it uses one) or only those positions against its cache (in the
-    padding `state.frame` of the pass that made it)."""
-    ids, attn = state.inputs()
-    window = (state.plen + a, state.plen + b)
-    if state.config.cache == "none":
-        return model(ids, attention_mask=attn, logits_range=window)
-    if full:
-        state.frame = (0, 0)
-        logits, state.kv = model(ids, attention_mask=attn, return_cache=True, logits_range=window)
+    """Logits of response positions `[a, b)` for one `Denoiser`, alone: a full pass
+    (its cache handed to the state when it uses one) or only those positions against
+    its cache."""
+    if full or not state.uses_cache:
+        ids, attn = state.inputs()
+        window = (state.plen + a, state.plen + b)
+        if not state.uses_cache:
+            return model(ids, attention_mask=attn, logits_range=window)
+        logits, cache = model(ids, attention_mask=attn, return_cache=True, logits_range=window)
+        state.keep_cache(cache)
         return logits
-    return model.forward_span(*span_inputs(state, a, b))
-
-
-def span_inputs(state: Denoiser, a: int, b: int) -> tuple[torch.Tensor, KVCache, int, int]:
-    """What `Transformer.forward_span` needs for response positions `[a, b)` of a
-    `Denoiser` with a cache: its ids in the padding `state.frame` of the pass that made
-    the cache, the cache, and the span's start and end in it."""
-    ids, _ = state.inputs()
-    left, right = state.frame
-    if left or right:
-        ids = torch.nn.functional.pad(ids, (left, right), value=state.pad_id)
-    start = state.plen + left
-    return ids, state.kv, start + a, start + b
+    return model.forward_span(*state.span(a, b))
 
 
 def _factor_count(prob: torch.Tensor, eligible: torch.Tensor, factor: float) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 A replica's requests do not wait for each other. The scheduler thread keeps a set of
 active requests, each a `Denoiser` (one row, two with classifier-free guidance: the
-unconditional row travels with its request). Every step:
+unconditional row travels with its request), driven through the sampler's step API only
+(`begin`, `inputs`, `keep_cache`, `span`, `advance`: omni_model/sampler.py). Every step:
 
 1. requests that arrived since the last step join (up to `max_rows` rows in flight);
    requests no longer wanted (client gone, past the deadline) leave before any work;
@@ -43,10 +44,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from omni_model.any_to_any import AnyToAny, Output, Prepared
-from omni_model.sampler import Denoiser, Layout, SamplerConfig, forward_window, span_inputs
+from omni_model.sampler import Denoiser, Layout, SamplerConfig
 from serve.errors import DecodingFailed, SamplingFailed, SchedulerStopped
 from serve.threads import single_threaded_pool
 
@@ -237,8 +237,8 @@ class StepScheduler:
                   group: list[tuple[Ticket, int, int]]) -> dict[int, torch.Tensor]:
         """`run(group)`; when the shared pass raises, each ticket is run again alone so
         that only the ticket(s) that fail alone leave (with their own error). Running a
-        pass again is safe: what it sets on a ticket (its padding frame, its cache) is
-        set again by the next try, and the step commits nothing before every pass is done."""
+        pass again is safe: a pass hands a ticket its cache (`Denoiser.keep_cache`) only
+        once it has succeeded, and the step commits nothing before every pass is done."""
         try:
             return run(group)
         except Exception as exc:
@@ -283,17 +283,17 @@ class StepScheduler:
 
     def _full_pass(self, group: list[tuple[Ticket, int, int]]) -> dict[int, torch.Tensor]:
         """One forward pass over every ticket of `group`, padded to the longest prompt
-        (left) and the longest response (right); keeps each cached ticket's cache."""
+        (left) and the longest response (right); hands each cached ticket its rows' cache."""
         plen = max(t.state.plen for t, _, _ in group)
         rlen = max(t.layout.length for t, _, _ in group)
-        ids, attn = [], []
+        ids, attn, frames = [], [], []
         for ticket, _, _ in group:
-            left, right = plen - ticket.state.plen, rlen - ticket.layout.length
-            row_ids, row_attn = ticket.state.inputs()
-            ids.append(F.pad(row_ids, (left, right), value=ticket.state.pad_id))
-            attn.append(F.pad(row_attn, (left, right), value=0))
-            ticket.state.frame = (left, right)
-        cached = any(t.state.config.cache != "none" for t, _, _ in group)
+            frame = (plen - ticket.state.plen, rlen - ticket.layout.length)
+            row_ids, row_attn = ticket.state.inputs(*frame)
+            ids.append(row_ids)
+            attn.append(row_attn)
+            frames.append(frame)
+        cached = any(t.state.uses_cache for t, _, _ in group)
         self.forward_passes += 1
         # logits only for the response positions some ticket predicts this step: never the
         # prompts (at a real vocabulary the output layer is the pass's largest tensor)
@@ -302,12 +302,12 @@ class StepScheduler:
                               logits_range=(plen + lo, plen + hi))
         out, kv = out if cached else (out, None)
         logits, row = {}, 0
-        for ticket, a, b in group:
+        for (ticket, a, b), frame in zip(group, frames):
             rows = slice(row, row + ticket.state.rows)
             row += ticket.state.rows
             logits[id(ticket)] = out[rows, a - lo:b - lo]
-            if ticket.state.config.cache != "none":
-                ticket.state.kv = kv.rows(rows)
+            if ticket.state.uses_cache:
+                ticket.state.keep_cache(kv.rows(rows), frame)
         return logits
 
     def _span_pass(self, group: list[tuple[Ticket, int, int]]) -> dict[int, torch.Tensor]:
@@ -316,8 +316,8 @@ class StepScheduler:
         self.forward_passes += 1
         if len(group) == 1:
             ticket, a, b = group[0]
-            return {id(ticket): forward_window(self.pipe.model, ticket.state, a, b, full=False)}
-        logits = self.pipe.model.forward_spans([span_inputs(t.state, a, b) for t, a, b in group])
+            return {id(ticket): self.pipe.model.forward_span(*ticket.state.span(a, b))}
+        logits = self.pipe.model.forward_spans([t.state.span(a, b) for t, a, b in group])
         return {id(t): out for (t, _, _), out in zip(group, logits)}
 
     def _decode(self, ticket: Ticket) -> None:

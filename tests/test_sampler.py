@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from omni_model.sampler import (Region, SamplerConfig, filter_logits, generate, make_layout, sample,
+from omni_model.sampler import (Denoiser, Region, SamplerConfig, filter_logits, generate, make_layout, sample,
                                 spoken_layout, transfer_schedule)
 
 REGIONS = [Region("text", 6), Region("image", 8), Region("speech", 5)]
@@ -304,6 +304,53 @@ def test_a_cache_refreshed_every_step_is_exact_with_image_position_embeddings(ti
     cached = sample(model, prompts, layout, SamplerConfig(steps=6, cache=cache, cache_refresh=1, **options),
                     pad_id=vocab.pad_id, seeds=[1, 2])
     assert torch.equal(plain.ids, cached.ids) and torch.equal(plain.committed, cached.committed)
+
+def test_the_step_api_in_shared_passes_gives_each_request_what_sample_gives_it_alone(tiny_model, vocab):
+    """What Serve's scheduler does with `Denoiser`s: requests of different prompt lengths,
+    layouts and options (a prefix cache, a dual cache in blocks, guidance) stepped together,
+    their full passes shared (`inputs` padded into one frame, `keep_cache` with it) and their
+    span passes too (`span`, `forward_spans`); each ends where `sample` alone does."""
+    gen = torch.Generator().manual_seed(5)
+    requests = [  # (prompt, layout, config, seed)
+        (torch.randint(0, 256, (5,), generator=gen), make_layout(vocab, [Region("text", 6)]),
+         SamplerConfig(steps=6, cache="prefix", cache_refresh=3), 1),
+        (torch.randint(0, 256, (11,), generator=gen), make_layout(vocab, [Region("text", 3), Region("image", 8)]),
+         SamplerConfig(steps=4, temperature=0.8, block_length=4, cache="dual", cache_refresh=2), 2),
+        (torch.randint(0, 256, (8,), generator=gen), spoken_layout(vocab, 10), SamplerConfig(steps=5, cfg_scale=1.5), 3),
+    ]
+    states = [Denoiser([prompt], layout, config, vocab.pad_id, torch.device("cpu"), seeds=[seed])
+              for prompt, layout, config, seed in requests]
+    with torch.no_grad():
+        while not all(s.done for s in states):
+            live = [s for s in states if not s.done]
+            window = {id(s): s.begin() for s in live}
+            logits = {}
+            full = [s for s in live if window[id(s)][2]]
+            if full:
+                plen, rlen = max(s.plen for s in full), max(s.layout.length for s in full)
+                frames = [(plen - s.plen, rlen - s.layout.length) for s in full]
+                ids, attn = zip(*(s.inputs(*frame) for s, frame in zip(full, frames)))
+                lo, hi = min(window[id(s)][0] for s in full), max(window[id(s)][1] for s in full)
+                out, cache = tiny_model(torch.cat(ids), attention_mask=torch.cat(attn), return_cache=True,
+                                        logits_range=(plen + lo, plen + hi))
+                row = 0
+                for s, frame in zip(full, frames):
+                    rows, (a, b, _) = slice(row, row + s.rows), window[id(s)]
+                    row += s.rows
+                    logits[id(s)] = out[rows, a - lo:b - lo]
+                    if s.uses_cache:
+                        s.keep_cache(cache.rows(rows), frame)
+            spans = [s for s in live if not window[id(s)][2]]
+            if spans:
+                outs = tiny_model.forward_spans([s.span(*window[id(s)][:2]) for s in spans])
+                logits.update({id(s): out for s, out in zip(spans, outs)})
+            for s in live:
+                s.advance(logits[id(s)])
+    assert any(s.uses_cache for s in states)
+    for (prompt, layout, config, seed), state in zip(requests, states):
+        alone = sample(tiny_model, [prompt], layout, config, pad_id=vocab.pad_id, seeds=[seed])
+        assert torch.equal(state.result().ids, alone.ids) and state.result().steps == alone.steps
+
 
 def _positions_computed(model):
     """Records how many positions each forward computes (a hook on the real embedding)."""
