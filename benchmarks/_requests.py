@@ -7,11 +7,12 @@ import base64
 import socket
 from pathlib import Path
 
-from pipelines.evaluation import TASKS
+from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, PLACEHOLDERS
 from pipelines.data.manifest import parse_line, read_lines
+from pipelines.evaluation import EVAL_TASKS
 
 #: the outputs each task asks for (the evaluation's table)
-OUTPUTS = {task: list(spec.outputs) for task, spec in TASKS.items()}
+OUTPUTS = {task: list(spec.outputs) for task, spec in EVAL_TASKS.items()}
 
 
 def free_port() -> int:
@@ -33,11 +34,10 @@ def world_requests(world: Path, per_task: int = 4, tasks: tuple[str, ...] = tupl
             taken[sample.task] = taken.get(sample.task, 0) + 1
             images, audios = iter(sample.images), iter(sample.audios)
             inputs = []
-            for piece in sample.messages[0]["content"].replace("<|image|>", "\0<|image|>\0") \
-                    .replace("<|audio|>", "\0<|audio|>\0").split("\0"):
-                if piece == "<|image|>":
+            for piece in PLACEHOLDERS.split(sample.messages[0]["content"]):
+                if piece == IMAGE_PLACEHOLDER:
                     inputs.append({"type": "image", "data": _b64(Path(world) / next(images))})
-                elif piece == "<|audio|>":
+                elif piece == AUDIO_PLACEHOLDER:
                     inputs.append({"type": "audio", "data": _b64(Path(world) / next(audios))})
                 elif piece.strip():
                     inputs.append({"type": "text", "text": piece})

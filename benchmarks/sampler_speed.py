@@ -31,7 +31,7 @@ import torch
 
 from omni_model.any_to_any import AnyToAny, LengthPresets, batch_key, batches
 from omni_model.sampler import SamplerConfig, sample
-from pipelines.evaluation import TASKS, EvalConfig, load_cases
+from pipelines.evaluation import EVAL_TASKS, EvalConfig, load_cases
 from pipelines.evaluation.run import prediction
 
 #: what each variant changes over the task's 16-step sampler
@@ -72,7 +72,7 @@ def generate(pipe: AnyToAny, cases, sampler: SamplerConfig, batch: int) -> tuple
     (tokenizing images and speech), the sampler itself, and decoding the outputs."""
     clock = time.perf_counter
     start = clock()
-    prepared = [pipe.prepare(c.inputs, TASKS[c.task].outputs) for c in cases]
+    prepared = [pipe.prepare(c.inputs, EVAL_TASKS[c.task].outputs) for c in cases]
     prepare_s, sample_s, decode_s = clock() - start, 0.0, 0.0
     outputs = [None] * len(cases)
     for chunk in batches([batch_key(p, sampler) for p in prepared], batch):
@@ -99,8 +99,8 @@ def timed(pipe: AnyToAny, cases, task: str, sampler: SamplerConfig, batch: int) 
 
 def scored(cases, task: str, outputs: list, recognizer) -> dict:
     """The task's figure of merit of a variant's outputs."""
-    speaks = TASKS[task].speaks
-    score = TASKS[task].score(cases, [prediction(o, recognizer if speaks else None) for o in outputs])
+    speaks = EVAL_TASKS[task].speaks
+    score = EVAL_TASKS[task].score(cases, [prediction(o, recognizer if speaks else None) for o in outputs])
     key, _ = SCORE[task]
     if key not in score:  # TTS without a recogniser: no accuracy
         key = next(iter(score))
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     image_base = SamplerConfig(steps=16, confidence="random")  # the evaluation's image sampler
     recognizer = None
     tasks = [t for t in args.tasks.split(",") if t]
-    if not args.no_transcribe and any(TASKS[t].speaks for t in tasks):
+    if not args.no_transcribe and any(EVAL_TASKS[t].speaks for t in tasks):
         from pipelines.evaluation.asr import WhisperRecognizer
 
         recognizer = WhisperRecognizer()
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     generated = {}
     for task in tasks:
         cases = load_cases(cfg, task)
-        start = image_base if "image" in TASKS[task].outputs else base
+        start = image_base if "image" in EVAL_TASKS[task].outputs else base
         generated[task] = (cases, {name: timed(pipe, cases, task, replace(start, **VARIANTS[name]), args.batch)
                                    for name in names})
     if "t2i" in tasks and args.scaling:

@@ -26,7 +26,8 @@ from omni_model.vocab import Vocab
 ROLES = ("system", "user", "assistant")
 IMAGE_PLACEHOLDER = "<|image|>"
 AUDIO_PLACEHOLDER = "<|audio|>"
-_PLACEHOLDER_RE = re.compile(r"(<\|image\|>|<\|audio\|>)")
+#: the media placeholders of manifest content, as one pattern (`split` keeps them as pieces)
+PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(AUDIO_PLACEHOLDER)})")
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Encoded:
 def split_placeholders(content: str, images: Iterator[Part], audios: Iterator[Part]) -> list[Part]:
     """Split manifest content text at `<|image|>`/`<|audio|>`, taking media parts in order."""
     parts: list[Part] = []
-    for piece in _PLACEHOLDER_RE.split(content):
+    for piece in PLACEHOLDERS.split(content):
         if piece == IMAGE_PLACEHOLDER:
             parts.append(next(images))
         elif piece == AUDIO_PLACEHOLDER:

@@ -17,7 +17,7 @@ from omni_model.tokenizers.text import ByteTokenizer
 from omni_model.tokenizers.train_speech import small_codec
 from omni_model.toy import toy_model
 from omni_model.vocab import Vocab
-from pipelines.evaluation import (TASKS, Case, EvalConfig, Prediction, evaluate, exact_match, format_report,
+from pipelines.evaluation import (EVAL_TASKS, Case, EvalConfig, Prediction, evaluate, exact_match, format_report,
                                   load_cases, prior_guess, says, score_images)
 from pipelines.world.build import Voice, WorldConfig, build_world
 from pipelines.world.scenes import ANSWERS, captions, make_scene, questions, render
@@ -143,8 +143,9 @@ def test_an_untrained_model_scores_near_chance_and_the_report_is_written(held_ou
 
 
 def test_tasks_are_a_table_and_an_unknown_task_is_refused_by_name():
-    assert set(TASKS) == {"t2i", "s2i", "caption", "vqa", "asr", "tts", "svqa"}
-    assert TASKS["svqa"].outputs == ("text", "speech") and TASKS["svqa"].speaks and not TASKS["vqa"].speaks
+    assert set(EVAL_TASKS) == {"t2i", "s2i", "caption", "vqa", "asr", "tts", "svqa"}
+    assert EVAL_TASKS["svqa"].outputs == ("text", "speech") and EVAL_TASKS["svqa"].speaks
+    assert not EVAL_TASKS["vqa"].speaks
     with pytest.raises(ValueError, match="no evaluation task 'mme'.*known"):
         EvalConfig(tasks=("vqa", "mme"))
     # sampler options per task, over the image sampler where the task draws images
@@ -171,15 +172,15 @@ def test_tasks_are_a_table_and_an_unknown_task_is_refused_by_name():
         LengthPresets(sampler={"text": {"cahce": "prefix"}})
     # the same scorer reads the model's answers and the prior guess's
     cases = [Case("svqa", [], "three"), Case("svqa", [], "red")]
-    heard = TASKS["svqa"].score(cases, [Prediction("three", heard="I see three"), Prediction("blue", heard="")])
+    heard = EVAL_TASKS["svqa"].score(cases, [Prediction("three", heard="I see three"), Prediction("blue", heard="")])
     assert heard == {"exact_match": 0.5, "spoken_answer_says_it": 0.5}
-    assert TASKS["svqa"].score(cases, [Prediction("three"), Prediction("red")]) == {"exact_match": 1.0}
+    assert EVAL_TASKS["svqa"].score(cases, [Prediction("three"), Prediction("red")]) == {"exact_match": 1.0}
     assert prior_guess("svqa", cases) == {"exact_match": 0.0, "spoken_answer_says_it": 0.0}
     # a yes/no VQA set (POPE, MME) gets their scores; the image groups MME's two questions
     pope = [Case("vqa", [], "yes", group="p"), Case("vqa", [], "no", group="p")]
-    scores = TASKS["vqa"].score(pope, [Prediction("Yes"), Prediction("yes")])
+    scores = EVAL_TASKS["vqa"].score(pope, [Prediction("Yes"), Prediction("yes")])
     assert scores["yes_no_f1"] == pytest.approx(2 / 3) and scores["yes_no_accuracy_plus"] == 0.0
-    assert "yes_no_f1" not in TASKS["vqa"].score(cases[:1], [Prediction("three")])
+    assert "yes_no_f1" not in EVAL_TASKS["vqa"].score(cases[:1], [Prediction("three")])
 
 
 def test_presets_are_calibrated_from_training_shards(tmp_path):
@@ -251,11 +252,11 @@ def test_a_users_manifest_of_any_tasks_is_scored_with_the_fields_metrics(tmp_pat
     # the scorers read the manifest's own references: VQA v2 accuracy over ten humans
     # (the first question: "two" matches 6 of 10), every reference caption
     answers = [Prediction(text) for text in ("two", "red", "maybe")]
-    assert TASKS["vqa"].score(vqa, answers)["vqa_accuracy"] == pytest.approx((1 + 1 + 0) / 3)
-    assert TASKS["vqa"].score(vqa, answers)["exact_match"] == pytest.approx(2 / 3)  # the rows' own answers
-    right = TASKS["caption"].score(caption, [Prediction(f"Thing {i} pictured on a table.") for i in range(3)])
+    assert EVAL_TASKS["vqa"].score(vqa, answers)["vqa_accuracy"] == pytest.approx((1 + 1 + 0) / 3)
+    assert EVAL_TASKS["vqa"].score(vqa, answers)["exact_match"] == pytest.approx(2 / 3)  # the rows' own answers
+    right = EVAL_TASKS["caption"].score(caption, [Prediction(f"Thing {i} pictured on a table.") for i in range(3)])
     assert right["exact_match"] == 1.0 and right["bleu4"] == pytest.approx(1.0) and right["cider"] > 1
-    assert TASKS["t2i"].score(t2i, [Prediction(image=render(make_scene(0, 0)))] * 3) == {"unscored": 3.0}
+    assert EVAL_TASKS["t2i"].score(t2i, [Prediction(image=render(make_scene(0, 0)))] * 3) == {"unscored": 3.0}
     # the whole evaluation on it, with an untrained model: only the manifest's tasks,
     # the field's metrics in the report
     text, image_tok = ByteTokenizer(), MagVitTokenizer.from_pretrained(IMAGE_TOKENIZER)

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Iterator
 
 from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, ROLES
 
+#: the task names a manifest row may carry (`task`, else inferred from its turns); training
+#: counts its loss per task in this order (`pipelines.evaluation.tasks.EVAL_TASKS`: what is scored)
 TASKS = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa", "text")
 
 #: Deepest JSON nesting a line may have. A line of 100,000 `[` would otherwise exhaust

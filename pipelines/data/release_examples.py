@@ -17,7 +17,6 @@ stops the run.
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,7 +29,7 @@ from omni_model.release.finetune import Turn, release_example
 from omni_model.release.images import input_pixels
 from omni_model.release.model import SENSEVOICE_FOLDER
 from omni_model.release.tokenizer import ReleaseTokenizer
-from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
+from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, PLACEHOLDERS
 from omni_model.tokenizers.mel import resample, to_mono
 from omni_model.tokenizers.sensevoice import SenseVoiceFrontend, context_positions
 from pipelines.data.manifest import ManifestError, parse_line, resolve_media
@@ -45,8 +44,6 @@ EXAMPLE_SCHEMA = pa.schema([
     ("audio_frames", pa.list_(pa.int32())),  # its feature frames (context positions = frames + 4)
     ("audio_features", pa.list_(pa.float32())),  # the features of all, frame after frame
 ])
-
-_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(AUDIO_PLACEHOLDER)})")
 
 
 class ReleaseExamples:
@@ -104,7 +101,7 @@ class ReleaseExamples:
         turns, features = [], []
         for message in sample.messages:
             role, parts = message["role"], []
-            for piece in _PLACEHOLDERS.split(message["content"]):
+            for piece in PLACEHOLDERS.split(message["content"]):
                 if piece == IMAGE_PLACEHOLDER:
                     parts.append(("image", self._image_codes(images.pop(0), role)))
                 elif piece == AUDIO_PLACEHOLDER:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -45,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
+from omni_model.templates import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, PLACEHOLDERS
 from omni_model.tokenizers import load_image_tokenizer, load_speech_tokenizer
 from omni_model.tokenizers.mel import resample, to_mono
 from pipelines.data.manifest import ManifestError, parse_line, read_bounded_lines, resolve_media, sample_id
@@ -271,7 +270,7 @@ def shard_row(row: dict, source: str, frame_rate: float) -> dict:
     messages = []
     for m in sample["messages"]:
         parts = []
-        for piece in re.split(r"(<\|image\|>|<\|audio\|>)", m["content"]):
+        for piece in PLACEHOLDERS.split(m["content"]):
             if piece == IMAGE_PLACEHOLDER:
                 codes, grid = next(images)
                 parts.append(image_part(codes, grid))

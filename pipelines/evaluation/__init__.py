@@ -25,8 +25,8 @@ from pipelines.evaluation.cases import load_cases
 from pipelines.evaluation.report import format_report
 from pipelines.evaluation.run import EvalConfig, evaluate, run_cases
 from pipelines.evaluation.scores import chance_levels, exact_match, says, score_images
-from pipelines.evaluation.tasks import TASKS, Case, Prediction, TaskSpec, prior_guess
+from pipelines.evaluation.tasks import EVAL_TASKS, Case, Prediction, TaskSpec, prior_guess
 
-__all__ = ["TASKS", "Case", "EvalConfig", "Prediction", "TaskSpec", "calibrate_presets", "chance_levels",
+__all__ = ["EVAL_TASKS", "Case", "EvalConfig", "Prediction", "TaskSpec", "calibrate_presets", "chance_levels",
            "evaluate", "exact_match", "format_report", "load_cases", "prior_guess", "run_cases", "says",
            "score_images"]

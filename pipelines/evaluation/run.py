@@ -39,7 +39,7 @@ from pipelines.evaluation.calibrate import calibrate_presets
 from pipelines.evaluation.cases import load_cases
 from pipelines.evaluation.report import write_report
 from pipelines.evaluation.scores import chance_levels, score_images
-from pipelines.evaluation.tasks import TASKS, Case, Prediction, prior_guess, spec
+from pipelines.evaluation.tasks import EVAL_TASKS, Case, Prediction, prior_guess, spec
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         (out_dir / "presets.json").write_text(json.dumps(pipe.presets.to_dict(), indent=2) + "\n")
     recognizer = None
     speaks = getattr(pipe.speech_codec, "can_decode", False) or getattr(pipe, "speech_decoder", None) is not None
-    if cfg.transcribe and speaks and any(TASKS[t].speaks for t in cfg.tasks):
+    if cfg.transcribe and speaks and any(EVAL_TASKS[t].speaks for t in cfg.tasks):
         if recognizer_factory is None:
             from pipelines.evaluation.asr import WhisperRecognizer
 
@@ -184,7 +184,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
         cases, prepared = prepare_cases(pipe, load_cases(cfg, task, quarantine), quarantine)
         if not cases:
             continue
-        task_spec = TASKS[task]
+        task_spec = EVAL_TASKS[task]
         sampler = cfg.release_sampler.get(task) if release else sampler_for(cfg, task)
         outputs, seconds = run_cases(pipe, cases, sampler, cfg.batch_size, prepared)
         answers = [prediction(o, recognizer if task_spec.speaks else None) for o in outputs]
@@ -232,7 +232,7 @@ def write_quarantine(out_dir: Path, quarantine: list[dict]) -> dict[str, int]:
 def sampler_for(cfg: EvalConfig, task: str) -> SamplerConfig:
     """Image outputs get `image_sampler`; s2i adds its guidance scale; then the task's
     own options (`task_sampler`)."""
-    sampler = cfg.image_sampler or cfg.sampler if "image" in TASKS[task].outputs else cfg.sampler
+    sampler = cfg.image_sampler or cfg.sampler if "image" in EVAL_TASKS[task].outputs else cfg.sampler
     if task == "s2i" and cfg.s2i_cfg_scale > 0:
         sampler = replace(sampler, cfg_scale=cfg.s2i_cfg_scale)
     return sampler_with(sampler, cfg.task_sampler.get(task) or {}, f"task_sampler.{task}")
@@ -244,7 +244,7 @@ def recorded_sampler(cfg: EvalConfig) -> dict:
     what its report measured; a kind whose tasks differ records what they share."""
     kinds: dict[str, list[dict]] = {}
     for task in cfg.tasks:
-        kinds.setdefault(OUTPUTS[TASKS[task].outputs], []).append(cfg.task_sampler.get(task) or {})
+        kinds.setdefault(OUTPUTS[EVAL_TASKS[task].outputs], []).append(cfg.task_sampler.get(task) or {})
     shared = {kind: {k: v for k, v in options[0].items() if all(k in o and o[k] == v for o in options)}
               for kind, options in kinds.items()}
     return {kind: options for kind, options in shared.items() if options}

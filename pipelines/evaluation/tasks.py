@@ -1,6 +1,6 @@
 """The evaluation's tasks as a table: what each asks the model for, what its answer is
 scored against, how, and what the prior guess answers. Adding a task is one `TaskSpec`
-in `TASKS` (and its manifest `{task}.jsonl` among the held-out manifests).
+in `EVAL_TASKS` (and its manifest `{task}.jsonl` among the held-out manifests).
 
 A case's answer reaches its scorer as a `Prediction`, whether the model gave it or the
 prior guess did: the guess answers each case with the right output of another case of
@@ -172,7 +172,7 @@ def spoken_ceilings(pipe, recognizer, cases: Sequence[Case]) -> dict[str, float]
             "reference_through_codec_says_it": says(refs, through_codec)}
 
 
-TASKS: dict[str, TaskSpec] = {
+EVAL_TASKS: dict[str, TaskSpec] = {
     "t2i": TaskSpec(("image",), _caption, _images, _render_of),
     "s2i": TaskSpec(("image",), _caption, _images, _render_of),
     "caption": TaskSpec(("text",), _answer, _caption_match, _text_of),
@@ -184,9 +184,9 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def spec(task: str) -> TaskSpec:
-    if task not in TASKS:
-        raise ValueError(f"no evaluation task {task!r}; known: {sorted(TASKS)}")
-    return TASKS[task]
+    if task not in EVAL_TASKS:
+        raise ValueError(f"no evaluation task {task!r}; known: {sorted(EVAL_TASKS)}")
+    return EVAL_TASKS[task]
 
 
 def prior_guess(task: str, cases: Sequence[Case], seed: int = 0) -> dict[str, float]:

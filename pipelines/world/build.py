@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omni_model.templates import PLACEHOLDERS
 from pipelines.data.manifest import Sample, write_manifest
 from pipelines.world.scenes import captions, make_scene, questions, render
 from pipelines.world.tts import synthesize_rows
@@ -170,7 +171,7 @@ def _write_corpus(path: Path, samples: list[Sample]) -> None:
     lines = []
     for s in samples:
         for m in s.messages:
-            text = m["content"].replace("<|image|>", " ").replace("<|audio|>", " ")
+            text = PLACEHOLDERS.sub(" ", m["content"])
             lines += [t.strip() for t in text.splitlines() if t.strip()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

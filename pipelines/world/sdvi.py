@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omni_model.templates import PLACEHOLDERS
 from pipelines.data.manifest import ManifestError, Sample, parse_line, read_lines, write_manifest
 from pipelines.world.build import Voice
 from pipelines.world.tts import synthesize_rows
@@ -48,7 +49,7 @@ class SDVIConfig:
 
 def _user_text(sample: Sample) -> str:
     text = " ".join(m["content"] for m in sample.messages if m["role"] == "user")
-    return " ".join(text.replace("<|image|>", " ").replace("<|audio|>", " ").split())
+    return " ".join(PLACEHOLDERS.sub(" ", text).split())
 
 
 def _answer(sample: Sample) -> str:
