@@ -309,7 +309,7 @@ class Check:
     def shards_vocab(self):
         """The vocab stage (b) trains with: the byte tokenizer's ids and the shards' codes."""
         from pipelines.data.shards import check_compatible
-        from pipelines.train.start import resolve_vocab
+        from pipelines.train.initial_model import resolve_vocab
 
         cfg = self.train_config(2, self.workdir / "probe", 1)
         return resolve_vocab(cfg, check_compatible([self.shards() / "train"]))[0]
@@ -337,7 +337,7 @@ class Check:
     def ensure_ray(self) -> None:
         if self.ray_owned is not None:
             return
-        from omni_model.config import RayConfig
+        from pipelines.ray_setup import RayConfig
         from pipelines.ray_setup import start_ray
 
         # Ray Train workers write checkpoints to their temp folder, and a resumed worker
@@ -605,7 +605,8 @@ class Check:
         """A random-weight checkpoint folder of stage (b)'s shape for Serve, when stage
         (b) left none: model, vocab.json and tokenizers.json as a stage writes them."""
         from pipelines.data.shards import check_compatible
-        from pipelines.train import TOKENIZERS_FILE, build_model, resolve_vocab
+        from omni_model.model_folder import write_tokenizers
+        from pipelines.train import build_model, resolve_vocab
 
         folder = self.workdir / "random_model"
         cfg = self.train_config(2, self.workdir / "probe", 1)
@@ -613,8 +614,7 @@ class Check:
         vocab, _ = resolve_vocab(cfg, identity)
         build_model(cfg, vocab, None, None).save_pretrained(folder)
         vocab.save(folder)
-        (folder / TOKENIZERS_FILE).write_text(json.dumps(
-            {"text": None, "image": identity.get("image"), "speech": identity.get("speech")}) + "\n")
+        write_tokenizers(folder, {"text": None, "image": identity.get("image"), "speech": identity.get("speech")})
         return folder
 
     def stage_serve(self, record: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from omni_model.any_to_any import AnyToAny, LengthPresets, batch_key, batches
+from omni_model.model_folder import read_presets
 from omni_model.sampler import SamplerConfig, sample
 from pipelines.evaluation import EVAL_TASKS, EvalConfig, load_cases
 from pipelines.evaluation.run import prediction
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
-    presets_file = runs / "report" / "presets.json"
-    presets = LengthPresets.from_dict(json.loads(presets_file.read_text())) if presets_file.exists() else None
+    measured = read_presets(runs / "report")
+    presets = LengthPresets.from_dict(measured) if measured is not None else None
     pipe = AnyToAny.from_pretrained(runs / "stage3" / "final", image_tokenizer=runs / "tokenizers" / "image",
                                     speech_tokenizer=runs / "tokenizers" / "speech", presets=presets)
     if args.vocoder_iterations is not None:

@@ -19,7 +19,8 @@ import sys
 import time
 import urllib.request
 
-from pipelines.ray_setup import start_ray, stop_ray
+from omni_model.config import from_dict
+from pipelines.ray_setup import RayConfig, start_ray, stop_ray
 from serve.config import load_serve_config
 
 logger = logging.getLogger("deploy")
@@ -33,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = parser.parse_args(argv)
     cfg = load_serve_config(args.config, args.overrides)
+    ray_config = from_dict(RayConfig, cfg.ray, "ray")  # an unknown key fails before Ray starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    owned = start_ray(cfg.ray)
+    owned = start_ray(ray_config)
     from ray import serve
 
     from serve.app import build

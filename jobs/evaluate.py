@@ -3,7 +3,7 @@
     python jobs/evaluate.py --config configs/tiny/evaluate.yaml [evaluate.model=runs/stage2/final]
 
 Writes metrics.json, report.md, t2i_grid.png, loss.png, presets.json and a few WAVs to
-`evaluate.out`. Runs in this process (no Ray): generation is batched by layout.
+`evaluate.out` (and presets.json into the model folder with `evaluate.presets_into_model`). Runs in this process (no Ray): generation is batched by layout.
 """
 
 from __future__ import annotations

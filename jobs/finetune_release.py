@@ -7,17 +7,11 @@ when its config's model.path is a release folder.
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
-from pathlib import Path
 
-import yaml
-
-from jobs.ray_job import run_ray_job
-from omni_model.config import apply_overrides
+from jobs.ray_job import run_training_job
+from omni_model.config import apply_overrides, read_config_file
 from omni_model.release.model import is_release_folder
-from pipelines.train.guards import failure_reason
 from pipelines.train.release_config import ReleaseFinetuneConfig
 from pipelines.train.release_stage import run_release_finetune
 
@@ -28,26 +22,21 @@ def is_release_run(argv: list[str]) -> bool:
     args = list(argv)
     path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
     path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), path)
-    data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    data = read_config_file(path) if path else {}
     data = apply_overrides(dict(data), [a for a in args if "=" in a and not a.startswith("-")])
     model, source = data.get("model") or {}, data.get("data") or {}
     return bool(source.get("manifests")) or bool(model.get("path") and is_release_folder(model["path"]))
 
 
 def main(argv: list[str], doc: str = __doc__) -> int:
-    try:
-        cfg, result = run_ray_job(ReleaseFinetuneConfig, doc, "configs/release/stage3_tiny.yaml", argv,
-                                  lambda c: None, run_release_finetune)
-    except Exception as err:  # noqa: BLE001 - the story is logged; the last line says why
-        logging.getLogger(__name__).exception("release fine-tuning failed")
-        print(f"release fine-tuning failed: {failure_reason(err)}", file=sys.stderr, flush=True)
+    done = run_training_job("release fine-tuning", ReleaseFinetuneConfig, doc, "configs/release/stage3_tiny.yaml",
+                            argv, run_release_finetune)
+    if done is None:
         return 1
-    metrics = result.get("metrics") or {}
-    print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("loss/")}, indent=2))
+    cfg, result = done
     print(f"done: release folder in {result['final']} ({result['examples']['examples']} examples, "
           f"{result['examples']['quarantined']} quarantined); metrics in {cfg.run.dir}/metrics.jsonl")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

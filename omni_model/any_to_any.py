@@ -20,7 +20,6 @@ evaluation group with them), `generate_many` runs any list of requests that way.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from omni_model import model_folder
 from omni_model.config import from_dict, to_dict
 from omni_model.sampler import Layout, Region, SamplerConfig, make_layout, sample, spoken_layout
 from omni_model.templates import Image, Message, Part, Speech, Text, encode_prompt
@@ -174,8 +174,7 @@ class AnyToAny:
                                                    speech_decoder=speech_decoder)  # type: ignore[return-value]
         model = Transformer.from_pretrained(folder).to(device).eval()
         vocab = Vocab.load(folder)
-        recorded = json.loads((folder / "tokenizers.json").read_text()) \
-            if (folder / "tokenizers.json").exists() else {}
+        recorded = model_folder.read_tokenizers(folder)
         entry = recorded.get("text")
         if text_tokenizer is None and isinstance(entry, dict):  # the copy inside the checkpoint
             text_tokenizer = folder / entry["path"]
@@ -202,8 +201,9 @@ class AnyToAny:
                 raise ValueError(f"the speech decoder knows {decoder.flow.config.vocab_size} codes; the speech "
                                  f"tokenizer makes {speech.codebook_size}")
             speech.decoder = decoder
-        if presets is None and (folder / "presets.json").exists():
-            presets = LengthPresets.from_dict(json.loads((folder / "presets.json").read_text()))
+        measured = model_folder.read_presets(folder)
+        if presets is None and measured is not None:
+            presets = LengthPresets.from_dict(measured)
         return cls(model, vocab, text, image, speech, presets or LengthPresets())
 
     # ------------------------------------------------------------------ requests

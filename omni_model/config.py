@@ -21,16 +21,6 @@ import yaml
 T = TypeVar("T")
 
 
-@dataclasses.dataclass(frozen=True)
-class RayConfig:
-    """Which Ray a job or a deployment runs on (the `ray:` section of every job's YAML
-    and of serve.yaml). Plain settings: `pipelines/ray_setup.py` starts or joins it."""
-
-    address: str | None = None  #: a cluster to join; None: RAY_ADDRESS, else a new local Ray
-    num_cpus: int = 4  #: logical CPUs of a local Ray (more than cores is fine: stages are light)
-    num_gpus: int | None = None  #: GPUs of a local Ray (None: detect)
-
-
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -134,12 +124,41 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+BASE_KEY = "base"  #: a config file's key naming the file it changes
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config file as a dict. A file whose top level has `base: OTHER.yaml` (a path
+    relative to the file) is that file with this one's values over it: mappings merged key
+    by key, lists and scalars replaced. `configs/ci/` holds the ci profile this way, each
+    file only what differs from `configs/tiny/`."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ValueError(f"config {path}: its bases loop back to it")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"config {path}: expected a mapping at the top level")
+    data = dict(loaded)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    return _merged(read_config_file(path.parent / base, (*_seen, path.resolve())), data)
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
-    """`cls` from YAML file `path` (None: the dataclass defaults) and dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
-        data = dict(loaded or {})
+    """`cls` from YAML file `path` (None: the dataclass defaults; `base:` followed, see
+    `read_config_file`) and dotted overrides."""
+    data = read_config_file(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides))
 
 

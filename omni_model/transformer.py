@@ -1,21 +1,15 @@
 """A bidirectional transformer in the Dream / Qwen2 layout.
 
-RMSNorm, rotary position embeddings (rotate-half form), grouped-query attention with
-q/k/v biases, SwiGLU MLP, untied (or tied) embeddings, and *no* causal mask: every
-position attends to every other one in its document, which is what a masked diffusion
-model needs. Parameter names equal Hugging Face's Qwen2/Dream names, so a Dream-7B
-folder (`config.json` + `model*.safetensors`) loads strictly and `save_pretrained`
-writes a folder the same loaders read.
+RMSNorm, rotary position embeddings (rotate-half form, `rope.py`), grouped-query
+attention with q/k/v biases, SwiGLU MLP, untied (or tied) embeddings, and *no* causal
+mask: every position attends to every other one in its document, which is what a masked
+diffusion model needs. Parameter names equal Hugging Face's Qwen2/Dream names, so a
+Dream-7B folder (`config.json` + `model*.safetensors`, `model_folder.py`) loads strictly
+and `save_pretrained` writes a folder the same loaders read.
 
 Written for one device; data/model parallelism (DDP, DeepSpeed) is applied by
-`pipelines/train/`, never here.
-
-For sampling, `forward(..., return_cache=True)` also returns every layer's keys and
-values (`KVCache`), and `forward_span` recomputes only a span of positions against
-them: the span's queries attend to the cached keys and values of every other position
-and to the span's own fresh ones (which replace the cached ones in place). In a
-bidirectional model the cached entries go stale as the rest of the sequence changes;
-the sampler decides how often to refresh them (Fast-dLLM's prefix and dual caches).
+`pipelines/train/`, never here. Beside it: `spans.py` (recomputing spans against cached
+keys and values, for the sampler), `vocab_resize.py` (a backbone gaining code rows).
 """
 
 from __future__ import annotations
@@ -24,25 +18,22 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from omni_model import model_folder
 from omni_model.activations import ACTIVATIONS
 from omni_model.config import with_extra
+from omni_model.rope import rope_parameters, rotary_cos_sin, rotate_half
+from omni_model.spans import KVCache, forward_span, forward_spans
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -136,131 +127,6 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
-
-
-def rope_type(config: "TransformerConfig") -> str:
-    """The RoPE variant of `config` (`rope_scaling.rope_type`, or its older key `type`)."""
-    rope = config.rope_scaling or {}
-    return rope.get("rope_type", rope.get("type", "default"))
-
-
-def rope_parameters(config: "TransformerConfig", seq_len: int | None,
-                    device: torch.device | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies `[head_dim / 2]` and the cos/sin scale of `config`'s RoPE, as
-    transformers' rope initialisers (which Dream's rotary embedding calls) compute them.
-    `seq_len`: the longest position + 1 of this pass (NTK-dynamic scaling grows the base
-    past `max_position_embeddings`; Dream keeps the grown table for later, shorter
-    passes, here each pass computes its own)."""
-    rope = dict(config.rope_scaling or {})
-    kind = rope_type(config)
-    if kind not in ROPE_TYPES:
-        raise ValueError(f"rope_scaling type {kind!r}: one of {ROPE_TYPES}")
-
-    def need(*keys: str) -> list:
-        missing = [k for k in keys if rope.get(k) is None]
-        if missing:
-            raise ValueError(f"rope_scaling ({kind}) needs {missing}")
-        return [rope[k] for k in keys]
-
-    dim, base = config.head_dim, config.rope_theta
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    scale = 1.0
-    if kind == "default":
-        inv_freq = 1.0 / base ** exponents
-    elif kind == "linear":
-        (factor,) = need("factor")
-        inv_freq = 1.0 / base ** exponents / factor
-    elif kind == "dynamic":
-        (factor,) = need("factor")
-        longest = max(seq_len or 0, config.max_position_embeddings)
-        base = base * ((factor * longest / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
-        inv_freq = 1.0 / base ** exponents
-    elif kind == "llama3":
-        factor, low, high, old = need("factor", "low_freq_factor", "high_freq_factor",
-                                      "original_max_position_embeddings")
-        inv_freq = 1.0 / base ** exponents
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
-        smooth = (old / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    elif kind == "yarn":
-        (factor,) = need("factor")
-        original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
-
-        def mscale(s: float, m: float = 1.0) -> float:
-            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
-
-        scale = rope.get("attention_factor")
-        if scale is None:
-            m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
-            scale = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
-
-        def correction(rotations: float) -> float:
-            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        low, high = correction(rope.get("beta_fast") or 32), correction(rope.get("beta_slow") or 1)
-        if rope.get("truncate", True):
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low)
-                / ((high + 0.001 if high == low else high) - low)).clamp(0, 1)
-        extrapolate = 1 - ramp
-        freqs = base ** exponents
-        inv_freq = (1.0 / (factor * freqs)) * (1 - extrapolate) + (1.0 / freqs) * extrapolate
-    else:  # longrope: Dream builds its table once, without a sequence length: the short factors
-        short, _ = need("short_factor", "long_factor")
-        if len(short) != dim // 2:
-            raise ValueError(f"rope_scaling (longrope) short_factor has {len(short)} entries, not {dim // 2}")
-        original = config.extra.get("original_max_position_embeddings")
-        factor = config.max_position_embeddings / original if original else rope.get("factor")
-        scale = rope.get("attention_factor")
-        if scale is None:
-            scale = 1.0 if not factor or factor <= 1 else math.sqrt(
-                1 + math.log(factor) / math.log(original or config.max_position_embeddings))
-        inv_freq = 1.0 / (torch.tensor(short, dtype=torch.float32, device=device) * base ** exponents)
-    return inv_freq.float(), float(scale)
-
-
-def rotary_cos_sin(position_ids: torch.Tensor, config: "TransformerConfig",
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables `[batch, 1, length, head_dim]` for the rotate-half RoPE form."""
-    dynamic = rope_type(config) == "dynamic"
-    longest = int(position_ids.max()) + 1 if dynamic and position_ids.numel() else None  # a sync: only when needed
-    inv_freq, scale = rope_parameters(config, longest, position_ids.device)
-    freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-@dataclass
-class KVCache:
-    """Keys and values of every layer for a whole sequence, with what a span needs."""
-
-    keys: list[torch.Tensor]  #: per layer `[B, kv_heads, L, head_dim]`, after RoPE
-    values: list[torch.Tensor]
-    mask: torch.Tensor | None  #: `[B, 1, L, L]` bool, the full sequence's attention mask
-    cos: torch.Tensor  #: `[B, 1, L, head_dim]` RoPE tables of the full sequence
-    sin: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[2]
-
-    def rows(self, rows: slice) -> "KVCache":
-        """The cache of some rows of the batch (views: a span pass writes through)."""
-        mask = self.mask if self.mask is None or self.mask.shape[0] == 1 else self.mask[rows]
-        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], mask,
-                       self.cos[rows], self.sin[rows])
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -282,8 +148,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         if kv is not None and span is None:
             kv.append((k, v))
         elif kv is not None:
@@ -484,9 +350,7 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, kv if return_cache else None)
         if logits_at is not None:
             rows, cols = logits_at.nonzero(as_tuple=True)
-            if self.config.shift_logits:  # as in `head`: position i from position i-1, 0 from 0
-                cols = (cols - 1).clamp(min=0)
-            return self.lm_head(self.model.norm(x[rows, cols]))
+            return self.lm_head(self.model.norm(x[rows, self.logit_source(cols)]))
         logits = self.head(x, *(logits_range or (0, input_ids.shape[1])))
         if not return_cache:
             return logits
@@ -495,18 +359,23 @@ class Transformer(nn.Module):
         return logits, KVCache([k for k, _ in kv], [v for _, v in kv], mask, cos, sin)
 
     def forward_span(self, input_ids: torch.Tensor, cache: KVCache, start: int, end: int) -> torch.Tensor:
-        """Logits of positions `start:end` of `input_ids` (`[B, L]`, the cached sequence's
-        length), computing only those positions (one more before them with
-        `shift_logits`) against `cache`, whose entries for them are replaced."""
-        first = start - 1 if self.config.shift_logits and start > 0 else start
-        span = (first, end)
-        index = self.image_index(input_ids)
-        x = self.embed(input_ids[:, first:end], None if index is None else index[:, first:end])
-        cos, sin = cache.cos[:, :, first:end], cache.sin[:, :, first:end]
-        mask = cache.mask[:, :, first:end]
-        for layer, keys, values in zip(self.model.layers, cache.keys, cache.values):
-            x = layer(x, cos, sin, mask, [keys, values], span)
-        return self.head(x, start, end, offset=first)
+        """Logits of positions `start:end` against `cache` (`omni_model.spans.forward_span`)."""
+        return forward_span(self, input_ids, cache, start, end)
+
+    def forward_spans(self, spans: Sequence[tuple[torch.Tensor, KVCache, int, int]]) -> list[torch.Tensor]:
+        """Several cached sequences' spans in one pass (`omni_model.spans.forward_spans`)."""
+        return forward_spans(self, spans)
+
+    def logit_source(self, positions: int | torch.Tensor) -> int | torch.Tensor:
+        """The positions whose hidden states give the logits of `positions` (an int or a
+        tensor). With `shift_logits` (Dream) position i's logit comes from position i-1 and
+        position 0 keeps its own (always a prompt token, never predicted); otherwise each
+        its own."""
+        if not self.config.shift_logits:
+            return positions
+        if isinstance(positions, torch.Tensor):
+            return (positions - 1).clamp(min=0)
+        return max(positions - 1, 0)
 
     def head(self, hidden: torch.Tensor, start: int, end: int, offset: int = 0) -> torch.Tensor:
         """Logits of positions `start:end` from the hidden states `[B, W, H]` of positions
@@ -514,63 +383,12 @@ class Transformer(nn.Module):
         from position i-1, and position 0 keeps its own (always a prompt token, never
         predicted), so the hidden states must start at `start - 1` (or at 0)."""
         if self.config.shift_logits:
-            h = hidden[:, max(start - 1, 0) - offset:end - 1 - offset]
+            h = hidden[:, self.logit_source(start) - offset:end - 1 - offset]
             if start == 0:
                 h = torch.cat([hidden[:, :1], h], dim=1)
         else:
             h = hidden[:, start - offset:end - offset]
         return self.lm_head(self.model.norm(h))
-
-    def forward_spans(self, spans: Sequence[tuple[torch.Tensor, KVCache, int, int]]) -> list[torch.Tensor]:
-        """`forward_span` of several cached sequences in one pass: `(input_ids, cache,
-        start, end)` each, of any lengths and span widths (each may hold several rows).
-        Spans are right-padded to the widest and caches to the longest; a padded query
-        attends only to a scratch column that no real query sees. Returns each one's
-        logits; each cache's entries for its span are replaced, as `forward_span` does."""
-        cfg = self.config
-        firsts = [start - 1 if cfg.shift_logits and start > 0 else start for _, _, start, _ in spans]
-        widths = [end - first for (_, _, _, end), first in zip(spans, firsts)]
-        counts = [ids.shape[0] for ids, _, _, _ in spans]
-        batch, width = sum(counts), max(widths)
-        length = max(cache.length for _, cache, _, _ in spans) + 1  # the last column: scratch
-        first_cache = spans[0][1]
-        device, dtype = first_cache.keys[0].device, first_cache.keys[0].dtype
-        ids = torch.zeros(batch, width, dtype=torch.long, device=device)
-        code_index = torch.full((batch, width), -1, dtype=torch.long, device=device)
-        embeds_images = bool(cfg.image_position_embeddings)
-        cos = first_cache.cos.new_zeros(batch, 1, width, cfg.head_dim)
-        sin = torch.zeros_like(cos)
-        mask = torch.zeros(batch, 1, width, length, dtype=torch.bool, device=device)
-        where = torch.full((batch, width), length - 1, dtype=torch.long, device=device)
-        shape = (batch, first_cache.keys[0].shape[1], length, cfg.head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.model.layers]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.model.layers]
-        row = 0
-        for (input_ids, cache, _, end), first, w, n in zip(spans, firsts, widths, counts):
-            rows, cached = slice(row, row + n), cache.length
-            ids[rows, :w] = input_ids[:, first:end]
-            if embeds_images:
-                code_index[rows, :w] = self.image_index(input_ids)[:, first:end]
-            cos[rows, :, :w], sin[rows, :, :w] = cache.cos[:, :, first:end], cache.sin[:, :, first:end]
-            mask[rows, :, :w, :cached] = cache.mask[:, :, first:end]
-            mask[rows, :, w:, -1] = True
-            where[rows, :w] = torch.arange(first, end, device=device)
-            for layer in range(len(keys)):
-                keys[layer][rows, :, :cached] = cache.keys[layer]
-                values[layer][rows, :, :cached] = cache.values[layer]
-            row += n
-        x = self.embed(ids, code_index)
-        for layer, k, v in zip(self.model.layers, keys, values):
-            x = layer(x, cos, sin, mask, [k, v], where)
-        out, row = [], 0
-        for (_, cache, start, end), first, w, n in zip(spans, firsts, widths, counts):
-            rows = slice(row, row + n)
-            row += n
-            for layer in range(len(keys)):
-                cache.keys[layer][:, :, first:end] = keys[layer][rows, :, first:end]
-                cache.values[layer][:, :, first:end] = values[layer][rows, :, first:end]
-            out.append(self.head(x[rows, :w], start, end, offset=first))  # no logits for padding
-        return out
 
     def image_index(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """`image_code_index` of `input_ids` when the model embeds image positions, else None."""
@@ -621,46 +439,6 @@ class Transformer(nn.Module):
                     module.weight.fill_(1.0)
         return self
 
-    def resize_vocab(self, new_size: int, seed: int = 0) -> "Transformer":
-        """Grow (or shrink) the embedding and output rows to `new_size`.
-
-        Existing rows are kept. New rows are drawn from a Gaussian with the mean and
-        covariance-free per-dimension spread of the existing rows (the "mean resizing"
-        of Hewitt 2021): a new token starts as a plausible average token, so the
-        pretrained model's outputs barely move until it is trained on the new codes.
-        """
-        old = self.config.vocab_size
-        if new_size == old:
-            return self
-        gen = torch.Generator().manual_seed(seed)
-
-        def grow(weight: torch.Tensor) -> torch.Tensor:
-            out = weight.new_empty(new_size, weight.shape[1])
-            keep = min(old, new_size)
-            out[:keep] = weight[:keep]
-            if new_size > old:
-                w = weight.float()
-                mean, std = w.mean(0), w.std(0) if old > 1 else torch.zeros_like(w[0])
-                noise = torch.randn(new_size - old, w.shape[1], generator=gen)
-                out[old:] = (mean + 0.1 * std * noise.to(w.device)).to(weight.dtype)
-            return out
-
-        with torch.no_grad():
-            embed = nn.Embedding(new_size, self.config.hidden_size,
-                                 device=self.model.embed_tokens.weight.device,
-                                 dtype=self.model.embed_tokens.weight.dtype)
-            embed.weight.copy_(grow(self.model.embed_tokens.weight))
-            self.model.embed_tokens = embed
-            head = nn.Linear(self.config.hidden_size, new_size, bias=False,
-                             device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
-            if self.config.tie_word_embeddings:
-                head.weight = embed.weight
-            else:
-                head.weight.copy_(grow(self.lm_head.weight))
-            self.lm_head = head
-        self.config = self.config.replace(vocab_size=new_size)
-        return self
-
     # ------------------------------------------------------------------ persistence
     @classmethod
     def from_config(cls, config: TransformerConfig, seed: int | None = 0) -> "Transformer":
@@ -677,11 +455,10 @@ class Transformer(nn.Module):
         the tensors are assigned, so a 7B checkpoint needs one copy of its weights in
         memory, not two. `overrides` replace config fields (e.g. `shift_logits=True`).
         """
-        path = Path(path)
-        config = TransformerConfig.from_json(path / CONFIG_FILE)
+        config = TransformerConfig.from_dict(model_folder.read_config(path))
         if overrides:
             config = config.replace(**overrides)
-        return cls.from_state(config, load_safetensors_folder(path, device), dtype, where=str(path))
+        return cls.from_state(config, model_folder.read_weights(path, device), dtype, where=str(path))
 
     @classmethod
     def from_state(cls, config: TransformerConfig, state: dict[str, torch.Tensor],
@@ -715,25 +492,7 @@ class Transformer(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-        (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        model_folder.write_weights(path, state)
+        model_folder.write_config(path, self.config.to_dict())
         return path
-
-
-def load_safetensors_folder(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's `model.safetensors` or of the shards its index names."""
-    index = path / WEIGHTS_INDEX_FILE
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / WEIGHTS_FILE).exists():
-        files = [WEIGHTS_FILE]
-    else:
-        raise FileNotFoundError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {path}")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        shard = (path / name).resolve()
-        if path.resolve() not in shard.parents:
-            raise ValueError(f"weight shard {name!r} escapes the checkpoint folder {path}")
-        state.update(load_file(str(shard), device=str(device)))
-    return state
 

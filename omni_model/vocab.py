@@ -22,6 +22,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from omni_model.model_folder import VOCAB_FILE
+
 MODALITIES = ("text", "image", "speech")
 
 #: Specials every vocab has, with the strings they render as in templates.
@@ -37,7 +39,6 @@ REQUIRED_SPECIALS: dict[str, str] = {
     "eoa": "<|end_of_audio|>",
 }
 
-VOCAB_FILE = "vocab.json"
 _FORMAT_VERSION = 1
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-
-from omni_model.config import RayConfig
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +23,16 @@ RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "HF_HUB_OFFLINE": "1",
 }
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Which Ray a job or a deployment runs on (the `ray:` section of every job's YAML
+    and of serve.yaml); `start_ray` starts or joins it."""
+
+    address: str | None = None  #: a cluster to join; None: RAY_ADDRESS, else a new local Ray
+    num_cpus: int = 4  #: logical CPUs of a local Ray (more than cores is fine: stages are light)
+    num_gpus: int | None = None  #: GPUs of a local Ray (None: detect)
 
 
 def start_ray(cfg: RayConfig = RayConfig()) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from omni_model.config import RayConfig, load_config, to_dict
+from omni_model.config import load_config, to_dict
 from omni_model.sampler import CACHES
 
 
@@ -209,8 +209,9 @@ class ServeConfig:
     sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
     deployment: Deployment = field(default_factory=Deployment)
     http: Http = field(default_factory=Http)
-    #: the Ray jobs/deploy.py joins or, outside a cluster, starts
-    ray: RayConfig = field(default_factory=RayConfig)
+    #: the Ray jobs/deploy.py joins or, outside a cluster, starts: the fields of
+    #: `pipelines.ray_setup.RayConfig` (address, num_cpus, num_gpus), which checks them
+    ray: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         defaults = {"steps": self.sampler.steps, "temperature": self.sampler.temperature, **self.sampler.options}

@@ -173,7 +173,7 @@ def test_overfitting_one_example_trains_projector_and_backbone_not_the_encoder(d
     model = freeze_speech_encoder(ReleaseModel.from_folder(TINY, dtype=torch.float32, dither=0.0)).train()
     net = ReleaseDiffusion(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)  # all of them, as Optimisation passes them
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)  # all of them, as ParallelModel passes them
     ids, mask = add_tail_pad(torch.tensor(row["input_ids"]), torch.tensor(row["response_mask"]).bool(),
                              model.vocab.pad_id, 16, num_pads=4)
     batch = collate([(ids, mask)], model.vocab.pad_id)

@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from omni_model.batching import pack
 from omni_model.transformer import Transformer, TransformerConfig
+from omni_model.vocab_resize import resize_vocab
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_resize_vocab_keeps_rows_and_adds_average_ones(fixtures_dir):
     ids = torch.randint(0, 320, (1, 8))
     with torch.no_grad():
         before = model(ids)
-    model.resize_vocab(320 + 40)
+    resize_vocab(model, 320 + 40)
     assert model.config.vocab_size == 360
     assert model.model.embed_tokens.weight.shape == (360, 64)
     assert torch.equal(model.model.embed_tokens.weight[:320], old_embed)

@@ -48,7 +48,7 @@ from omni_model.release.model import ReleaseModel
 from omni_model.release.prompts import audio_segments, encode_segments, image_segments
 from omni_model.release.tokenizer import ReleaseTokenizer
 from omni_model.tokenizers.sensevoice import AUDIO_PREFIX, PROJECTOR_PREFIX, UNUSED_AUDIO_KEYS, load_prefixed
-from omni_model.transformer import load_safetensors_folder
+from omni_model.model_folder import read_weights
 from omni_model.vocab import Vocab
 
 MASKINGS = ("per_sample", "per_position")
@@ -127,7 +127,7 @@ def load_release_weights(model: ReleaseModel, folder: str | Path) -> ReleaseMode
     """Load the weights of a release folder (a checkpoint of a fine-tuning run) into
     `model`, strictly, keeping its tokenizer and source folder (where its saves copy
     the tokenizer files and SenseVoiceSmall from)."""
-    state = load_safetensors_folder(Path(folder))
+    state = read_weights(Path(folder))
     params = model.transformer.lm_head.weight
     state = {k: v.to(device=params.device, dtype=params.dtype) for k, v in state.items()}
     load_prefixed(model.speech.encoder, state, AUDIO_PREFIX, unused=UNUSED_AUDIO_KEYS)

@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from omni_model.model_folder import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, read_weights, write_weights
 from omni_model.release.images import INPUT_RESOLUTION, input_pixels
 from omni_model.release.prompts import ReleasePrompt, task_prompt
 from omni_model.release.response import ReleaseResponse, parse_response
@@ -34,8 +34,7 @@ from omni_model.release.tokenizer import ReleaseFormatError, ReleaseTokenizer
 from omni_model.tokenizers.sensevoice import (AUDIO_PREFIX, context_positions, PROJECTOR_PREFIX, UNUSED_AUDIO_KEYS, ResamplerProjector,
                                               SenseVoiceEncoder, SenseVoiceEncoderConfig, SenseVoiceFrontend,
                                               SpeechInput)
-from omni_model.transformer import (CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, Transformer, TransformerConfig,
-                                    load_safetensors_folder)
+from omni_model.transformer import Transformer, TransformerConfig
 from omni_model.vocab import Vocab
 
 logger = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ class ReleaseModel(torch.nn.Module):
         raw = json.loads((folder / CONFIG_FILE).read_text())
         config = TransformerConfig.from_dict(raw).replace(shift_logits=True)
         vocab = tokenizer.vocab(config.vocab_size)
-        state = load_safetensors_folder(folder, device)
+        state = read_weights(folder, device)
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         audio = {k: state.pop(k) for k in [k for k in state if k.startswith(AUDIO_PREFIX)]}
@@ -249,12 +248,12 @@ def _save_sharded(state: dict[str, torch.Tensor], path: Path) -> None:
         shards[-1][name] = state[name]
         size += n
     if len(shards) == 1:
-        save_file(shards[0], str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_weights(path, shards[0])
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
+        write_weights(path, shard, name)
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
     (path / WEIGHTS_INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from omni_model.release.model import ReleaseModel
 from omni_model.release.prompts import ReleasePrompt
 from omni_model.release.sampler import Embed, OfficialSamplerConfig, steps
-from omni_model.transformer import KVCache, Transformer
+from omni_model.spans import KVCache
+from omni_model.transformer import Transformer
 from omni_model.vocab import Vocab
 
 
@@ -181,7 +182,7 @@ class PromptCache:
         # `Transformer.forward_span`, from the vectors (the release's prompt holds speech
         # embeddings no id gives; only the response and one prompt position are read here)
         t, cache = self.transformer, self.cache
-        first = start - 1 if t.config.shift_logits and start > 0 else start
+        first = t.logit_source(start)
         x = vectors[:, first:]
         cos, sin, mask = cache.cos[:, :, first:end], cache.sin[:, :, first:end], cache.mask[:, :, first:end]
         for layer, keys, values in zip(t.model.layers, cache.keys, cache.values):

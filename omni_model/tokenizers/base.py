@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+from omni_model.model_folder import CONFIG_FILE, WEIGHTS_FILE
 
 
 def fingerprint(name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> str:

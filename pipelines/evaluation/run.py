@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from omni_model.any_to_any import OUTPUTS, AnyToAny, LengthPresets, Output, sampler_with
+from omni_model.model_folder import write_presets
 from omni_model.release.any_to_any import PRESET_KINDS, ReleaseAnyToAny
 from omni_model.release.sampler import OfficialSamplerConfig
 from omni_model.sampler import SamplerConfig
@@ -76,6 +77,8 @@ class EvalConfig:
     runs: tuple[str, ...] = ("runs/stage1", "runs/stage2", "runs/stage3")  #: loss curves
     #: training shard sets to size the responses from (`calibrate_presets`); empty: `presets`
     calibrate_from: tuple[str, ...] = ("runs/shards/train", "runs/shards/sdvi")
+    #: also write the measured presets.json into `model`, where `AnyToAny` and serving read it
+    presets_into_model: bool = False
     grid: int = 12  #: generated images in t2i_grid.png
     wavs: int = 3  #: generated WAVs per speech task
     seed: int = 0
@@ -168,7 +171,8 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
             rate = getattr(pipe.speech_codec, "codes_per_second", 12.5)
             pipe.presets = calibrate_presets(cfg.calibrate_from, pipe.text_tokenizer, cfg.presets, rate)
         pipe.presets = replace(pipe.presets, sampler=recorded_sampler(cfg))
-        (out_dir / "presets.json").write_text(json.dumps(pipe.presets.to_dict(), indent=2) + "\n")
+        for folder in (out_dir, cfg.model) if cfg.presets_into_model else (out_dir,):
+            write_presets(folder, pipe.presets.to_dict())
     recognizer = None
     speaks = getattr(pipe.speech_codec, "can_decode", False) or getattr(pipe, "speech_decoder", None) is not None
     if cfg.transcribe and speaks and any(EVAL_TASKS[t].speaks for t in cfg.tasks):

@@ -28,26 +28,25 @@ on every rank and counted (`train.max_nonfinite_in_row` in a row stop the stage)
 are checked finite before every save and export; `run.dir` is locked for one run. The
 text tokenizer is copied into every checkpoint.
 
-Modules, one concern each: `config` (the stage's dataclasses), `start` (vocab and first
-weights), `mixture` (the data stream), `parallelism` (DDP or DeepSpeed, optimizer,
+Modules, one concern each: `config` (the stage's dataclasses), `initial_model` (vocab and
+first weights), `mixture` (the data stream), `parallelism` (DDP or DeepSpeed, optimizer,
 schedule), `loop` (the worker), `metrics`, `checkpoint`, `guards` (resources, watchdog)
 and `stage` (`run_stage`, the driver).
 """
 
-from pipelines.train.checkpoint import (TOKENIZERS_FILE, TRAIN_STATE, checkpoint_complete, latest_checkpoint,
-                                        resolve_previous)
+from pipelines.train.checkpoint import TRAIN_STATE, checkpoint_complete, latest_checkpoint, resolve_previous
 from pipelines.train.config import (DataConfig, DataSource, FreshModel, ModelConfig, OptimConfig, RunConfig,
                                     ScalingConfig, ScheduleConfig, StageConfig)
 from pipelines.train.guards import NonFiniteTraining, RunDirBusy, StageStalled, fit_to_cluster
+from pipelines.train.initial_model import build_model, load_text_tokenizer, resolve_vocab
 from pipelines.train.loop import objective_of, train_loop_per_worker
 from pipelines.train.mixture import AssembleSamples, build_dataset, mixture_rules, read_mixture
 from pipelines.train.parallelism import deepspeed_config, lr_schedule
 from pipelines.train.stage import run_stage
-from pipelines.train.start import build_model, load_text_tokenizer, resolve_vocab
 
 __all__ = ["AssembleSamples", "DataConfig", "DataSource", "FreshModel", "ModelConfig", "NonFiniteTraining",
            "OptimConfig", "RunConfig", "RunDirBusy", "ScalingConfig", "ScheduleConfig", "StageConfig", "StageStalled",
-           "TOKENIZERS_FILE", "TRAIN_STATE",
+           "TRAIN_STATE",
            "build_dataset", "build_model", "checkpoint_complete", "deepspeed_config", "fit_to_cluster",
            "latest_checkpoint", "load_text_tokenizer", "lr_schedule", "mixture_rules", "objective_of",
            "read_mixture", "resolve_previous", "resolve_vocab", "run_stage", "train_loop_per_worker"]

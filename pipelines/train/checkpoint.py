@@ -15,25 +15,18 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
+from omni_model import model_folder
+from omni_model.model_folder import MODEL_FILES, TEXT_TOKENIZER_DIR
 from omni_model.tokenizers.text import BPETokenizer
 from omni_model.vocab import Vocab
 
 if TYPE_CHECKING:
-    from pipelines.train.parallelism import Optimisation
+    from pipelines.train.parallelism import ParallelModel
 
 logger = logging.getLogger(__name__)
 
 
 TRAIN_STATE = "train_state.json"
-
-
-TOKENIZERS_FILE = "tokenizers.json"
-
-
-OPTIMIZER_FILE = "optimizer.pt"
-
-
-TEXT_TOKENIZER_DIR = "text_tokenizer"  #: the copy of the text tokenizer in a checkpoint
 
 
 def rank_manifest(rank: int) -> str:
@@ -46,7 +39,7 @@ def resolve_previous(path: str) -> Path:
     if not path.startswith("latest:"):
         return Path(path)
     run = Path(path.split(":", 1)[1])
-    if (run / "final" / "model.safetensors").exists():  # final/ appears whole (see export_final)
+    if model_folder.has_weights(run / "final"):  # final/ appears whole (see export_final)
         return run / "final"
     latest = latest_checkpoint(run)
     if latest is None:
@@ -82,7 +75,7 @@ def checkpoint_complete(folder: Path) -> bool:
                 listed |= json.loads((folder / rank_manifest(rank)).read_text())
         else:  # written before every rank listed its files: rank 0's list, ranks by existence
             if state.get("files") is None:  # before any list: the model is what must be there
-                return (folder / "model.safetensors").exists()
+                return model_folder.has_weights(folder)
             if not all((folder / f"rank_{r}.pt").is_file() for r in range(world)):
                 return False
             listed = state["files"]
@@ -151,12 +144,12 @@ class TrainState:
         logger.info("rank %d resumes at step %d", self.rank, self.step)
 
 
-def save_checkpoint(folder: Path, state: TrainState, opt: Optimisation, vocab: Vocab, config: dict) -> None:
+def save_checkpoint(folder: Path, state: TrainState, opt: ParallelModel, vocab: Vocab, config: dict) -> None:
     """A stage's checkpoint (`write_checkpoint`): rank 0 also writes the vocab, the
     tokenizers' record and a copy of the text tokenizer."""
     def model_files(folder: Path) -> None:
         vocab.save(folder)
-        (folder / TOKENIZERS_FILE).write_text(json.dumps(config.get("tokenizers", {}), indent=2) + "\n")
+        model_folder.write_tokenizers(folder, config.get("tokenizers", {}))
         text_tokenizer = config["stage"]["data"]["text_tokenizer"]
         if text_tokenizer:  # a checkpoint is self-contained: the text ids' meaning travels with it
             source = Path(text_tokenizer)
@@ -167,7 +160,7 @@ def save_checkpoint(folder: Path, state: TrainState, opt: Optimisation, vocab: V
     write_checkpoint(folder, state, opt, config["stage"]["stage"], model_files)
 
 
-def write_checkpoint(folder: Path, state: TrainState, opt: Optimisation, stage: int | str,
+def write_checkpoint(folder: Path, state: TrainState, opt: ParallelModel, stage: int | str,
                      model_files: Callable[[Path], None] | None = None) -> None:
     """Every rank writes its own state and its share of the optimizer (`opt.save`: rank 0
     the model too); rank 0 also `model_files(folder)` and `train_state.json`. Each rank
@@ -204,12 +197,12 @@ def export_final(checkpoint: Path, final: Path) -> None:
 
     from pipelines.train.guards import check_finite_weights
 
-    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as weights:  # one tensor at a time
+    with safe_open(str(checkpoint / model_folder.WEIGHTS_FILE), framework="pt") as weights:  # one tensor at a time
         check_finite_weights((name, weights.get_tensor(name)) for name in weights.keys())
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "vocab.json", TOKENIZERS_FILE, TRAIN_STATE):
+    for name in (*MODEL_FILES, TRAIN_STATE):
         shutil.copy(checkpoint / name, tmp / name)
     if (checkpoint / TEXT_TOKENIZER_DIR).is_dir():
         shutil.copytree(checkpoint / TEXT_TOKENIZER_DIR, tmp / TEXT_TOKENIZER_DIR)
@@ -231,10 +224,7 @@ def text_tokenizer_entry(path: str | None) -> dict | None:
 
 def check_text_tokenizer(previous: Path, entry: dict | None) -> None:
     """A stage that continues another must read text with the same tokenizer."""
-    recorded_file = previous / TOKENIZERS_FILE
-    if not recorded_file.exists():
-        return
-    recorded = json.loads(recorded_file.read_text()).get("text")
+    recorded = model_folder.read_tokenizers(previous).get("text")
     theirs = recorded.get("fingerprint") if isinstance(recorded, dict) else None
     mine = entry["fingerprint"] if entry else None
     if isinstance(recorded, dict) and theirs != mine:

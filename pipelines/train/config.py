@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omni_model.config import RayConfig
+from pipelines.ray_setup import RayConfig
 from omni_model.masking import SCHEDULES, WEIGHTINGS
 from omni_model.precision import MODES as PRECISIONS
 

@@ -25,8 +25,8 @@ from pipelines.train.checkpoint import TrainState, restored_checkpoint, save_che
 from pipelines.train.config import StageConfig
 from pipelines.train.guards import STOPPED_FILE, NonFiniteTraining
 from pipelines.train.metrics import MetricsWindow, MetricsWriter
-from pipelines.train.parallelism import Optimisation
-from pipelines.train.start import build_model
+from pipelines.train.parallelism import ParallelModel
+from pipelines.train.initial_model import build_model
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = TrainState.begin(rank, world, device, recorded, cfg.data.seed)
         model = build_model(cfg, vocab, config.get("init_path"), resume_dir)
         model.set_gradient_checkpointing(cfg.model.gradient_checkpointing).set_attention(cfg.model.attention)
-        opt = Optimisation(cfg, model, device, world, resume_dir)
+        opt = ParallelModel(cfg, model, device, world, resume_dir)
         state.restore_rng(resume_dir)
     stop_when_nonfinite(lambda: _train(cfg, config, state, model, opt, vocab), rank, cfg.run.dir)
 
@@ -129,7 +129,7 @@ def stop_when_nonfinite(train: Callable[[], None], rank: int, run_dir: str) -> N
         logger.error("rank %d stops: %s", rank, err)
 
 
-def _train(cfg: StageConfig, config: dict[str, Any], state: TrainState, model, opt: Optimisation,
+def _train(cfg: StageConfig, config: dict[str, Any], state: TrainState, model, opt: ParallelModel,
            vocab: Vocab) -> None:
     import ray.train
 
@@ -156,7 +156,7 @@ def _train(cfg: StageConfig, config: dict[str, Any], state: TrainState, model, o
               FailOnce(config.get("fail_at_step"), cfg.run.dir, rank))
 
 
-def run_steps(cfg, state: TrainState, opt: Optimisation, next_micro_batch: Callable[[], tuple],
+def run_steps(cfg, state: TrainState, opt: ParallelModel, next_micro_batch: Callable[[], tuple],
               loss_of: Callable[[int, Any, Any], StepResult], save: Callable[[Path], None],
               fail_once: Callable[[int], None] | None = None) -> None:
     """The optimisation steps every kind of run takes, from `state.step` to

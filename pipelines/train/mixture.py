@@ -16,7 +16,7 @@ from omni_model.templates import encode_sample
 from omni_model.vocab import Vocab
 from pipelines.data.shards import check_compatible, shard_files, to_messages
 from pipelines.train.config import DataSource, StageConfig
-from pipelines.train.start import load_text_tokenizer
+from pipelines.train.initial_model import load_text_tokenizer
 
 logger = logging.getLogger(__name__)
 

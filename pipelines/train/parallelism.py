@@ -1,5 +1,5 @@
 """How the model is trained across workers: DDP (gloo on CPU, NCCL on GPU) or
-DeepSpeed ZeRO, behind one `Optimisation` interface, with the stage's AdamW and its
+DeepSpeed ZeRO, behind one `ParallelModel` interface, with the stage's AdamW and its
 warmup-cosine schedule."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 
 from omni_model.objective import warmup_cosine
 from omni_model.transformer import Transformer
-from pipelines.train.checkpoint import OPTIMIZER_FILE
 from pipelines.train.config import StageConfig
+
+OPTIMIZER_FILE = "optimizer.pt"  #: DDP's optimizer and scheduler state in a checkpoint
 
 
 def lr_schedule(cfg: StageConfig):
@@ -47,7 +48,7 @@ def deepspeed_config(cfg: StageConfig, world: int, bf16: bool) -> dict:
     }
 
 
-class Optimisation:
+class ParallelModel:
     """The model with its optimizer and schedule, behind one interface for DDP and DeepSpeed.
 
     DDP: a torch AdamW, accumulation by dividing the loss, clipping before the step.

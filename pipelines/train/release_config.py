@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omni_model.config import RayConfig
+from pipelines.ray_setup import RayConfig
 from omni_model.release.finetune import MASKINGS
 from pipelines.data.media import MediaLimits
 from pipelines.train.config import OptimConfig, RunConfig, ScalingConfig, ScheduleConfig

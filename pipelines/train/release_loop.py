@@ -2,7 +2,7 @@
 (`pipelines/train/loop.py`) with the release's model, speech input and checkpoint
 format. Shared with it: `TrainState` (step, samples seen, random streams), the
 `StreamPacker` (documents packed with block-diagonal attention, as the official
-training packs them), the tail pads and the objective, `Optimisation` (DDP or DeepSpeed
+training packs them), the tail pads and the objective, `ParallelModel` (DDP or DeepSpeed
 ZeRO, AdamW, warmup-cosine, a non-finite step skipped on every rank), the metrics and
 the rule that a checkpoint counts only when every rank's files are there.
 
@@ -31,7 +31,7 @@ from omni_model.release.model import ReleaseModel
 from pipelines.data.manifest import TASKS
 from pipelines.train.checkpoint import TrainState, restored_checkpoint, write_checkpoint
 from pipelines.train.loop import FailOnce, run_steps, stop_when_nonfinite, worker_context
-from pipelines.train.parallelism import Optimisation
+from pipelines.train.parallelism import ParallelModel
 from pipelines.train.release_config import ReleaseFinetuneConfig
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def release_loop_per_worker(config: dict[str, Any]) -> None:
         state = TrainState.begin(rank, world, device, recorded, cfg.data.seed)
         net = ReleaseDiffusion(build_release(cfg, "cpu", resume_dir))
         net.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
-        opt = Optimisation(cfg, net, device, world, resume_dir)  # type: ignore[arg-type] - the fields it reads
+        opt = ParallelModel(cfg, net, device, world, resume_dir)  # type: ignore[arg-type] - the fields it reads
         state.restore_rng(resume_dir)
     stop_when_nonfinite(lambda: _train(cfg, config, state, net, opt), rank, cfg.run.dir)
 
@@ -118,7 +118,7 @@ def _padded(stream, pad_id: int, max_pads: int, gen: torch.Generator):
 
 
 def _train(cfg: ReleaseFinetuneConfig, config: dict[str, Any], state: TrainState, net: ReleaseDiffusion,
-           opt: Optimisation) -> None:
+           opt: ParallelModel) -> None:
     import ray.train
 
     rank, device = state.rank, state.device

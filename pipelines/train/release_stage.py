@@ -15,8 +15,9 @@ from typing import Any
 
 from omni_model.config import save_config
 from omni_model.release.model import is_release_folder
-from pipelines.train.checkpoint import OPTIMIZER_FILE, TRAIN_STATE, latest_checkpoint
+from pipelines.train.checkpoint import TRAIN_STATE, latest_checkpoint
 from pipelines.train.guards import STOPPED_FILE, fit_to_cluster, run_dir_lock
+from pipelines.train.parallelism import OPTIMIZER_FILE
 from pipelines.train.release_config import ReleaseFinetuneConfig
 from pipelines.train.release_data import prepare_examples, training_dataset
 from pipelines.train.release_loop import FINAL_DIR, release_loop_per_worker

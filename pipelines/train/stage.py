@@ -15,9 +15,9 @@ from pipelines.train.checkpoint import (TRAIN_STATE, check_text_tokenizer, expor
                                         text_tokenizer_entry)
 from pipelines.train.config import StageConfig
 from pipelines.train.guards import STOPPED_FILE, NonFiniteTraining, fit_to_cluster, fit_watched, run_dir_lock
+from pipelines.train.initial_model import resolve_vocab
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.mixture import build_dataset, shard_sets
-from pipelines.train.start import resolve_vocab
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omni_model.tokenizers.text import BPETokenizer, ByteTokenizer
 from omni_model.transformer import Transformer, TransformerConfig
+from omni_model.vocab_resize import resize_vocab
 from omni_model.vocab import Vocab
 from pipelines.train.checkpoint import resolve_previous
 from pipelines.train.config import StageConfig
@@ -52,7 +53,7 @@ def build_model(cfg: StageConfig, vocab: Vocab, init_path: str | None,
     if init_path is not None:
         model = Transformer.from_pretrained(init_path, shift_logits=cfg.model.shift_logits)
         if model.config.vocab_size != vocab.size:
-            model.resize_vocab(vocab.size)  # a backbone gains the image and speech codes
+            resize_vocab(model, vocab.size)  # a backbone gains the image and speech codes
         model.config = model.config.replace(mask_token_id=vocab.mask_id, pad_token_id=vocab.pad_id)
         return model
     f = cfg.model.fresh
