@@ -276,32 +276,31 @@ class OmniDiffusion:
                 raise
 
             def finish(future) -> None:  # on the events thread, after the stream's progress events
-                try:
-                    emit("result", self.engine.response(job, future.result(), ticket.shared).model_dump())
-                except Exception as exc:  # reported in the stream: the 200 is already sent
-                    status, message, _ = failure(exc)
-                    emit("error", {"error": message, "status": status})
-                finally:
-                    loop.call_soon_threadsafe(self._release)
+                self._end_stream(emit, loop, lambda: self.engine.response(job, future.result(), ticket.shared))
 
             self.engine.scheduler.submit(ticket).add_done_callback(lambda f: self.engine.after_events(lambda: finish(f)))
             return StreamingResponse(self._events(queue, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
 
         def work() -> None:
-            try:
-                result = self.engine.stream(job, lambda event: emit("progress", event),
-                                            lambda event: emit("audio", event))
-                emit("result", result.model_dump())
-            except Exception as exc:  # reported in the stream: the 200 is already sent
-                status, message, _ = failure(exc)
-                emit("error", {"error": message, "status": status})
-            finally:  # on the event loop's thread, like the admission itself
-                loop.call_soon_threadsafe(self._release)
+            self._end_stream(emit, loop, lambda: self.engine.stream(job, lambda event: emit("progress", event),
+                                                                    lambda event: emit("audio", event)))
 
         loop.run_in_executor(self._model_thread, work)
         return StreamingResponse(self._events(queue, job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    def _end_stream(self, emit, loop: asyncio.AbstractEventLoop, result) -> None:
+        """A stream's last event: `result` with `result()`'s response, or `error` with
+        what failed and its status when it raises (in the stream: the 200 is already
+        sent); then the request's place in the model queue is given back."""
+        try:
+            emit("result", result().model_dump())
+        except Exception as exc:
+            status, message, _ = failure(exc)
+            emit("error", {"error": message, "status": status})
+        finally:  # on the event loop's thread, like the admission itself
+            loop.call_soon_threadsafe(self._release)
 
     @staticmethod
     async def _events(queue: asyncio.Queue, job):

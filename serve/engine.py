@@ -314,27 +314,47 @@ class Engine:
                 raise Stopped(f"stopped after {step} steps: no request in the batch is still wanted")
         return on_step
 
-    def stream(self, job: Job, emit: Callable[[dict], None],
-               emit_audio: Callable[[dict], None] | None = None) -> GenerateResponse:
-        """One request with a progress event per step and `stream_previews` previews
-        (`emit_audio` is for engines that stream speech in chunks; this one does not)."""
+    def refuse_if_unwanted(self, job: Job) -> None:
+        """Raise the job's refusal (and count it stopped) once it is no longer wanted:
+        before a stream starts, at each of its steps, between its audio chunks."""
         if not job.wanted:
             self.stopped += 1
             raise job.refusal(self.cfg.limits.request_timeout_s)
+
+    def progress(self, job: Job, skip_failed_previews: bool = False) -> Callable[[int, torch.Tensor], dict]:
+        """The progress event of `job`'s stream after `done` steps, from its response ids
+        `[R]`: the step, the most steps its sampling can take, the masked positions left
+        and, at `sampler.stream_previews` evenly spaced steps, a `preview` of what is
+        committed (`skip_failed_previews`: a preview that raises is logged and left out;
+        otherwise it raises)."""
         layout = self.pipe.layout(job.prepared)
         bound = min(job.config.steps, layout.num_masked)
         previews = max(0, self.cfg.sampler.stream_previews)
         marks = {round(bound * (k + 1) / (previews + 1)) for k in range(previews)}
 
-        def on_step(done: int, ids: torch.Tensor) -> None:  # after `done` steps
-            if not job.wanted:
-                self.stopped += 1
-                raise job.refusal(self.cfg.limits.request_timeout_s)
-            event = {"step": done, "max_steps": bound,
-                     "masked": int((ids[0] == self.pipe.vocab.mask_id).sum())}
+        def event(done: int, ids: torch.Tensor) -> dict:
+            progress = {"step": done, "max_steps": bound, "masked": int((ids == self.pipe.vocab.mask_id).sum())}
             if done in marks:
-                event["preview"] = self.preview(job.prepared, layout, ids[0])
-            emit(event)
+                try:
+                    progress["preview"] = self.preview(job.prepared, layout, ids)
+                except Exception:
+                    if not skip_failed_previews:
+                        raise
+                    logger.exception("a stream's preview failed")  # a courtesy: the stream goes on without it
+            return progress
+
+        return event
+
+    def stream(self, job: Job, emit: Callable[[dict], None],
+               emit_audio: Callable[[dict], None] | None = None) -> GenerateResponse:
+        """One request with a progress event per step and `stream_previews` previews
+        (`emit_audio` is for engines that stream speech in chunks; this one does not)."""
+        self.refuse_if_unwanted(job)
+        progress = self.progress(job)
+
+        def on_step(done: int, ids: torch.Tensor) -> None:  # after `done` steps
+            self.refuse_if_unwanted(job)
+            emit(progress(done, ids[0]))
 
         out = self._generate([job], on_step)[0]
         return self.response(job, out, 1)
@@ -345,22 +365,14 @@ class Engine:
         timeout = self.cfg.limits.request_timeout_s
         on_step = None
         if emit is not None:
-            layout = self.pipe.layout(job.prepared)
-            bound = min(job.config.steps, layout.num_masked)
-            previews = max(0, self.cfg.sampler.stream_previews)
-            marks = {round(bound * (k + 1) / (previews + 1)) for k in range(previews)}
+            progress = self.progress(job, skip_failed_previews=True)
 
-            def progress(done: int, most: int, ids: torch.Tensor) -> None:  # on the events thread
-                event = {"step": done, "max_steps": most, "masked": int((ids == self.pipe.vocab.mask_id).sum())}
-                if done in marks:
-                    try:
-                        event["preview"] = self.preview(job.prepared, layout, ids)
-                    except Exception:  # a preview is a courtesy: the stream goes on without it
-                        logger.exception("a stream's preview failed")
-                emit(event)
+            def send(done: int, ids: torch.Tensor) -> None:  # on the events thread
+                emit(progress(done, ids))
 
             def on_step(done: int, most: int, ids: torch.Tensor) -> None:  # on the scheduler's thread
-                self._events.submit(progress, done, most, ids.clone())  # the next step changes ids
+                # (`most` is the bound `progress` computes too)
+                self._events.submit(send, done, ids.clone())  # the next step changes ids
         self.requests += 1
         return Ticket(job.prepared, job.config, job.seed, wanted=lambda: job.wanted,
                       refusal=lambda: job.refusal(timeout), on_step=on_step)

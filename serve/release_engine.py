@@ -252,15 +252,11 @@ class ReleaseEngine(Engine):
                emit_audio: Callable[[dict], None] | None = None) -> GenerateResponse:
         """One request with a progress event per forward pass (no previews), then its
         spoken answer chunk by chunk (`emit_audio`) when the deployment can speak."""
-        if not job.wanted:
-            self.stopped += 1
-            raise job.refusal(self.cfg.limits.request_timeout_s)
+        self.refuse_if_unwanted(job)
         most = min(job.config.steps, job.config.max_new_tokens)
 
         def on_step(done: int, _ids=None) -> None:  # before pass `done` (0-based)
-            if not job.wanted:
-                self.stopped += 1
-                raise job.refusal(self.cfg.limits.request_timeout_s)
+            self.refuse_if_unwanted(job)
             if done:
                 emit({"step": done, "max_steps": most})
 
@@ -281,9 +277,7 @@ class ReleaseEngine(Engine):
             chunks.append(wave)
             emit_audio({"index": i, "sample_rate": rate, "samples": len(wave),
                         "speech": encode_wav(wave, rate), "final": False})
-            if not job.wanted:  # the client left, or the deadline passed: decode no more
-                self.stopped += 1
-                raise job.refusal(self.cfg.limits.request_timeout_s)
+            self.refuse_if_unwanted(job)  # the client left, or the deadline passed: decode no more
         emit_audio({"index": len(chunks), "sample_rate": rate, "samples": 0, "speech": None, "final": True})
         return np.concatenate(chunks), rate
 
