@@ -28,10 +28,10 @@ from pathlib import Path
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _requests import free_port, world_requests  # noqa: E402
+from _soak import replica_pids, soak  # noqa: E402
 
 from pipelines.ray_setup import RayConfig, start_ray, stop_ray  # noqa: E402
 from serve.config import load_serve_config  # noqa: E402
-from serve.soak import replica_pids, soak  # noqa: E402
 from tests.hostile import iccp_bomb_png, lying_flac, nan_wav, pcx_named_png, pixel_bomb_png, png_bytes, wav_bytes  # noqa: E402
 
 def hostile_requests() -> list[tuple[str, object, int]]:

@@ -84,7 +84,7 @@ def _stats(url: str) -> dict:
 
 
 def _replica_pid(app: str = "omni", deployment: str = "OmniDiffusion") -> int:
-    from serve.soak import replica_pids
+    from benchmarks._soak import replica_pids
 
     pids = replica_pids(app, deployment)
     assert len(pids) == 1, pids
@@ -399,10 +399,10 @@ def test_fuzzed_requests_never_get_a_5xx(server, body):
 
 
 def test_a_short_soak_of_mixed_streamed_and_hostile_requests(server):
-    """`serve.soak` for 12 s (benchmarks/serve_soak.py runs it for minutes): every valid
+    """`benchmarks/_soak.py` for 12 s (benchmarks/serve_soak.py runs it for minutes): every valid
     request answered 200, every hostile one its 4xx, no 5xx, streams hung up, one replica
     process throughout, its memory bounded."""
-    from serve.soak import replica_pids, soak
+    from benchmarks._soak import replica_pids, soak
 
     url, tasks, _ = server
     valid = [(task, _body(tasks, task, steps=16)) for task in ("t2i", "vqa", "asr", "tts", "s2i", "svqa")]
@@ -591,7 +591,7 @@ def test_overload_gets_503_with_retry_after_then_recovers(server):
 
 def test_zz_a_killed_replica_is_replaced(server):
     """SIGKILL the replica's process: Serve starts a new one and requests succeed again."""
-    from serve.soak import replica_pids
+    from benchmarks._soak import replica_pids
 
     url, tasks, _ = server
     pid = _replica_pid()

@@ -8,7 +8,8 @@ this machine: loopback only), and its model queue must be empty once the clients
                   pids=lambda: replica_pids("omni", "OmniDiffusion"))
 
 Used by `benchmarks/serve_soak.py` (the figures in README's "Measured" and docs/reliability.md) and, briefly,
-by the tests.
+by `tests/test_serve.py` (`from benchmarks._soak import soak`). A client of the app, not
+part of it: it lives beside the benchmarks, not in `serve/`.
 """
 
 from __future__ import annotations
