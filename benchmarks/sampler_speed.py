@@ -7,7 +7,7 @@ ratios against the 16-step uncached sampler measured in the same run; then batch
         [--batch 8] [--no-transcribe] [--variants "16 steps|prefix cache"] [--out FILE.json]
         [--vocoder-iterations N]
 
-`--runs` is a quickstart folder (`bash scripts/pipeline.sh full DIR`): its stage-3 model,
+`--runs` is a quickstart folder (`runs/` of `bash scripts/quickstart.sh`): its stage-3 model,
 tokenizers, held-out world, and the evaluation's calibrated lengths (`report/presets.json`).
 Times per sample are split into preparing the inputs (tokenizing images and speech), the
 sampler itself and decoding the outputs (images; speech through the codec's decoder and

@@ -10,6 +10,14 @@
 # its run.dir. A step that fails ends the chain with one line saying which and why (the
 # last line it printed), and its whole output stays in RUNS_DIR/logs/NAME.log.
 #
+# A function `step_settings COMMAND...`, when the caller defines one, prints what else a
+# step's result depends on (its config files, resolved): the marker holds that too, so an
+# edited config runs the step again.
+#
+# A function `step_restart NAME`, when the caller defines one, runs before a step that
+# finished earlier runs again (its inputs or settings changed): a training stage must
+# start over then, not resume from a checkpoint of other data.
+#
 # A function `step_note NAME`, when the caller defines one, adds to the step's line in
 # RUNS_DIR/timings.txt. EXPECTED[NAME] (seconds, from a measured run; only the proportions matter) drives the
 # estimate of what is left, scaled by this machine's pace over the steps it ran.
@@ -50,12 +58,16 @@ step() {  # step NAME COMMAND...: skips it when done before, else runs it and re
   local marker="$CHAIN_RUNS/steps/$name.done" log="$CHAIN_RUNS/logs/$name.log"
   local index; index=$(_chain_index "$name")
   local command; command=$(printf '%q ' "$@")
+  if declare -F step_settings >/dev/null; then command+=$'\n'$(step_settings "$@"); fi
   if [ "$CHAIN_RERUN" = 0 ] && [ -f "$marker" ] && [ "$(cat "$marker")" = "$command" ]; then
     echo "==> [$index/${#CHAIN_ORDER[@]}] $name: done in an earlier run of $CHAIN_RUNS, skipped"
     echo "$name skipped (done earlier)" >> "$CHAIN_RUNS/timings.txt"
     return 0
   fi
   CHAIN_RERUN=1  # this step runs, so every later one reads new inputs
+  # done before, so it runs again on changed inputs or settings: the caller's
+  # `step_restart NAME`, when defined, clears what must not be resumed from
+  if [ -f "$marker" ] && declare -F step_restart >/dev/null; then step_restart "$name"; fi
   rm -f "$marker"
   local left; left=$(_chain_left "$name")
   if [ "$CHAIN_DONE_EXPECTED" -gt 0 ]; then

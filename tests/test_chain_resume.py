@@ -61,3 +61,50 @@ def test_a_changed_setting_runs_its_step_and_every_later_one_again(tmp_path):
     assert (runs / "reports").read_text().splitlines() == ["report 42", "report 63"]
     timings = (runs / "timings.txt").read_text()
     assert "make skipped (done earlier)" in timings and timings.count("run started") == 2
+
+
+def test_a_step_runs_again_when_what_step_settings_reports_changes(tmp_path):
+    """`step_settings` (pipeline.sh: the resolved config files) is part of a step's record."""
+    chain, settings = tmp_path / "chain.sh", tmp_path / "settings.yaml"
+    chain.write_text(f"""set -euo pipefail
+source "{ROOT}/scripts/steps.sh"
+step_settings() {{ cat "{settings}"; }}
+declare -A EXPECTED=([use]=1)
+chain_start "$1" use
+step use bash -c 'echo ran >> "$0/ran"' "$1"
+""")
+    runs = tmp_path / "runs"
+    run = lambda: subprocess.run(["bash", str(chain), str(runs)], capture_output=True, text=True,  # noqa: E731
+                                 env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    settings.write_text("steps: 1\n")
+    assert run().returncode == 0 and run().returncode == 0
+    assert (runs / "ran").read_text().splitlines() == ["ran"]  # the second run skipped it
+    settings.write_text("steps: 2\n")
+    assert run().returncode == 0
+    assert (runs / "ran").read_text().splitlines() == ["ran", "ran"]
+
+
+def test_a_finished_step_that_runs_again_is_restarted_and_a_failed_one_is_not(tmp_path):
+    """`step_restart` (pipeline.sh: a training stage's folder moved aside) runs before a step
+    that finished and must run again; a step that failed resumes instead."""
+    chain = tmp_path / "chain.sh"
+    chain.write_text(f"""set -euo pipefail
+source "{ROOT}/scripts/steps.sh"
+step_restart() {{ echo "$1" >> "{tmp_path}/restarted"; }}
+declare -A EXPECTED=([make]=1 [use]=1)
+chain_start "$1" make use
+step make bash -c 'echo "$1" > "$0/value"' "$1" "${{VALUE:-1}}"
+step use bash -c '[ -z "${{FAIL:-}}" ] || exit 1; cat "$0/value" >> "$0/used"' "$1"
+""")
+    runs = tmp_path / "runs"
+
+    def run(**env):
+        return subprocess.run(["bash", str(chain), str(runs)], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
+
+    assert run(FAIL="1").returncode == 1
+    assert run().returncode == 0
+    assert not (tmp_path / "restarted").exists()  # 'use' had failed: it resumed, not restarted
+    assert run(VALUE="2").returncode == 0
+    assert (tmp_path / "restarted").read_text().splitlines() == ["make", "use"]
+    assert (runs / "used").read_text().splitlines() == ["1", "2"]

@@ -14,8 +14,9 @@ from pipelines.train.release_config import ReleaseFinetuneConfig
 from serve.config import ServeConfig
 from tests.conftest import ROOT
 
-JOBS = {"demo": DemoConfig, "world": BuildWorldJob, "sdvi": BuildSDVIJob, "tokenize": TokenizeJob,
-        "tokenizers": TokenizersConfig, "stage1": StageConfig, "stage2": StageConfig, "stage3": StageConfig,
+JOBS = {"demo": DemoConfig, "world": BuildWorldJob, "sdvi": BuildSDVIJob, "sdvi_eval": BuildSDVIJob,
+        "tokenize": TokenizeJob, "tokenize_sdvi": TokenizeJob, "tokenizers": TokenizersConfig,
+        "tokenizers_train": TokenizersConfig, "stage1": StageConfig, "stage2": StageConfig, "stage3": StageConfig,
         "evaluate": EvaluateJob, "serve": ServeConfig}
 #: a folder whose files are named after other jobs than the top-level ones
 FOLDER_JOBS = {"release": {"stage3": ReleaseFinetuneConfig, "stage3_tiny": ReleaseFinetuneConfig}}

@@ -65,3 +65,40 @@ def test_the_readme_layout_names_every_module_and_folder():
             wanted.add(parts[-2] if parts[:2] == ["omni_model", "tokenizers"] else parts[1])
     missing = sorted(w for w in wanted if w not in words and not any(re.fullmatch(p, w) for p in patterns))
     assert not missing, f"README's Layout does not name: {missing}"
+
+
+def _chain_commands(profile_dir: str) -> list[list[str]]:
+    """The commands scripts/pipeline.sh runs (its `step` lines), for one configs/ folder."""
+    commands = []
+    for line in (ROOT / "scripts/pipeline.sh").read_text().splitlines():
+        if line.startswith("step ") and "jobs/" in line:
+            line = re.sub(r"\$\(budget \w+\)", "", line)  # only with --minutes
+            line = line.replace('"$TOKENIZERS_CONFIG"', "$CONF/tokenizers.yaml")
+            line = line.replace("$PY", "python").replace("$CONF", profile_dir)
+            commands.append(line.split()[2:])
+    return commands
+
+
+def test_running_each_job_is_the_quickstarts_chain_command_by_command():
+    """README's "Running each job" lists what the quickstart runs, in its order and with its
+    configs and nothing else, so that a reader who types them gets the quickstart's model.
+    (CI runs the same chain at the ci profile: `bash scripts/quickstart.sh ci`.)"""
+    block = (ROOT / "README.md").read_text().split("## Running each job", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    documented = [line.split("#")[0].split() for line in block.splitlines() if line.startswith("python jobs/")]
+    assert documented[0][:2] == ["python", "jobs/estimate_run.py"]
+    assert documented[-1][:2] == ["python", "jobs/deploy.py"]
+    chain = _chain_commands("configs/tiny")
+    assert len(chain) == 10
+    assert documented[1:-1] == chain
+
+
+def test_the_ci_profile_has_every_config_of_the_chain_and_each_loads():
+    """configs/ci/ changes configs/tiny/ (`base:`): every file the chain reads exists in both,
+    and each ci file resolves to its tiny base with the same sections."""
+    from omni_model.config import read_config_file
+
+    for command in _chain_commands("configs/ci"):
+        path = ROOT / command[command.index("--config") + 1]
+        tiny = ROOT / "configs/tiny" / path.name
+        assert path.exists() and tiny.exists(), path
+        assert read_config_file(path).keys() == read_config_file(tiny).keys(), path

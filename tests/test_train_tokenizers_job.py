@@ -125,7 +125,7 @@ def test_decoder_voice_must_be_among_the_training_clips(media, tmp_path):
                                  "audios": ["elsewhere/a.wav"]}) + "\n")
     args = ["--config", "configs/tiny/tokenizers.yaml", f"data.dir={media}", f"out_dir={tmp_path / 'o'}",
             "image.train.steps=1", "speech.train.steps=1", "speech.decoder.steps=1", "speech.asr=false",
-            f"data.voice_manifests=[{other}]"]
+            f"data.voice_manifests=[{other}]", "data.audio_dirs=[]", "data.voice_root="]
     with pytest.raises(ValueError, match="voice_root"):
         main(args)
     with pytest.raises(ValueError, match="no training clip is a spoken output"):
