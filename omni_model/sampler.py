@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_model.transformer import KVCache
+from omni_model.spans import KVCache
 from omni_model.vocab import Vocab
 
 #: Specials a region of each modality may emit besides its own ids: a text or speech
