@@ -12,8 +12,8 @@ import pytest
 from omni_model.config import load_config
 from omni_model.vocab import Vocab
 from pipelines.train import StageConfig
-from pipelines.train.pace import (MIN_SHARE, REFERENCE_SECONDS, STAGE_OVERHEAD_S, estimate, fit_steps,
-                                  measure_tokens_per_s, tokens_per_step)
+from pipelines.train.pace import (MIN_SHARE, REFERENCE_SECONDS, STAGE_OVERHEAD_S, TRAINING_EFFICIENCY, estimate,
+                                  fit_steps, measure_tokens_per_s, tokens_per_step)
 from tests.conftest import ROOT
 
 STAGES = ("stage1", "stage2", "stage3")
@@ -30,7 +30,8 @@ def test_the_measured_pace_is_real_and_the_estimate_follows_it():
     est = estimate("ci", stages, rate)
     assert list(est.seconds) == [*list(REFERENCE_SECONDS["ci"])[:-1], *STAGES, "evaluate"]
     cfg = stages["stage1"]
-    assert est.seconds["stage1"] == pytest.approx(STAGE_OVERHEAD_S + cfg.train.max_steps * tokens_per_step(cfg) / rate)
+    pace = rate * TRAINING_EFFICIENCY["ci"]
+    assert est.seconds["stage1"] == pytest.approx(STAGE_OVERHEAD_S + cfg.train.max_steps * tokens_per_step(cfg) / pace)
     slower = estimate("ci", stages, rate / 4)  # a machine 4x slower: training 4x, data steps 2x
     assert slower.seconds["world"] == pytest.approx(2 * est.seconds["world"])
     assert slower.seconds["stage2"] - STAGE_OVERHEAD_S == pytest.approx(4 * (est.seconds["stage2"] - STAGE_OVERHEAD_S))

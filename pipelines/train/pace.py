@@ -27,18 +27,23 @@ from pipelines.train.initial_model import build_model
 from pipelines.train.loop import objective_of
 
 #: Seconds each step other than the stages took in a measured run of each profile, on a
-#: machine whose stage 1 of that profile trained at `REFERENCE_TOKENS_PER_S`. Data steps
-#: (TTS, tokenizers) scale with the machine less than training does: on an AVX2-only
-#: machine that trained 6.7x slower they took ~2.2x as long, about the square root of the
-#: ratio, which is the rule `estimate` uses; the evaluation samples the model and scales
-#: like training.
+#: machine where `measure_tokens_per_s` gave `REFERENCE_TOKENS_PER_S` (a 2-core Xeon with
+#: AMX; the evaluation of `tiny` scaled from another run of it). Data steps (TTS,
+#: tokenizers) scale with the machine less than training does: on an AVX2-only machine
+#: that trained 6.7x slower they took ~2.2x as long, about the square root of the ratio,
+#: which is the rule `estimate` uses; the evaluation samples the model and scales like
+#: training.
 REFERENCE_SECONDS = {
-    "tiny": {"world": 45, "sdvi": 67, "sdvi_eval": 25, "tokenizers": 2, "tokenize": 88, "tokenize_sdvi": 63,
-             "evaluate": 216},
-    "ci": {"world": 18, "sdvi": 26, "sdvi_eval": 19, "tokenizers": 1, "tokenize": 28, "tokenize_sdvi": 27,
-           "evaluate": 6},
+    "tiny": {"world": 46, "sdvi": 63, "sdvi_eval": 28, "tokenizers": 1, "tokenize": 83, "tokenize_sdvi": 59,
+             "evaluate": 194},
+    "ci": {"world": 23, "sdvi": 28, "sdvi_eval": 20, "tokenizers": 2, "tokenize": 31, "tokenize_sdvi": 31,
+           "evaluate": 7},
 }
-REFERENCE_TOKENS_PER_S = {"tiny": 7_000, "ci": 30_000}
+REFERENCE_TOKENS_PER_S = {"tiny": 10_720, "ci": 51_632}
+#: the stages' own tokens/s (2 DDP workers, the data stream, metrics) over what the
+#: measurement gives on the same machine: 7,152 against 10,720 for `tiny`, 29,097 against
+#: 51,632 for `ci`'s small model
+TRAINING_EFFICIENCY = {"tiny": 0.67, "ci": 0.56}
 #: what a stage costs besides its steps (Ray and its workers starting, the data set,
 #: checkpoints, the export): the ci profile's 40-step stages took ~30 s, ~25 s of it this
 STAGE_OVERHEAD_S = 25
@@ -106,13 +111,14 @@ class Estimate:
 
 def estimate(profile: str, stages: dict[str, StageConfig], tokens_per_s: float) -> Estimate:
     """Seconds of each step of `profile`'s chain (`REFERENCE_SECONDS` order, the stages
-    before the evaluation) at `tokens_per_s`, the stages at their configured steps."""
+    before the evaluation) at `tokens_per_s` (`measure_tokens_per_s`'s figure), the stages
+    at their configured steps and `TRAINING_EFFICIENCY` of that pace."""
     ratio = REFERENCE_TOKENS_PER_S[profile] / tokens_per_s
     seconds: dict[str, float] = {}
     for name, ref in REFERENCE_SECONDS[profile].items():
         if name == "evaluate":
             for stage, cfg in stages.items():
-                seconds[stage] = stage_seconds(cfg, cfg.train.max_steps, tokens_per_s)
+                seconds[stage] = stage_seconds(cfg, cfg.train.max_steps, tokens_per_s * TRAINING_EFFICIENCY[profile])
             seconds[name] = ref * ratio
         else:
             seconds[name] = ref * math.sqrt(ratio)
