@@ -31,6 +31,7 @@ from omni_model.vocab import Vocab
 from pipelines.world.scenes import make_scene, render
 from pipelines.world.tts import EspeakEngine
 from tests.conftest import ROOT
+from tests.step_clock import step
 
 IMAGE_TOKENIZER = ROOT / "tests/assets/world_magvit32"
 
@@ -71,18 +72,21 @@ def train_any2any(root: Path) -> tuple[Path, Path, dict]:
     tasks = make_tasks(image_tok, codec)
     samples = [[Message("user", tuple(pipe._part(x) for x in inputs)), Message("assistant", parts)]
                for inputs, _, parts in tasks.values()]
-    losses = fit(pipe.model, samples, text, vocab, FitConfig(steps=1000, max_pads=MAX_PADS, log_every=0))
+    with step("fit the shared model, 1,000 steps"):
+        losses = fit(pipe.model, samples, text, vocab, FitConfig(steps=1000, max_pads=MAX_PADS, log_every=0))
     assert losses[-1] < 0.1 * losses[0]
     # 1,000 steps memorise every answer on most machines, but not with a margin: one image
     # code of 64 came out differently on another CPU's float arithmetic. Train on (lower
     # learning rate, fresh masks) until every task comes back under every sampler setting
     # the tests use, so the tests check the sampler and the server, not the luck of training.
     for extra in range(1, 4):
-        misses = unmemorised(pipe, tasks)
+        with step(f"check the shared model's answers under every sampler setting ({extra})"):
+            misses = unmemorised(pipe, tasks)
         if not misses:
             break
-        fit(pipe.model, samples, text, vocab,
-            FitConfig(steps=300, lr=1e-3, seed=extra, max_pads=MAX_PADS, log_every=0))
+        with step(f"fit the shared model, 300 more steps ({extra})"):
+            fit(pipe.model, samples, text, vocab,
+                FitConfig(steps=300, lr=1e-3, seed=extra, max_pads=MAX_PADS, log_every=0))
     else:
         misses = unmemorised(pipe, tasks)
     assert not misses, f"the tiny model did not memorise: {misses}"

@@ -11,6 +11,10 @@ import torch
 
 from omni_model.tokenizers.text import ByteTokenizer
 from omni_model.toy import toy_model, toy_vocab
+from tests.step_clock import step
+
+# a failed or timed-out test names its slow step (tests/step_clock.py)
+pytest_plugins = ["tests.step_clock"]
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -53,8 +57,10 @@ def any2any(tmp_path_factory):
     from tests.any2any import cached_any2any, train_any2any
 
     if os.environ.get("OMNI_TEST_CACHE"):
-        return cached_any2any(Path(os.environ["OMNI_TEST_CACHE"]))
-    return train_any2any(tmp_path_factory.mktemp("any2any"))
+        with step("load the shared any-to-any model (trained when the cache lacks it)"):
+            return cached_any2any(Path(os.environ["OMNI_TEST_CACHE"]))
+    with step("train the shared any-to-any model (OMNI_TEST_CACHE is not set)"):
+        return train_any2any(tmp_path_factory.mktemp("any2any"))
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +69,7 @@ def ray_session():
     actor pools and trainers fit side by side (see README, "Installing: notes")."""
     from pipelines.ray_setup import RayConfig, start_ray, stop_ray
 
-    owned = start_ray(RayConfig(num_cpus=8))
+    with step("start the session's Ray"):
+        owned = start_ray(RayConfig(num_cpus=8))
     yield
     stop_ray(owned)

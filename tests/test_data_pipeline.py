@@ -19,6 +19,7 @@ from pipelines.data.tokenize import TokenizeConfig, tokenize_manifest
 from pipelines.world.build import Voice, WorldConfig, build_world
 from pipelines.world.sdvi import SDVIConfig, build_sdvi
 from tests.hostile import hostile_manifest_rows
+from tests.step_clock import step
 
 LINE_LIMIT = 100_000
 
@@ -31,7 +32,8 @@ def world(ray_session, tmp_path_factory):
     cfg = WorldConfig(out=str(out), train_scenes=12, eval_scenes=4,
                       caption_voices=(Voice("espeak", "en-us", 1.0), Voice("hibari", "heart", 1.0)),
                       tts_workers=1)
-    counts = build_world(cfg)
+    with step("build the world (12 + 4 scenes, two voices)"):
+        counts = build_world(cfg)
     return out, counts
 
 
@@ -112,7 +114,8 @@ def tokenized(world, fixtures_dir, tmp_path_factory):
                          speech_tokenizer=str(fixtures_dir / "glm4voice_tiny_a"),
                          rows_per_part=8, parts_per_wave=2, batch_size=8,
                          max_audio_seconds=60, max_image_pixels=20_000, max_line_bytes=LINE_LIMIT)
-    summary = tokenize_manifest(cfg)
+    with step("tokenize a manifest with broken rows"):
+        summary = tokenize_manifest(cfg)
     return cfg, summary, n_good, broken
 
 

@@ -23,6 +23,7 @@ from pipelines.world.build import Voice, WorldConfig, build_world
 from pipelines.world.scenes import ANSWERS, captions, make_scene, questions, render
 from pipelines.world.sdvi import SDVIConfig, build_sdvi
 from tests.conftest import ROOT
+from tests.step_clock import step
 
 IMAGE_TOKENIZER = ROOT / "tests/assets/world_magvit32"
 
@@ -57,13 +58,14 @@ def test_answer_scores_are_perfect_on_references_and_near_chance_on_guesses():
 @pytest.fixture(scope="module")
 def held_out(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_world")
-    build_world(WorldConfig(out=str(root), train_scenes=2, eval_scenes=6, tts_workers=1,
-                            caption_voices=(Voice("espeak", "en-us"),)))
-    build_sdvi(SDVIConfig(vqa_manifests=(str(root / "manifests/eval/vqa.jsonl"),),
-                          caption_manifests=(str(root / "manifests/eval/caption.jsonl"),),
-                          data_root=str(root), out=str(root / "manifests/sdvi_eval"), max_rows=4,
-                          question_voices=(Voice("espeak", "en-us+m3"),),
-                          answer_voices=(Voice("espeak", "en-us+f3"),), tts_workers=1))
+    with step("build the held-out world and its SDVI"):
+        build_world(WorldConfig(out=str(root), train_scenes=2, eval_scenes=6, tts_workers=1,
+                                caption_voices=(Voice("espeak", "en-us"),)))
+        build_sdvi(SDVIConfig(vqa_manifests=(str(root / "manifests/eval/vqa.jsonl"),),
+                              caption_manifests=(str(root / "manifests/eval/caption.jsonl"),),
+                              data_root=str(root), out=str(root / "manifests/sdvi_eval"), max_rows=4,
+                              question_voices=(Voice("espeak", "en-us+m3"),),
+                              answer_voices=(Voice("espeak", "en-us+f3"),), tts_workers=1))
     return root
 
 

@@ -31,6 +31,7 @@ from serve.config import load_serve_config
 from tests.any2any import IMAGE_TOKENIZER, answer_lengths, request_part
 from tests.hostile import iccp_bomb_png, lying_flac, nan_wav, pcx_named_png, pixel_bomb_png, png_bytes, wav_bytes
 from tests.conftest import ROOT
+from tests.step_clock import step
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -58,8 +59,9 @@ def server(ray_session, any2any):
         "limits.max_steps=512", "limits.max_output_tokens=512", "limits.max_request_bytes=400000",
         "limits.max_image_pixels=65536", "limits.max_audio_seconds=5", "limits.max_pending=12",
         "limits.max_top_p=0.95", "limits.caches=[none,prefix]", f"http.port={port}"])
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(cfg), name="omni", route_prefix="/")
+    with step("deploy the shared model on Serve"):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build(cfg), name="omni", route_prefix="/")
     yield f"http://127.0.0.1:{port}", tasks, codec
     serve.shutdown()
 

@@ -24,6 +24,7 @@ from pipelines.train import (DataConfig, DataSource, FreshModel, ModelConfig, Op
                              ScalingConfig, ScheduleConfig, StageConfig, latest_checkpoint, run_stage)
 from pipelines.world.build import Voice, WorldConfig, build_world
 from tests.conftest import ROOT
+from tests.step_clock import step
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -32,18 +33,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def shards(ray_session, fixtures_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
     world = root / "world"
-    build_world(WorldConfig(out=str(world), train_scenes=16, eval_scenes=2, tts_workers=1,
-                            caption_voices=(Voice("espeak", "en-us"),)))
-    build_sdvi(SDVIConfig(vqa_manifests=(str(world / "manifests/train/vqa.jsonl"),),
-                          caption_manifests=(str(world / "manifests/train/caption.jsonl"),),
-                          data_root=str(world), out=str(world / "manifests/sdvi"), max_rows=8,
-                          question_voices=(Voice("espeak", "en-us+m3"),),
-                          answer_voices=(Voice("espeak", "en-us+f3"),), tts_workers=1))
+    with step("build the world (16 scenes)"):
+        build_world(WorldConfig(out=str(world), train_scenes=16, eval_scenes=2, tts_workers=1,
+                                caption_voices=(Voice("espeak", "en-us"),)))
+    with step("build SDVI (8 rows)"):
+        build_sdvi(SDVIConfig(vqa_manifests=(str(world / "manifests/train/vqa.jsonl"),),
+                              caption_manifests=(str(world / "manifests/train/caption.jsonl"),),
+                              data_root=str(world), out=str(world / "manifests/sdvi"), max_rows=8,
+                              question_voices=(Voice("espeak", "en-us+m3"),),
+                              answer_voices=(Voice("espeak", "en-us+f3"),), tts_workers=1))
     for name, manifest in (("train", "train/all.jsonl"), ("sdvi", "sdvi/all.jsonl")):
-        tokenize_manifest(TokenizeConfig(
-            manifest=str(world / "manifests" / manifest), data_root=str(world),
-            out=str(root / "shards" / name), image_tokenizer=str(fixtures_dir / "magvit_tiny_a"),
-            speech_tokenizer=str(fixtures_dir / "glm4voice_tiny_a")))
+        with step(f"tokenize {name}"):
+            tokenize_manifest(TokenizeConfig(
+                manifest=str(world / "manifests" / manifest), data_root=str(world),
+                out=str(root / "shards" / name), image_tokenizer=str(fixtures_dir / "magvit_tiny_a"),
+                speech_tokenizer=str(fixtures_dir / "glm4voice_tiny_a")))
     return root / "shards"
 
 
@@ -74,7 +78,8 @@ def _metrics(run_dir):
 @pytest.fixture(scope="module")
 def stage1(shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stage1")
-    result = run_stage(_stage(shards, run_dir, max_steps=40))
+    with step("train stage 1, 40 steps on 2 workers"):
+        result = run_stage(_stage(shards, run_dir, max_steps=40))
     return run_dir, result
 
 

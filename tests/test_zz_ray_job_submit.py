@@ -19,16 +19,18 @@ import pytest
 import requests
 
 from tests.conftest import FIXTURES, ROOT
+from tests.step_clock import step
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _submit(env: dict, script: str, *args: str) -> str:
     bin_dir = Path(sys.executable).parent
-    result = subprocess.run(
-        [str(bin_dir / "ray"), "job", "submit", "--address", "http://127.0.0.1:8277",
-         "--working-dir", str(ROOT), "--", "python", script, *args],
-        env=env, capture_output=True, text=True, timeout=600)
+    with step(f"ray job submit {script}"):
+        result = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", "http://127.0.0.1:8277",
+             "--working-dir", str(ROOT), "--", "python", script, *args],
+            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
     return result.stdout
@@ -45,9 +47,10 @@ def test_ray_job_submit_runs_world_tokenize_and_stage1(tmp_path):
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)  # the session's own Ray's, which is gone
-    subprocess.run([str(bin_dir / "ray"), "start", "--head", "--num-cpus=2", "--port=6390",
-                    "--dashboard-host=127.0.0.1", "--dashboard-port=8277", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    with step("ray start --head"):
+        subprocess.run([str(bin_dir / "ray"), "start", "--head", "--num-cpus=2", "--port=6390",
+                        "--dashboard-host=127.0.0.1", "--dashboard-port=8277", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True, timeout=180)
     try:
         # token authentication is on: the job API refuses a request without the token
         anonymous = requests.get("http://127.0.0.1:8277/api/jobs/", timeout=30)
@@ -89,7 +92,8 @@ def test_ray_job_submit_runs_world_tokenize_and_stage1(tmp_path):
         assert "serving omni-diffusion-tiny at http://127.0.0.1:8391" in stdout
         body = {"inputs": [{"type": "text", "text": "Draw a red circle."}], "outputs": ["image"],
                 "sampler": {"steps": 4, "seed": 1}}
-        response = requests.post("http://127.0.0.1:8391/v1/generate", json=body, timeout=120)
+        with step("the deployed app answers POST /v1/generate"):
+            response = requests.post("http://127.0.0.1:8391/v1/generate", json=body, timeout=120)
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["output_tokens"] == 64  # magvit_tiny_a: 32 px, an 8x8 grid
     finally:
