@@ -4,7 +4,7 @@ answers and the replica's peak memory (the figures of docs/reliability.md).
 
     .venv/bin/python benchmarks/serve_soak.py --runs runs --seconds 180
 
-`--runs` is a folder the quickstart (or `scripts/pipeline.sh ci DIR`) made: the model
+`--runs` is a folder the quickstart (`runs`, or `runs-ci` from `scripts/pipeline.sh ci`) made: the model
 (`stage3/final`), the tokenizers, and the held-out world whose manifests give the valid
 requests (t2i, caption, VQA, ASR, TTS, spoken VQA, s2i, each with its real media).
 `--any2any DIR` instead trains the tests' tiny any-to-any model (`tests/any2any.py`,

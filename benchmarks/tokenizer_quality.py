@@ -51,7 +51,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp), args.scenes, args.utterances)
-        return train_main(["--config", "configs/tiny/tokenizers.yaml", f"data.dir={tmp}",
+        # the quickstart's tokenizer settings, trained on this folder alone (no world's SDVI
+        # audio or answer voice beside it)
+        return train_main(["--config", "configs/tiny/tokenizers_train.yaml", f"data.dir={tmp}",
+                           "data.audio_dirs=[]", "data.voice_root=", "data.voice_manifests=[]",
                            f"out_dir={args.out}", *args.overrides])
 
 

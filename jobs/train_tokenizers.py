@@ -19,7 +19,7 @@ from omni_model.config import parse_job_args, save_config
 from pipelines.tokenizers.config import TokenizersConfig
 from pipelines.tokenizers.quality import format_report
 from pipelines.tokenizers.shipped import use_shipped
-from pipelines.tokenizers.train import train_tokenizers
+from pipelines.tokenizers.train import check_data_folders, train_tokenizers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                          "configs/tiny/tokenizers.yaml", argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(cfg.threads)
+    check_data_folders(cfg)  # before the shipped ones are matched: a missing folder is an error
     save_config(cfg, f"{cfg.out_dir}/config.yaml")
     report = use_shipped(cfg)
     if report is not None:

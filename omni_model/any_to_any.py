@@ -177,7 +177,7 @@ class AnyToAny:
         recorded = model_folder.read_tokenizers(folder)
         entry = recorded.get("text")
         if text_tokenizer is None and isinstance(entry, dict):  # the copy inside the checkpoint
-            text_tokenizer = folder / entry["path"]
+            text_tokenizer = model_folder.inside(folder, entry["path"], "the text tokenizer's copy")
         elif text_tokenizer is None:  # older checkpoints recorded the path they were trained with
             text_tokenizer = entry
         text = BPETokenizer.from_pretrained(text_tokenizer) if text_tokenizer else ByteTokenizer()
@@ -201,9 +201,9 @@ class AnyToAny:
                 raise ValueError(f"the speech decoder knows {decoder.flow.config.vocab_size} codes; the speech "
                                  f"tokenizer makes {speech.codebook_size}")
             speech.decoder = decoder
-        measured = model_folder.read_presets(folder)
-        if presets is None and measured is not None:
-            presets = LengthPresets.from_dict(measured)
+        if presets is None:
+            measured = model_folder.read_presets(folder)
+            presets = LengthPresets.from_dict(measured) if measured is not None else None
         return cls(model, vocab, text, image, speech, presets or LengthPresets())
 
     # ------------------------------------------------------------------ requests

@@ -16,7 +16,8 @@ the optimizer, each rank's state); a run's `final/` is exactly this folder.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
@@ -38,8 +39,11 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
-    """The folder's `config.json` as a dict."""
-    return json.loads((Path(folder) / CONFIG_FILE).read_text())
+    """The folder's `config.json` as a dict (FileNotFoundError naming the folder without one)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}")
+    return json.loads(path.read_text())
 
 
 def write_config(folder: str | Path, config: dict[str, Any]) -> None:
@@ -51,22 +55,36 @@ def has_weights(folder: str | Path) -> bool:
     return (Path(folder) / WEIGHTS_FILE).exists()
 
 
-def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's `model.safetensors` or of the shards its index names
-    (a shard named outside the folder is refused)."""
+def inside(folder: str | Path, name: str, what: str) -> Path:
+    """`folder / name` for a file name one of the folder's own files gave (a shard in the
+    weight index, a tokenizer's copy): relative and without `..`, else ValueError. Checked
+    by name, not by resolving links, so a Hugging Face cache snapshot (shards linked to
+    `../../blobs`) still loads."""
+    if not name or PurePath(name).is_absolute() or ".." in PurePath(name).parts:
+        raise ValueError(f"{what} {name!r} is not a path inside {folder}")
+    return Path(folder) / name
+
+
+def weight_files(folder: str | Path, prefixes: Sequence[str] | None = None) -> list[Path]:
+    """The safetensors files of a folder's weights: `model.safetensors`, or the shards its
+    index names (with `prefixes`, only those holding a tensor under one of them); a shard
+    named outside the folder is refused."""
     path = Path(folder)
     index = path / WEIGHTS_INDEX_FILE
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / WEIGHTS_FILE).exists():
-        files = [WEIGHTS_FILE]
-    else:
-        raise FileNotFoundError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {path}")
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted({f for key, f in weight_map.items() if prefixes is None or key.startswith(tuple(prefixes))})
+        return [inside(path, name, "weight shard") for name in names]
+    if (path / WEIGHTS_FILE).exists():
+        return [path / WEIGHTS_FILE]
+    raise FileNotFoundError(f"no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {path}")
+
+
+def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's `model.safetensors` or of the shards its index names
+    (a shard named outside the folder is refused)."""
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        shard = (path / name).resolve()
-        if path.resolve() not in shard.parents:
-            raise ValueError(f"weight shard {name!r} escapes the checkpoint folder {path}")
+    for shard in weight_files(folder):
         state.update(load_file(str(shard), device=str(device)))
     return state
 
@@ -75,6 +93,13 @@ def write_weights(folder: str | Path, state: dict[str, torch.Tensor], name: str 
     """`state` (contiguous CPU tensors) as one safetensors file, `model.safetensors` unless
     `name` says which shard."""
     save_file(state, str(Path(folder) / name), metadata={"format": "pt"})
+
+
+def write_weight_index(folder: str | Path, weight_map: dict[str, str], total_size: int) -> None:
+    """`model.safetensors.index.json`: which shard holds each tensor (the shards written
+    with `write_weights(folder, shard, name)`)."""
+    _write_json(Path(folder) / WEIGHTS_INDEX_FILE, {"metadata": {"total_size": total_size},
+                                                    "weight_map": weight_map})
 
 
 def read_tokenizers(folder: str | Path) -> dict[str, Any]:

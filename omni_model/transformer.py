@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,10 +103,6 @@ class TransformerConfig:
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                     if f.name != "extra"})
         return out
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "TransformerConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def replace(self, **changes: Any) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)

@@ -24,10 +24,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-PROFILE="${1:-full}"
+PROFILE=full
 MINUTES=""
 [ "${QUICK:-0}" = 1 ] && MINUTES=30
-if [ "${2:-}" = "--minutes" ]; then MINUTES="${3:?--minutes N}"; fi
+case "${1:-}" in full|ci) PROFILE=$1; shift ;; esac
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --minutes) MINUTES="${2:?--minutes N}"; shift 2 ;;
+    *) echo "unknown argument '$1': bash scripts/pipeline.sh [full|ci] [--minutes N]" >&2; exit 2 ;;
+  esac
+done
 TOKENIZERS_MODE="${TOKENIZERS:-shipped}"  # shipped (the default) or train
 PY=.venv/bin/python
 

@@ -11,7 +11,6 @@ import torch
 
 from omni_model.tokenizers.text import ByteTokenizer
 from omni_model.toy import toy_model, toy_vocab
-from tests.step_clock import step
 
 # a failed or timed-out test names its slow step (tests/step_clock.py)
 pytest_plugins = ["tests.step_clock"]
@@ -55,6 +54,7 @@ def any2any(tmp_path_factory):
     example of every any-to-any task (tests/any2any.py): from the cache scripts/test.sh
     builds it into (`OMNI_TEST_CACHE`), else trained here once per session."""
     from tests.any2any import cached_any2any, train_any2any
+    from tests.step_clock import step
 
     if os.environ.get("OMNI_TEST_CACHE"):
         with step("load the shared any-to-any model (trained when the cache lacks it)"):
@@ -68,6 +68,7 @@ def ray_session():
     """One local Ray for the whole test session, with more logical CPUs than cores so
     actor pools and trainers fit side by side (see README, "Installing: notes")."""
     from pipelines.ray_setup import RayConfig, start_ray, stop_ray
+    from tests.step_clock import step
 
     with step("start the session's Ray"):
         owned = start_ray(RayConfig(num_cpus=8))

@@ -1,5 +1,6 @@
-"""The arrows of the layout: omni_model/ is pure PyTorch (no Ray, no torch.distributed),
-and library code does not print."""
+"""The arrows of the layout: omni_model/ is pure PyTorch (no Ray, no torch.distributed);
+serve/ and pipelines/ stand on omni_model/ beside each other (neither imports the other,
+nor jobs/ or benchmarks/); library code does not print."""
 
 import ast
 
@@ -22,6 +23,16 @@ def test_omni_model_imports_no_ray_and_no_distributed():
         for name in _imports(path):
             assert not name.startswith(("ray", "torch.distributed", "deepspeed", "pipelines",
                                         "jobs", "serve")), f"{path.name} imports {name}"
+
+
+def test_serve_and_pipelines_import_neither_each_other_nor_the_jobs():
+    rules = {"serve": ("pipelines", "jobs", "benchmarks"), "pipelines": ("serve", "jobs", "benchmarks")}
+    for package, refused in rules.items():
+        files = sorted((ROOT / package).rglob("*.py"))
+        assert files
+        for path in files:
+            for name in _imports(path):
+                assert name.split(".")[0] not in refused, f"{path.relative_to(ROOT)} imports {name}"
 
 
 def test_library_code_does_not_print():

@@ -15,7 +15,6 @@ written back on save); anything else, missing or misshapen, is an error naming i
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
@@ -25,7 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from omni_model.model_folder import CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, read_weights, write_weights
+from omni_model.model_folder import (CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, read_config, read_weights,
+                                     write_config, write_weight_index, write_weights)
 from omni_model.release.images import INPUT_RESOLUTION, input_pixels
 from omni_model.release.prompts import ReleasePrompt, task_prompt
 from omni_model.release.response import ReleaseResponse, parse_response
@@ -81,7 +81,7 @@ class ReleaseModel(torch.nn.Module):
             raise ReleaseFormatError(f"no SenseVoiceSmall folder at {sensevoice_folder} (its config.yaml and am.mvn "
                                      "configure the speech front end; pass sensevoice_folder=)")
         tokenizer = ReleaseTokenizer.from_folder(folder)
-        raw = json.loads((folder / CONFIG_FILE).read_text())
+        raw = read_config(folder)
         config = TransformerConfig.from_dict(raw).replace(shift_logits=True)
         vocab = tokenizer.vocab(config.vocab_size)
         state = read_weights(folder, device)
@@ -216,9 +216,9 @@ class ReleaseModel(torch.nn.Module):
                       for k, v in self.speech.projector.state_dict().items()})
         state.update({k: v.detach().contiguous().cpu() for k, v in self._kept.items()})
         _save_sharded(state, path)
-        config = json.loads((self.source / CONFIG_FILE).read_text())
+        config = read_config(self.source)
         config["torch_dtype"] = str(self.dtype).removeprefix("torch.")
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_config(path, config)
         for file in [*self.tokenizer.files(), *self.source.glob("*.py"), self.source / GENERATION_CONFIG]:
             if file.is_file():
                 shutil.copy2(file, path / file.name)
@@ -255,6 +255,4 @@ def _save_sharded(state: dict[str, torch.Tensor], path: Path) -> None:
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         write_weights(path, shard, name)
         weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    (path / WEIGHTS_INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                       "weight_map": weight_map}, indent=2) + "\n")
+    write_weight_index(path, weight_map, sum(v.numel() * v.element_size() for v in state.values()))

@@ -68,7 +68,7 @@ GUIDED_TASKS = ("s2i", "t2i")
 class OfficialSamplerConfig:
     """The official `generate` options (defaults: the official `generate` signature and
     `DreamGenerationConfig`; the per-task settings of the official inference are in
-    `omni_model.release.presets`)."""
+    `INFERENCE_PRESETS` below)."""
 
     max_new_tokens: int = 512
     steps: int = 512

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from omni_model.model_folder import CONFIG_FILE, WEIGHTS_FILE
+from omni_model.model_folder import WEIGHTS_FILE, write_config, write_weights
 
 
 def fingerprint(name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> str:
@@ -63,17 +63,9 @@ def save_folder(module: nn.Module, folder: str | Path, config: Mapping[str, Any]
     """Write `config.json` and `model.safetensors` (contiguous CPU tensors)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    write_weights(folder, {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()})
+    write_config(folder, dict(config))
     return folder
-
-
-def read_config(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}")
-    return json.loads(path.read_text())
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:

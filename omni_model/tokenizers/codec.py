@@ -20,7 +20,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from omni_model.tokenizers.base import load_strict, read_config, save_folder
+from omni_model.model_folder import read_config
+from omni_model.tokenizers.base import load_strict, save_folder
 from omni_model.tokenizers.mel import SAMPLE_RATE, mel_to_waveform
 from omni_model.tokenizers.speech import GLM4VoiceTokenizer, SpeechDecoder, Waveforms
 

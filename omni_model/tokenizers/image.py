@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from PIL import Image as PILImage
 from torch import nn
 
-from omni_model.tokenizers.base import (check_finite, fingerprint, load_strict, read_config,
-                                        save_folder)
+from omni_model.model_folder import read_config
+from omni_model.tokenizers.base import check_finite, fingerprint, load_strict, save_folder
 
 
 @dataclass(frozen=True)

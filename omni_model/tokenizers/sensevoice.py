@@ -38,7 +38,6 @@ repeatable, or set `dither=0.0` for features that depend on the audio alone.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from safetensors import safe_open
 from torch import nn
 
 from omni_model.config import with_extra
-from omni_model.model_folder import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+from omni_model.model_folder import weight_files
 from omni_model.tokenizers.mel import SAMPLE_RATE, resample, to_mono
 
 logger = logging.getLogger(__name__)
@@ -610,16 +609,7 @@ def read_prefixed(path: str | Path, prefixes: Sequence[str]) -> dict[str, torch.
     or shards listed by `model.safetensors.index.json`), read without loading the rest:
     the speech input of a 7B release is a few hundred MB of a 15 GB checkpoint."""
     path = Path(path)
-    if path.is_dir():
-        index = path / WEIGHTS_INDEX_FILE
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({f for k, f in weight_map.items() if k.startswith(tuple(prefixes))})
-            paths = [path / f for f in files]
-        else:
-            paths = [path / WEIGHTS_FILE]
-    else:
-        paths = [path]
+    paths = weight_files(path, prefixes) if path.is_dir() else [path]
     state: dict[str, torch.Tensor] = {}
     for p in paths:
         if not p.exists():

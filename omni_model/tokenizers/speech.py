@@ -33,8 +33,8 @@ from torch import nn
 
 from omni_model.activations import ACTIVATIONS
 from omni_model.config import with_extra
-from omni_model.tokenizers.base import (check_finite, fingerprint, load_strict, read_config,
-                                        save_folder)
+from omni_model.model_folder import read_config
+from omni_model.tokenizers.base import check_finite, fingerprint, load_strict, save_folder
 from omni_model.tokenizers.mel import SAMPLE_RATE, MelConfig, log_mel, resample, to_mono
 
 WINDOW_SECONDS = 30  #: the original's segment length for long audio

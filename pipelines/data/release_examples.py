@@ -16,7 +16,6 @@ stops the run.
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from omni_model.model_folder import read_config
 from omni_model.release.finetune import Turn, release_example
 from omni_model.release.images import input_pixels
 from omni_model.release.model import SENSEVOICE_FOLDER
@@ -57,7 +57,7 @@ class ReleaseExamples:
                  seed: int = 0, limits: Mapping[str, Any] | MediaLimits | None = None,
                  sensevoice_folder: str | None = None, device: str = "cpu") -> None:
         self.tokenizer = ReleaseTokenizer.from_folder(release)
-        size = json.loads((Path(release) / "config.json").read_text())["vocab_size"]
+        size = read_config(release)["vocab_size"]
         self.vocab = self.tokenizer.vocab(size)
         self.frontend = SenseVoiceFrontend.from_folder(sensevoice_folder or Path(release) / SENSEVOICE_FOLDER,
                                                        dither=dither)

@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from pipelines.data.manifest import Sample, write_manifest
+from pipelines.data.manifest import ManifestError, Sample, resolve_media, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,11 @@ def pope(questions: Path, images: Path, data_root: Path) -> Iterator[Sample]:
         if not line.strip():
             continue
         row = json.loads(line)
-        image = images / row["image"]
+        try:
+            image = resolve_media(images, row["image"])
+        except ManifestError as err:
+            logger.warning("%s:%d: %s", questions, number, err)
+            continue
         if not image.is_file():
             logger.warning("%s:%d: no image %s", questions, number, image)
             continue

@@ -171,8 +171,7 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
             rate = getattr(pipe.speech_codec, "codes_per_second", 12.5)
             pipe.presets = calibrate_presets(cfg.calibrate_from, pipe.text_tokenizer, cfg.presets, rate)
         pipe.presets = replace(pipe.presets, sampler=recorded_sampler(cfg))
-        for folder in (out_dir, cfg.model) if cfg.presets_into_model else (out_dir,):
-            write_presets(folder, pipe.presets.to_dict())
+        write_presets(out_dir, pipe.presets.to_dict())
     recognizer = None
     speaks = getattr(pipe.speech_codec, "can_decode", False) or getattr(pipe, "speech_decoder", None) is not None
     if cfg.transcribe and speaks and any(EVAL_TASKS[t].speaks for t in cfg.tasks):
@@ -212,6 +211,8 @@ def evaluate(cfg: EvalConfig, recognizer_factory: Callable[[], Any] | None = Non
     metrics["chance"] = chance_levels()
     metrics["quarantined"] = write_quarantine(out_dir, quarantine)
     write_report(out_dir, metrics, examples, cfg.runs, cfg.grid, cfg.wavs)
+    if cfg.presets_into_model and not release:  # only once the evaluation has run through
+        write_presets(cfg.model, pipe.presets.to_dict())
     return metrics
 
 

@@ -12,7 +12,7 @@ from omni_model.tokenizers.train_speech import DecoderTrainConfig, SpeechTrainCo
 
 @dataclass(frozen=True)
 class DataConfig:
-    dir: str = "runs/world/media"  #: folder of images, audio (+ .txt transcripts) and text
+    dir: str = "runs/world/train"  #: folder of images, audio (+ .txt transcripts) and text
     #: more folders whose audio also trains the speech codec (transcripts optional), e.g.
     #: SDVI's spoken questions and answers: other voices, single words
     audio_dirs: tuple[str, ...] = ()

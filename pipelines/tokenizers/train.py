@@ -26,6 +26,15 @@ from pipelines.tokenizers.shipped import training_settings
 logger = logging.getLogger(__name__)
 
 
+def check_data_folders(cfg: TokenizersConfig) -> None:
+    """FileNotFoundError naming the first data folder of `cfg` that does not exist."""
+    if not Path(cfg.data.dir).is_dir():
+        raise FileNotFoundError(f"data folder {cfg.data.dir} does not exist")
+    for folder in cfg.data.audio_dirs:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"audio folder {folder} does not exist")
+
+
 def train_tokenizers(cfg: TokenizersConfig) -> dict:
     """Train the text, image and speech tokenizers; save them under `cfg.out_dir`.
 
@@ -33,17 +42,13 @@ def train_tokenizers(cfg: TokenizersConfig) -> dict:
     """
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
+    check_data_folders(cfg)
     root = Path(cfg.data.dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {}
 
     image_paths = find_files(root, IMAGE_SUFFIXES)[: cfg.data.max_images]
-    for folder in cfg.data.audio_dirs:
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(f"audio folder {folder} does not exist")
     voice = voice_clips(cfg.data)  # read first: a bad voice manifest fails before training
     audio_paths = [p for folder in (root, *cfg.data.audio_dirs)
                    for p in find_files(Path(folder), AUDIO_SUFFIXES)][: cfg.data.max_audio]

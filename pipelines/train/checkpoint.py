@@ -79,10 +79,10 @@ def checkpoint_complete(folder: Path) -> bool:
             if not all((folder / f"rank_{r}.pt").is_file() for r in range(world)):
                 return False
             listed = state["files"]
+        files = {model_folder.inside(folder, name, "a listed checkpoint file"): size for name, size in listed.items()}
     except (OSError, ValueError, TypeError, AttributeError):
         return False
-    return all((folder / name).is_file() and (folder / name).stat().st_size == size
-               for name, size in listed.items())
+    return all(path.is_file() and path.stat().st_size == size for path, size in files.items())
 
 
 @contextlib.contextmanager
