@@ -159,34 +159,31 @@ def test_non_finite_steps_are_skipped_counted_and_too_many_in_a_row_stop_the_sta
     assert not (run_dir / "final").exists()
 
 
-def test_a_deepspeed_step_with_a_non_finite_loss_is_skipped(shards, tmp_path):
-    """The DeepSpeed path skips through ZeRO's own overflow check, over both ranks."""
-    run_dir = tmp_path / "ds"
-    result = run_stage(_stage(shards, run_dir, max_steps=6, backend="deepspeed"), nonfinite_at={3: 2})
-    metrics = _metrics(run_dir)
-    assert [m["step"] for m in metrics] == [5, 6]
-    assert [m["skipped_nonfinite"] for m in metrics] == [2, 2]
-    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
-    assert _finite(result["final"])
-
-
-def test_interrupted_deepspeed_run_resumes_from_its_checkpoint(shards, tmp_path):
+def test_a_deepspeed_run_skips_non_finite_steps_and_resumes_from_its_checkpoint(shards, tmp_path):
     """The GPU path's DeepSpeed engine, run on CPU (gloo): ZeRO-2 with its own checkpoint
-    format for optimizer shards. A run that died at step 15 (no restarts allowed) and is
-    started again resumes at step 10 through `engine.load_checkpoint`, not from zero.
+    format for optimizer shards. Rank 1's loss is NaN at the first two tries of the 4th
+    step: both ranks skip them through ZeRO's own overflow check, and the skips are
+    counted. The run dies at step 15 (no restarts allowed); started again, it resumes at
+    step 10 through `engine.load_checkpoint`, not from zero, with its skip count.
     (The DDP path's resume is exercised by the killed-worker test above.)"""
-    cfg = _stage(shards, tmp_path / "ds", max_steps=20, backend="deepspeed")
+    run_dir = tmp_path / "ds"
+    cfg = _stage(shards, run_dir, max_steps=20, backend="deepspeed")
     with pytest.raises(Exception):
-        run_stage(cfg, fail_at_step=15)
-    checkpoint = latest_checkpoint(tmp_path / "ds")
-    assert json.loads((checkpoint / "train_state.json").read_text())["step"] == 10
+        run_stage(cfg, fail_at_step=15, nonfinite_at={3: 2})
+    checkpoint = latest_checkpoint(run_dir)
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert state["step"] == 10 and state["nonfinite_skipped"] == 2
     assert list((checkpoint / "deepspeed" / "state").glob("*optim_states.pt"))  # ZeRO shards
+    assert _finite(checkpoint)
     result = run_stage(cfg)
-    metrics = _metrics(tmp_path / "ds")
+    metrics = _metrics(run_dir)
     steps = [m["step"] for m in metrics]
     assert steps[:3] == [5, 10, 15] and steps[-2:] == [15, 20] and steps.count(5) == 1
+    assert all(m["skipped_nonfinite"] == 2 for m in metrics)  # counted once, carried over the resume
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert 0 < metrics[-1]["lr"] < 3e-3  # DeepSpeed stepped the cosine schedule
+    assert _finite(result["final"])
     final = Transformer.from_pretrained(result["final"])
     start = Transformer.from_pretrained(checkpoint)
     assert any(not torch.equal(a, b) for a, b in zip(final.state_dict().values(),
