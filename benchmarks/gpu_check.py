@@ -13,7 +13,9 @@ a. the model alone in plain PyTorch: `Transformer` at ~1B (hidden 2048, 16 layer
    the project's objective (`diffusion_loss_of_batch`) over packed rows with the
    document mask as `attention_mask_4d` builds it today; bf16 autocast over fp32 weights,
    gradients and AdamW state. Variants: eager (AdamW foreach), eager with fused AdamW,
-   `torch.compile` of the model (own time cap), and the stage-(b) shape (its ratio base).
+   FlexAttention's document mask with fused AdamW, the stage-(b) shape (its ratio base,
+   fused AdamW as stage b has it on a GPU), and the training path's GPU settings
+   together: FlexAttention, fused AdamW and `model.compile=blocks` (own time cap).
    Tokens/s, MFU (`_gpu_harness.train_flops_per_token`), peak memory, and which SDPA
    kernels accept that mask.
 b. one training stage through Ray Train with DeepSpeed (`run_stage`) on `--shards`, one
@@ -452,20 +454,27 @@ class Check:
                                        "parameters": tmodel.num_parameters}
             try:
                 timed("train_shape", tmodel, [b.to(self.device) for b in tbatches], tvocab, tconfig,
-                      mean_context(tlengths), max(5, a.steps // 2), 2)
+                      mean_context(tlengths), max(5, a.steps // 2), 2, fused=self.cuda)
             finally:
                 del tmodel
 
         attempt("train_shape", train_shape)
         if a.compile == "on" or (a.compile == "auto" and self.cuda):
             def compiled() -> None:
-                with time_cap(a.compile_cap, "compile"):
+                """The training path's GPU settings together: model.compile=blocks (each
+                block compiled; the whole model compiled lost time on an H200), and on a
+                GPU model.attention=flex with fused AdamW. The model's last use here."""
+                from pipelines.train.parallelism import compile_blocks
+
+                with time_cap(a.compile_cap, "compile_blocks"):
                     try:
-                        timed("compile", torch.compile(model), batches, vocab, config, context, a.steps, 3)
+                        model.set_attention("flex" if self.cuda else "sdpa")
+                        timed("compile_blocks", compile_blocks(model), batches, vocab, config, context,
+                              a.steps, 3, fused=self.cuda)
                     finally:
                         torch._dynamo.reset()
 
-            attempt("compile", compiled)
+            attempt("compile_blocks", compiled)
         del model
         free_memory()
 

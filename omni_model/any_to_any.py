@@ -133,6 +133,12 @@ class Output:
     prompt_tokens: int = 0
 
 
+def weights_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on a GPU (half the weight reads of a step, and the tensor cores' type);
+    float32 on a CPU, where it is the fast one (and what the tiny models were checked in)."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
 @dataclass
 class AnyToAny:
     model: Transformer
@@ -147,18 +153,20 @@ class AnyToAny:
                         speech_tokenizer: str | Path | None = None,
                         text_tokenizer: str | Path | None = None, device: str = "cpu",
                         presets: LengthPresets | None = None,
-                        speech_decoder: str | Path | None = None) -> "AnyToAny":
+                        speech_decoder: str | Path | None = None,
+                        dtype: torch.dtype | None = None) -> "AnyToAny":
         """A checkpoint folder (model, vocab.json, tokenizers.json) and tokenizer folders.
 
         The text tokenizer defaults to the copy in the checkpoint (`tokenizers.json` names
         it). Every tokenizer is checked against the fingerprint recorded there: a model
         trained on other ids or codes would answer in the wrong language. Presets
-        default to `presets.json` in the folder when present.
+        default to `presets.json` in the folder when present. The weights are in `dtype`,
+        by default bfloat16 on a GPU and float32 on a CPU (`weights_dtype`); the sampler
+        turns the logits to float32 either way.
 
         A folder in the released model's format (`is_release_folder`) gives a
         `ReleaseAnyToAny`: the same requests, answered with the release's own prompts
-        and official sampler settings (`presets` do not apply to it), its weights in
-        bfloat16 on a GPU and float32 on a CPU; `speech_decoder` (GLM-4-Voice's decoder
+        and official sampler settings (`presets` do not apply to it); `speech_decoder` (GLM-4-Voice's decoder
         folder) makes its speech answers audible. For the project's own models a bare
         GLM-4-Voice tokenizer folder speaks through it too; an embedded codec speaks itself.
         """
@@ -168,11 +176,10 @@ class AnyToAny:
         if is_release_folder(folder):
             from omni_model.release.any_to_any import ReleaseAnyToAny
 
-            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # float32: CPUs' fast one
             return ReleaseAnyToAny.from_pretrained(folder, image_tokenizer, speech_tokenizer, text_tokenizer,
-                                                   device, dtype,
+                                                   device, dtype or weights_dtype(device),
                                                    speech_decoder=speech_decoder)  # type: ignore[return-value]
-        model = Transformer.from_pretrained(folder).to(device).eval()
+        model = Transformer.from_pretrained(folder, dtype=dtype or weights_dtype(device)).to(device).eval()
         vocab = Vocab.load(folder)
         recorded = model_folder.read_tokenizers(folder)
         entry = recorded.get("text")

@@ -20,8 +20,13 @@ class Batch:
     attention_mask: torch.Tensor  #: `[B, L]` 1 real, 0 padding
     doc_ids: torch.Tensor | None = None  #: `[B, L]` sample index within each row
 
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(None if v is None else v.to(device) for v in
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(*(None if v is None else v.to(device, non_blocking=non_blocking) for v in
+                       (self.input_ids, self.response_mask, self.attention_mask, self.doc_ids)))
+
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked host memory (a GPU copies it without blocking the host)."""
+        return Batch(*(None if v is None else v.pin_memory() for v in
                        (self.input_ids, self.response_mask, self.attention_mask, self.doc_ids)))
 
 

@@ -11,8 +11,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
+from omni_model.any_to_any import weights_dtype
 from omni_model.config import load_config, to_dict
 from omni_model.sampler import CACHES
+
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class ModelPaths:
     text_tokenizer: str | None = None  #: None: the path recorded in tokenizers.json
     name: str = "omni-diffusion-tiny"  #: the model id `GET /v1/models` lists
     device: str = "auto"  #: auto: cuda when the replica was given a GPU, else cpu
+    #: the weights' type: auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float32
+    dtype: str = "auto"
     #: Griffin-Lim iterations of the embedded codec's vocoder; None: the codec's own (48).
     #: fewer are faster; Whisper hears 16 worse than 48 on the quickstart's model (docs/serving.md)
     vocoder_iterations: int | None = None
@@ -35,6 +42,12 @@ class ModelPaths:
     def __post_init__(self) -> None:
         if self.vocoder_iterations is not None and self.vocoder_iterations < 1:
             raise ValueError("model.vocoder_iterations must be at least 1 (or null: the codec's own)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+
+    def torch_dtype(self, device: str):
+        """The weights' torch dtype on `device`."""
+        return weights_dtype(device) if self.dtype == "auto" else DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)

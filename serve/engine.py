@@ -89,7 +89,7 @@ class Engine:
         self.pipe = AnyToAny.from_pretrained(m.model, image_tokenizer=m.image_tokenizer,
                                              speech_tokenizer=m.speech_tokenizer,
                                              text_tokenizer=m.text_tokenizer, device=device,
-                                             speech_decoder=m.speech_decoder)
+                                             speech_decoder=m.speech_decoder, dtype=m.torch_dtype(device))
         if m.vocoder_iterations is not None and hasattr(self.pipe.speech_codec, "griffin_lim_iterations"):
             self.pipe.speech_codec.griffin_lim_iterations = m.vocoder_iterations
         self.sampler_calls = 0

@@ -69,7 +69,7 @@ class ReleaseEngine(Engine):
                              "one request at a time; configs/release/serve.yaml)")
         self.cfg = cfg
         m = cfg.model
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # a CPU: float32 is the fast one
+        dtype = m.torch_dtype(device)
         self.pipe = ReleaseAnyToAny.from_pretrained(m.model, image_tokenizer=m.image_tokenizer,
                                                     speech_tokenizer=m.speech_tokenizer,
                                                     text_tokenizer=m.text_tokenizer, device=device, dtype=dtype,

@@ -489,3 +489,41 @@ def test_sampling_at_temperature_one_follows_the_model_distribution(vocab):
                  SamplerConfig(steps=1, temperature=1.0, top_p=0.8), seeds=range(rows)).ids[:, 0]
     freq = torch.bincount(out, minlength=3)[:3].float() / rows
     torch.testing.assert_close(freq, torch.tensor([2 / 3, 1 / 3, 0.0]), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("regions", [[("image", 12)], [("speech", 10)], [("text", 3), ("image", 9)]])
+@pytest.mark.parametrize("options", [
+    {},
+    {"temperature": 1.0, "top_p": 0.9, "confidence": "entropy"},
+    {"temperature": 0.8, "top_k": 5, "confidence": "margin", "repetition_penalty": 1.3},
+    {"cfg_scale": 2.0, "threshold": 0.2, "position_penalty": 1.5},
+    {"cache": "dual", "block_length": 4, "temperature": 1.0},
+])
+def test_steps_on_the_allowed_columns_sample_what_the_whole_vocabulary_does(tiny_model, vocab, monkeypatch,
+                                                                             regions, options):
+    """A layout whose regions allow a small share of the ids (an image or speech answer)
+    is sampled on those columns only (`NARROW_SHARE`): the same ids, steps and commit
+    order as over the whole vocabulary, under every strategy that reads the logits.
+    Softmax sums over the columns rather than the whole row round differently (by about
+    one float32 ulp), which can swap two positions whose confidences tie that closely:
+    the output layer is scaled up so that the random model's distributions are peaked
+    as a trained model's are, not near-uniform and near-tied."""
+    import omni_model.sampler as sampler_module
+
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(20)
+
+    layout = make_layout(vocab, [Region(m, n) for m, n in regions])
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 7)]
+    config = SamplerConfig(steps=6, **options)
+    runs = []
+    for share in (sampler_module.NARROW_SHARE, 0.0):
+        monkeypatch.setattr(sampler_module, "NARROW_SHARE", share)
+        state = Denoiser(prompts, layout, config, vocab.pad_id, torch.device("cpu"))
+        runs.append((state.columns, sample(tiny_model, prompts, layout, config, pad_id=vocab.pad_id, seeds=[3, 4])))
+    (columns, narrow), (no_columns, whole) = runs
+    assert no_columns is None
+    if regions[0][0] != "text":  # a text region allows most of the vocabulary: no narrowing
+        assert columns is not None and len(columns) < 0.5 * vocab.size
+    assert torch.equal(narrow.ids, whole.ids)
+    assert torch.equal(narrow.committed, whole.committed) and narrow.steps == whole.steps

@@ -60,7 +60,8 @@ def _stage(shards, run_dir, stage=1, **kw) -> StageConfig:
     cfg = StageConfig(
         stage=stage, run=RunConfig(dir=str(run_dir), max_failures=kw.pop("max_failures", 0)),
         model=model,
-        data=DataConfig(shards=str(shards), mixture=mixture, max_seq_len=160, rows_per_step=4, max_pads=4),
+        data=DataConfig(shards=str(shards), mixture=mixture, max_seq_len=160, rows_per_step=4, max_pads=4,
+                        prefetch=kw.pop("prefetch", None)),
         optim=OptimConfig(lr=kw.pop("lr", 3e-3), warmup_ratio=0.1),
         train=ScheduleConfig(max_steps=kw.pop("max_steps", 30), log_every=5,
                              checkpoint_every=kw.pop("checkpoint_every", 10),
@@ -124,8 +125,10 @@ def test_stage3_mixes_sdvi_with_replay(stage1, shards, tmp_path):
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes(shards, tmp_path):
     """Rank 1 exits after step 15: Ray starts a new worker group, which goes on from the
-    step-10 checkpoint (steps 11-15 again, not 1-15) and finishes."""
-    result = run_stage(_stage(shards, tmp_path / "run", max_steps=20, max_failures=2), fail_at_step=15)
+    step-10 checkpoint (steps 11-15 again, not 1-15) and finishes. Its batches are made
+    ahead on a thread (`data.prefetch`, the GPU default) from the worker's Ray Data shard."""
+    result = run_stage(_stage(shards, tmp_path / "run", max_steps=20, max_failures=2, prefetch=2),
+                       fail_at_step=15)
     assert (tmp_path / "run" / ".failed_once").exists()
     assert json.loads((Path(result["final"]) / "train_state.json").read_text())["step"] == 20
     assert [m["step"] for m in _metrics(tmp_path / "run")] == [5, 10, 15, 15, 20]

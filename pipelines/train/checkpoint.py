@@ -123,6 +123,9 @@ class TrainState:
     samples_seen: int  #: samples this rank has taken from its stream (skipped on resume)
     generator: torch.Generator  #: the tail pads' draws
     nonfinite_skipped: int = 0  #: steps skipped for a non-finite loss or gradient norm, run total
+    #: the generator's state after the last batch taken, where batches are made ahead
+    #: (`BatchFeed`): what a checkpoint saves, so a resumed run draws what this one would
+    pad_rng: torch.Tensor | None = None
 
     @classmethod
     def begin(cls, rank: int, world: int, device: torch.device, recorded: dict[str, Any],
@@ -168,7 +171,7 @@ def write_checkpoint(folder: Path, state: TrainState, opt: ParallelModel, stage:
     Refuses (`NonFiniteTraining`, on every rank) weights that are not finite."""
     opt.check_finite()
     rank, world, device = state.rank, state.world, state.device
-    torch.save({"torch_rng": torch.get_rng_state(), "generator": state.generator.get_state(),
+    torch.save({"torch_rng": torch.get_rng_state(), "generator": state.generator.get_state() if state.pad_rng is None else state.pad_rng,
                 "samples_seen": state.samples_seen}, folder / f"rank_{rank}.pt")
     seen = [torch.tensor(state.samples_seen)]
     if world > 1 and torch.distributed.is_initialized():

@@ -25,7 +25,8 @@ from pipelines.train.checkpoint import TrainState, restored_checkpoint, save_che
 from pipelines.train.config import StageConfig
 from pipelines.train.guards import STOPPED_FILE, NonFiniteTraining
 from pipelines.train.metrics import MetricsWindow, MetricsWriter
-from pipelines.train.parallelism import ParallelModel
+from pipelines.train.parallelism import ParallelModel, compile_blocks
+from pipelines.train.prefetch import BatchFeed, prefetch_depth
 from pipelines.train.initial_model import build_model
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = TrainState.begin(rank, world, device, recorded, cfg.data.seed)
         model = build_model(cfg, vocab, config.get("init_path"), resume_dir)
         model.set_gradient_checkpointing(cfg.model.gradient_checkpointing).set_attention(cfg.model.attention)
+        if cfg.model.compile == "blocks":
+            compile_blocks(model)
         opt = ParallelModel(cfg, model, device, world, resume_dir)
         state.restore_rng(resume_dir)
     stop_when_nonfinite(lambda: _train(cfg, config, state, model, opt, vocab), rank, cfg.run.dir)
@@ -143,17 +146,26 @@ def _train(cfg: StageConfig, config: dict[str, Any], state: TrainState, model, o
     objective = objective_of(cfg)
     model.train()
 
-    def next_micro_batch():
+    def make():
         batch, tags, consumed = packer.next_batch(stream)
-        return batch.to(device), tags.to(device), None, consumed
+        return (batch, tags), consumed
+
+    feed = BatchFeed(make, state.generator, device, prefetch_depth(cfg.data.prefetch, device))
+
+    def next_micro_batch():
+        (batch, tags), consumed, state.pad_rng = feed.next()
+        return batch, tags, None, consumed
 
     def loss_of(step: int, batch, _extra) -> StepResult:
         out = diffusion_loss_of_batch(opt.net, batch, vocab, objective, autocast=autocast(device, precision))
         return replace(out, loss=poison(step, out.loss))
 
-    run_steps(cfg, state, opt, next_micro_batch, loss_of, lambda folder: save_checkpoint(folder, state, opt, vocab,
-                                                                                         config),
-              FailOnce(config.get("fail_at_step"), cfg.run.dir, rank))
+    try:
+        run_steps(cfg, state, opt, next_micro_batch, loss_of,
+                  lambda folder: save_checkpoint(folder, state, opt, vocab, config),
+                  FailOnce(config.get("fail_at_step"), cfg.run.dir, rank))
+    finally:
+        feed.close()
 
 
 def run_steps(cfg, state: TrainState, opt: ParallelModel, next_micro_batch: Callable[[], tuple],

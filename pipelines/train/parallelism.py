@@ -30,6 +30,24 @@ def _use_deepspeed(cfg: StageConfig) -> bool:
     return cfg.scaling.backend == "deepspeed"
 
 
+def compile_blocks(model: Transformer) -> Transformer:
+    """Each transformer block compiled in place (`torch.compile`, static shapes: a stage's
+    packed rows all have one shape). The weights' names do not change, so checkpoints
+    are the same; the embeddings and the output layer (logits of the masked positions
+    only, a varying count) stay eager."""
+    for block in model.model.layers:
+        block.compile(dynamic=False)
+    return model
+
+
+def adamw(params, cfg: StageConfig, device: torch.device) -> torch.optim.AdamW:
+    """The stage's torch AdamW, fused (every parameter's update in one kernel) where
+    `optim.adamw` says so: on a GPU by default."""
+    fused = cfg.optim.adamw == "fused" or (cfg.optim.adamw == "auto" and device.type == "cuda")
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                             weight_decay=cfg.optim.weight_decay, fused=fused or None)
+
+
 def deepspeed_config(cfg: StageConfig, world: int, bf16: bool) -> dict:
     zero: dict[str, Any] = {"stage": cfg.scaling.zero_stage, "overlap_comm": True,
                             "contiguous_gradients": True}
@@ -69,9 +87,7 @@ class ParallelModel:
         self.module = model
         self.device = device
         self.world = world
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
-                                           betas=tuple(cfg.optim.betas),
-                                           weight_decay=cfg.optim.weight_decay)
+        self.optimizer = adamw(model.parameters(), cfg, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
         self.engine = None
         if _use_deepspeed(cfg):

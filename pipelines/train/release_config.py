@@ -57,6 +57,7 @@ class ReleaseDataConfig:
     prepare_batch: int = 16  #: manifest rows per batch
     max_line_bytes: int = 1_000_000  #: a longer manifest line is quarantined unparsed
     shuffle_buffer: int = 256  #: examples each worker shuffles locally as it streams
+    prefetch: int | None = None  #: micro-batches made ahead on a thread (None: 2 on a GPU, 0 on a CPU)
     limits: MediaLimits = field(default_factory=MediaLimits)
 
 

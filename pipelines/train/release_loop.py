@@ -32,6 +32,7 @@ from pipelines.data.manifest import TASKS
 from pipelines.train.checkpoint import TrainState, restored_checkpoint, write_checkpoint
 from pipelines.train.loop import FailOnce, run_steps, stop_when_nonfinite, worker_context
 from pipelines.train.parallelism import ParallelModel
+from pipelines.train.prefetch import BatchFeed, prefetch_depth
 from pipelines.train.release_config import ReleaseFinetuneConfig
 
 logger = logging.getLogger(__name__)
@@ -131,14 +132,24 @@ def _train(cfg: ReleaseFinetuneConfig, config: dict[str, Any], state: TrainState
     objective = Objective(cfg.data.pad_ratio, cfg.optim.eps_t, cfg.optim.t_schedule, cfg.optim.weighting)
     precision = "none" if opt.engine is not None else cfg.scaling.precision
 
-    def next_micro_batch():
+    def make():
         batch, tags, consumed = packer.next_batch(stream)
         speech, tasks = examples.assemble(tags)
-        return batch.to(device), tasks.to(device), speech.to(device), consumed
+        return (batch, tasks, speech), consumed
+
+    feed = BatchFeed(make, state.generator, device, prefetch_depth(cfg.data.prefetch, device))
+
+    def next_micro_batch():
+        (batch, tasks, speech), consumed, state.pad_rng = feed.next()
+        return batch, tasks, speech, consumed
 
     def loss_of(step: int, batch, speech: SpeechBatch):
         return release_loss(opt.net, batch, speech, vocab, objective, autocast=autocast(device, precision),
                             masking=cfg.masking)
 
-    run_steps(cfg, state, opt, next_micro_batch, loss_of, lambda folder: write_checkpoint(folder, state, opt, "release"),
-              FailOnce(config.get("fail_at_step"), cfg.run.dir, rank))
+    try:
+        run_steps(cfg, state, opt, next_micro_batch, loss_of,
+                  lambda folder: write_checkpoint(folder, state, opt, "release"),
+                  FailOnce(config.get("fail_at_step"), cfg.run.dir, rank))
+    finally:
+        feed.close()
