@@ -27,7 +27,9 @@ b. one training stage through Ray Train with DeepSpeed (`run_stage`) on `--shard
 c. the sampler on the GPU with random bf16 weights, at ~1B and at Dream-7B's shape
    (28 layers, hidden 3584, 28 heads, 4 KV heads, FFN 18944), both at `--vocab`: seconds
    per sample at batch 1..64 for a t2i request (20 prompt + 256 image positions, 16
-   steps) and the uncached / prefix / dual caches for a spoken-VQA one (119 + 64).
+   steps), batch 1 again with every step over the whole vocabulary (the sampler before
+   it stepped on the image codes' columns), and the uncached / prefix / dual caches for
+   a spoken-VQA one (119 + 64).
 d. the Serve app (GPU config, one replica on the GPU, step batching) on stage (b)'s
    final model (else a random one), t2i and text requests from 1 and 8 closed-loop
    clients for `--serve-seconds` each.
@@ -591,6 +593,19 @@ class Check:
                     self.report.save()
                 if "1" in by_batch and "32" in by_batch:
                     entry["throughput_batch32_over_batch1"] = by_batch["1"] / by_batch["32"]
+                # the sampler before it stepped on a request's own columns: every step's
+                # softmax, selection and draw over all of the vocabulary's ids
+                import omni_model.sampler as sampler_module
+
+                narrow, sampler_module.NARROW_SHARE = sampler_module.NARROW_SHARE, 0.0
+                try:
+                    entry["t2i_batch1_whole_vocabulary_s"] = timed(model, prompts(1, 20), t2i,
+                                                                   SamplerConfig(steps=steps))
+                finally:
+                    sampler_module.NARROW_SHARE = narrow
+                log(f"  sampler {label}: t2i batch 1 over the whole vocabulary: "
+                    f"{entry['t2i_batch1_whole_vocabulary_s']:.4f} s/sample")
+                self.report.save()
                 caches = entry.setdefault("svqa_seconds_per_sample_by_cache", {})
                 batch = prompts(16, svqa_prompt)
                 for name, options in (("none", {}), ("prefix", {"cache": "prefix", "cache_refresh": 4}),
