@@ -171,8 +171,9 @@ def write_checkpoint(folder: Path, state: TrainState, opt: ParallelModel, stage:
     Refuses (`NonFiniteTraining`, on every rank) weights that are not finite."""
     opt.check_finite()
     rank, world, device = state.rank, state.world, state.device
-    torch.save({"torch_rng": torch.get_rng_state(), "generator": state.generator.get_state() if state.pad_rng is None else state.pad_rng,
-                "samples_seen": state.samples_seen}, folder / f"rank_{rank}.pt")
+    generator = state.generator.get_state() if state.pad_rng is None else state.pad_rng
+    torch.save({"torch_rng": torch.get_rng_state(), "generator": generator, "samples_seen": state.samples_seen},
+               folder / f"rank_{rank}.pt")
     seen = [torch.tensor(state.samples_seen)]
     if world > 1 and torch.distributed.is_initialized():
         seen = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
