@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_model.spans import KVCache
+from omni_model.transformer import Transformer
 from omni_model.vocab import Vocab
 
 #: Specials a region of each modality may emit besides its own ids: a text or speech
@@ -456,7 +457,7 @@ class Denoiser:
         plan, config, layout = self.plan, self.config, self.layout
         a, b = self.window
         response, masked, eligible, active = self.response, self.masked, self.eligible, self.active
-        if self.columns is not None:
+        if self.columns is not None and logits.shape[-1] != len(self.columns):  # the whole row's logits
             logits = logits.index_select(-1, self.columns)
         logits = logits.float()
         if self.guided:
@@ -551,15 +552,19 @@ def forward_window(model: nn.Module, state: Denoiser, a: int, b: int, full: bool
     """Logits of response positions `[a, b)` for one `Denoiser`, alone: a full pass
     (its cache handed to the state when it uses one) or only those positions against
     its cache."""
+    # a Transformer computes the logits of the request's columns only (other models: all)
+    columns = {}
+    if state.columns is not None and isinstance(model, Transformer):
+        columns = {"logits_columns": state.columns}
     if full or not state.uses_cache:
         ids, attn = state.inputs()
         window = (state.plen + a, state.plen + b)
         if not state.uses_cache:
-            return model(ids, attention_mask=attn, logits_range=window)
-        logits, cache = model(ids, attention_mask=attn, return_cache=True, logits_range=window)
+            return model(ids, attention_mask=attn, logits_range=window, **columns)
+        logits, cache = model(ids, attention_mask=attn, return_cache=True, logits_range=window, **columns)
         state.keep_cache(cache)
         return logits
-    return model.forward_span(*state.span(a, b))
+    return model.forward_span(*state.span(a, b), **columns)
 
 
 def _factor_count(prob: torch.Tensor, eligible: torch.Tensor, factor: float) -> torch.Tensor:

@@ -41,10 +41,12 @@ class KVCache:
                        self.cos[rows], self.sin[rows])
 
 
-def forward_span(model: Transformer, input_ids: torch.Tensor, cache: KVCache, start: int, end: int) -> torch.Tensor:
+def forward_span(model: Transformer, input_ids: torch.Tensor, cache: KVCache, start: int, end: int,
+                 columns: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of positions `start:end` of `input_ids` (`[B, L]`, the cached sequence's
     length), computing only those positions (one more before them with
-    `shift_logits`) against `cache`, whose entries for them are replaced."""
+    `shift_logits`) against `cache`, whose entries for them are replaced; of the ids
+    `columns` only when given (see `Transformer.head`)."""
     first = model.logit_source(start)
     span = (first, end)
     index = model.image_index(input_ids)
@@ -53,7 +55,7 @@ def forward_span(model: Transformer, input_ids: torch.Tensor, cache: KVCache, st
     mask = cache.mask[:, :, first:end]
     for layer, keys, values in zip(model.model.layers, cache.keys, cache.values):
         x = layer(x, cos, sin, mask, [keys, values], span)
-    return model.head(x, start, end, offset=first)
+    return model.head(x, start, end, offset=first, columns=columns)
 
 
 def forward_spans(model: Transformer, spans: Sequence[tuple[torch.Tensor, KVCache, int, int]]) -> list[torch.Tensor]:

@@ -295,7 +295,7 @@ class Transformer(nn.Module):
                 doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 return_cache: bool = False, image_index: torch.Tensor | None = None,
                 logits_range: tuple[int, int] | None = None, logits_at: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, logits_columns: torch.Tensor | None = None,
                 ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         """Logits for every position, or for `logits_range` only (and, with
         `return_cache`, a `KVCache`).
@@ -320,6 +320,8 @@ class Transformer(nn.Module):
             inputs_embeds: `[batch, length, hidden]` input vectors instead of the embeddings
                 of `input_ids` (which still give the shape): the released model writes its
                 speech encoder's outputs over `<|context_of_audio|>` positions.
+            logits_columns: ids (1-D, ascending): the logits' last dimension holds these
+                ids' logits only, in that order (a t2i step's 8,192 image codes, not 176k).
         """
         if logits_at is not None and (return_cache or logits_range is not None):
             raise ValueError("logits_at goes without return_cache and logits_range")
@@ -346,16 +348,17 @@ class Transformer(nn.Module):
         if logits_at is not None:
             rows, cols = logits_at.nonzero(as_tuple=True)
             return self.lm_head(self.model.norm(x[rows, self.logit_source(cols)]))
-        logits = self.head(x, *(logits_range or (0, input_ids.shape[1])))
+        logits = self.head(x, *(logits_range or (0, input_ids.shape[1])), columns=logits_columns)
         if not return_cache:
             return logits
         if mask is None:
             mask = torch.ones(1, 1, input_ids.shape[1], input_ids.shape[1], dtype=torch.bool, device=x.device)
         return logits, KVCache([k for k, _ in kv], [v for _, v in kv], mask, cos, sin)
 
-    def forward_span(self, input_ids: torch.Tensor, cache: KVCache, start: int, end: int) -> torch.Tensor:
+    def forward_span(self, input_ids: torch.Tensor, cache: KVCache, start: int, end: int,
+                     logits_columns: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of positions `start:end` against `cache` (`omni_model.spans.forward_span`)."""
-        return forward_span(self, input_ids, cache, start, end)
+        return forward_span(self, input_ids, cache, start, end, logits_columns)
 
     def forward_spans(self, spans: Sequence[tuple[torch.Tensor, KVCache, int, int]]) -> list[torch.Tensor]:
         """Several cached sequences' spans in one pass (`omni_model.spans.forward_spans`)."""
@@ -372,18 +375,22 @@ class Transformer(nn.Module):
             return (positions - 1).clamp(min=0)
         return max(positions - 1, 0)
 
-    def head(self, hidden: torch.Tensor, start: int, end: int, offset: int = 0) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, start: int, end: int, offset: int = 0,
+             columns: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of positions `start:end` from the hidden states `[B, W, H]` of positions
         `offset:offset + W`. With `shift_logits` (Dream) the logit for position i comes
         from position i-1, and position 0 keeps its own (always a prompt token, never
-        predicted), so the hidden states must start at `start - 1` (or at 0)."""
+        predicted), so the hidden states must start at `start - 1` (or at 0). With
+        `columns`, only those ids' rows of the output layer are multiplied."""
         if self.config.shift_logits:
             h = hidden[:, self.logit_source(start) - offset:end - 1 - offset]
             if start == 0:
                 h = torch.cat([hidden[:, :1], h], dim=1)
         else:
             h = hidden[:, start - offset:end - offset]
-        return self.lm_head(self.model.norm(h))
+        if columns is None:
+            return self.lm_head(self.model.norm(h))
+        return F.linear(self.model.norm(h), self.lm_head.weight.index_select(0, columns))
 
     def image_index(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """`image_code_index` of `input_ids` when the model embeds image positions, else None."""

@@ -346,3 +346,25 @@ def test_flex_attention_over_packed_documents_equals_the_dense_mask(tiny_model):
 
     with pytest.raises(ValueError, match="model.attention 'xla'"):
         ModelConfig(attention="xla")
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_logits_of_some_columns_are_those_columns_of_the_whole_row(shift):
+    """`logits_columns`: the output layer's rows of those ids only (a sampler's step over
+    a t2i answer's image codes), equal to the same columns of the whole row's logits, in
+    a full pass, with its cache, and in a span pass against that cache."""
+    from omni_model.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, shift_logits=shift)).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    columns = torch.tensor([3, 10, 11, 40, 96])
+    with torch.no_grad():
+        whole = model(ids, logits_range=(5, 12))
+        some = model(ids, logits_range=(5, 12), logits_columns=columns)
+        assert some.shape == (2, 7, 5)
+        torch.testing.assert_close(some, whole[..., columns])
+        _, cache = model(ids, return_cache=True, logits_range=(5, 12), logits_columns=columns)
+        span = model.forward_span(ids, cache, 6, 9, logits_columns=columns)
+        torch.testing.assert_close(span, model.forward_span(ids, cache, 6, 9)[..., columns])
