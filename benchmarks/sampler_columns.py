@@ -2,8 +2,10 @@
 (176,264 ids), and what stepping on a request's own columns saves: a t2i answer (256
 image positions after a 20-id prompt, 16 steps) whose regions allow the 8,192 image
 codes, sampled over the whole vocabulary (`NARROW_SHARE = 0`, the sampler before) and
-over those columns (today's default), side by side in one run, with the model's
-forward passes alone timed too. The outputs of the two are compared id for id.
+over those columns (today's default: the output layer multiplies those ids' rows only,
+and every softmax, sort and draw reads those columns), side by side in one run, with
+the model's forward passes over the whole vocabulary alone timed too. The outputs of
+the two are compared id for id.
 
     .venv/bin/python benchmarks/sampler_columns.py [--hidden 256] [--layers 2] [--batches 1,4] [--repeats 1]
 
