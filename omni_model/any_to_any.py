@@ -166,9 +166,10 @@ class AnyToAny:
 
         A folder in the released model's format (`is_release_folder`) gives a
         `ReleaseAnyToAny`: the same requests, answered with the release's own prompts
-        and official sampler settings (`presets` do not apply to it); `speech_decoder` (GLM-4-Voice's decoder
-        folder) makes its speech answers audible. For the project's own models a bare
-        GLM-4-Voice tokenizer folder speaks through it too; an embedded codec speaks itself.
+        and official sampler settings (`presets` do not apply to it); `speech_decoder`
+        (GLM-4-Voice's decoder folder) makes its speech answers audible. For the project's
+        own models a bare GLM-4-Voice tokenizer folder speaks through it too; an embedded
+        codec speaks itself.
         """
         folder = Path(folder)
         from omni_model.release.model import is_release_folder

@@ -20,14 +20,16 @@ class Batch:
     attention_mask: torch.Tensor  #: `[B, L]` 1 real, 0 padding
     doc_ids: torch.Tensor | None = None  #: `[B, L]` sample index within each row
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(*(None if v is None else v.to(device, non_blocking=non_blocking) for v in
+    def _map(self, fn) -> "Batch":
+        return Batch(*(None if v is None else fn(v) for v in
                        (self.input_ids, self.response_mask, self.attention_mask, self.doc_ids)))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
         """The batch in page-locked host memory (a GPU copies it without blocking the host)."""
-        return Batch(*(None if v is None else v.pin_memory() for v in
-                       (self.input_ids, self.response_mask, self.attention_mask, self.doc_ids)))
+        return self._map(torch.Tensor.pin_memory)
 
 
 Sample = tuple[torch.Tensor, torch.Tensor]  # (ids [L], response_mask [L])

@@ -3,7 +3,8 @@
 # network uses it, on this CPU machine: a bundle built for this machine's Python, a fresh
 # virtual environment holding only torch and packages a GPU image already has (no Ray, no
 # DeepSpeed, not the project), a clean clone of the project's committed files, then
-# `source install.sh` and `gpu_check.py --small`, every stage on the CPU. ~20 min on 2 cores.
+# `source install.sh` and `gpu_check.py --small`, every stage on the CPU. ~8 min on a 2-core
+# AMX Xeon (~5 once Ray's part is packed); allow several times that on an AVX2-only machine.
 #
 # usage, from the project root after scripts/setup.sh:  bash scripts/gpu_bundle_check.sh [WORK=/tmp/gpu-bundle-check]
 # It prints each stage's status and exits non-zero when one is not ok.
